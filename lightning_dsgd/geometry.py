@@ -1,0 +1,238 @@
+"""Per-layer norms, their dual norms and duality maps (ALGORITHM.md §1).
+
+A layer block is the augmented matrix ``[W, b]`` of shape ``out × (in + 1)``: the bias is folded
+in as the last column, matching the augmented input ``[x; 1]``. Every geometry provides
+
+* ``dual_norms(grads)``: ``‖G_i‖_(i)*`` for a list of blocks, batched across layers;
+* ``duality_map(G)``: ``ρ(G)`` with ``⟨G, ρ(G)⟩ = ‖G‖²_*`` and ``‖ρ(G)‖ = ‖G‖_*``, returned
+  in the reduction dtype (the caller casts the update to the parameter dtype);
+* ``norm(M)``: the primal layer norm ``‖M‖_(i)``;
+* ``operator_norms(weights)``: the operator norm ``a(W)`` of the non-bias part of each weight,
+  as a certified upper bound (never an under-estimate), used by the smoothness constants;
+* ``activation_norm``: the vector norm on activations in which the constants are derived
+  (ℓ2 for Frobenius and spectral, ℓ∞ for the ℓ∞→ℓ∞ operator norm).
+
+Reductions are computed in at least float32, whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+NormName = Literal["frobenius", "spectral", "linf"]
+ActivationNorm = Literal["l2", "linf"]
+
+#: A layer gradient: ``(grad of W, grad of b or None)``; ``None`` for a layer with no gradient.
+BlockGrad = tuple[Tensor, Tensor | None] | None
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for low-precision tensors, the tensor's own dtype for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def augment(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The block ``[W, b]`` (``out × (in+1)``), or ``W`` itself when there is no bias."""
+    if bias is None:
+        return weight
+    return torch.cat([weight, bias.unsqueeze(1)], dim=1)
+
+
+def rounding_margin(dtype: torch.dtype, size: int) -> float:
+    """Relative inflation ``1 + size·eps`` that turns a computed operator norm into an upper
+    bound: the backward error of an SVD or of a sum of ``size`` positive terms is at most a small
+    multiple of ``size·eps`` relative to the result."""
+    return 1.0 + size * torch.finfo(dtype).eps
+
+
+class Geometry:
+    """Base class: one per-layer norm with its dual norm, duality map and operator norm."""
+
+    name: ClassVar[NormName]
+    activation_norm: ClassVar[ActivationNorm]
+
+    def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
+        raise NotImplementedError
+
+    def duality_map(self, block: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def norm(self, block: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _device(grads: Sequence[BlockGrad]) -> torch.device:
+        for g in grads:
+            if g is not None:
+                return g[0].device
+        return torch.device("cpu")
+
+
+class FrobeniusGeometry(Geometry):
+    """``‖W‖_F``: self-dual, ``ρ(G) = G`` (layer-wise gradient descent with step ``η/L_i``).
+
+    The constants use the spectral operator norm and ℓ2 activations, valid since
+    ``‖Δ‖_2 ≤ ‖Δ‖_F``.
+    """
+
+    name = "frobenius"
+    activation_norm = "l2"
+
+    def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
+        device = self._device(grads)
+        tensors: list[Tensor] = []
+        owner: list[int] = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            for t in g:
+                if t is not None:
+                    tensors.append(t)
+                    owner.append(i)
+        out = torch.zeros(len(grads), device=device, dtype=torch.float32)
+        if not tensors:
+            return out
+        dtype = reduction_dtype(tensors[0].dtype)
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+        out = out.to(dtype).index_add_(0, torch.tensor(owner, device=device), norms.square())
+        return out.sqrt()
+
+    def duality_map(self, block: Tensor) -> Tensor:
+        return block.to(reduction_dtype(block.dtype))
+
+    def norm(self, block: Tensor) -> Tensor:
+        return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord="fro")
+
+    def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
+        return spectral_norms(weights)
+
+
+class SpectralGeometry(Geometry):
+    """``‖W‖_{2→2}``: dual is the nuclear norm ``Σσ_k``; ``ρ(G) = ‖G‖_* · U Vᵀ`` from the reduced
+    SVD ``G = U Σ Vᵀ``. Nuclear norms of same-shape layers are computed in one batched SVD."""
+
+    name = "spectral"
+    activation_norm = "l2"
+
+    def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
+        device = self._device(grads)
+        by_shape: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = defaultdict(list)
+        blocks: dict[int, Tensor] = {}
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            block = augment(*g)
+            blocks[i] = block.to(reduction_dtype(block.dtype))
+            by_shape[(tuple(block.shape), blocks[i].dtype)].append(i)
+        dtype = next(iter(blocks.values())).dtype if blocks else torch.float32
+        out = torch.zeros(len(grads), device=device, dtype=dtype)
+        for (_, _), idx in by_shape.items():
+            stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
+            nuclear = _nan_where_not(finite, torch.linalg.svdvals(stack).sum(-1))
+            out[torch.tensor(idx, device=device)] = nuclear.to(out.dtype)
+        return out
+
+    def duality_map(self, block: Tensor) -> Tensor:
+        dtype = reduction_dtype(block.dtype)
+        u, s, vh = torch.linalg.svd(block.to(dtype), full_matrices=False)
+        return s.sum() * (u @ vh)
+
+    def norm(self, block: Tensor) -> Tensor:
+        return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord=2)
+
+    def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
+        return spectral_norms(weights)
+
+
+class LinfGeometry(Geometry):
+    """``‖W‖_{∞→∞} = max_r Σ_j |W_rj|``: dual ``Σ_r max_j |G_rj|``; ``ρ(G)`` puts
+    ``‖G‖_* · sign(G_rj)`` at ``j = argmax_j |G_rj|`` in each row ``r`` and zero elsewhere."""
+
+    name = "linf"
+    activation_norm = "linf"
+
+    def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
+        device = self._device(grads)
+        rows: list[Tensor | None] = []
+        for g in grads:
+            if g is None:
+                rows.append(None)
+                continue
+            weight, bias = g
+            dtype = reduction_dtype(weight.dtype)
+            row_max = weight.abs().amax(dim=1).to(dtype)
+            if bias is not None:
+                row_max = torch.maximum(row_max, bias.abs().to(dtype))
+            rows.append(row_max.sum())
+        present = [r for r in rows if r is not None]
+        dtype = present[0].dtype if present else torch.float32
+        zero = torch.zeros((), device=device, dtype=dtype)
+        return torch.stack([zero if r is None else r.to(dtype) for r in rows])
+
+    def duality_map(self, block: Tensor) -> Tensor:
+        dtype = reduction_dtype(block.dtype)
+        g = block.to(dtype)
+        row_max, col = g.abs().max(dim=1)
+        picked = g.gather(1, col.unsqueeze(1)).sign()
+        return torch.zeros_like(g).scatter_(1, col.unsqueeze(1), picked * row_max.sum())
+
+    def norm(self, block: Tensor) -> Tensor:
+        return block.to(reduction_dtype(block.dtype)).abs().sum(dim=1).amax()
+
+    def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
+        out = []
+        for w in weights:
+            dtype = reduction_dtype(w.dtype)
+            out.append(w.to(dtype).abs().sum(dim=1).amax() * rounding_margin(dtype, w.shape[1]))
+        return torch.stack(out)
+
+
+def spectral_norms(weights: Sequence[Tensor]) -> Tensor:
+    """Largest singular value of each matrix, inflated by its rounding margin; same-shape
+    matrices share one batched SVD."""
+    by_shape: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        by_shape[(tuple(w.shape), reduction_dtype(w.dtype))].append(i)
+    values: list[Tensor | None] = [None] * len(weights)
+    for (shape, dtype), idx in by_shape.items():
+        stack, finite = _without_nonfinite(torch.stack([weights[i].to(dtype) for i in idx]))
+        sigma = torch.linalg.matrix_norm(stack, ord=2) * rounding_margin(dtype, max(shape))
+        sigma = _nan_where_not(finite, sigma)
+        for k, i in enumerate(idx):
+            values[i] = sigma[k]
+    return torch.stack([v for v in values if v is not None])
+
+
+def _without_nonfinite(stack: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the matrices of a stack that hold inf/NaN (LAPACK raises on NaN input) and say which
+    were finite, without a host synchronisation."""
+    finite = torch.isfinite(stack).flatten(1).all(1)
+    return torch.where(finite[:, None, None], stack, torch.zeros((), dtype=stack.dtype, device=stack.device)), finite
+
+
+def _nan_where_not(finite: Tensor, values: Tensor) -> Tensor:
+    return torch.where(finite, values, torch.full_like(values, float("nan")))
+
+
+GEOMETRIES: dict[str, type[Geometry]] = {
+    g.name: g for g in (FrobeniusGeometry, SpectralGeometry, LinfGeometry)
+}
+
+
+def make_geometry(norm: str) -> Geometry:
+    """The geometry for a norm name, or a ``ValueError`` listing the valid names."""
+    try:
+        return GEOMETRIES[norm]()
+    except KeyError:
+        raise ValueError(
+            f"Unknown norm {norm!r}. Use one of {sorted(GEOMETRIES)}: 'spectral' (the paper's "
+            "U·Vᵀ map), 'frobenius' (layer-wise gradient descent) or 'linf' (ℓ∞→ℓ∞ operator norm)."
+        ) from None

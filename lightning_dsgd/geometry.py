@@ -141,9 +141,14 @@ class SpectralGeometry(Geometry):
         return out
 
     def duality_map(self, block: Tensor) -> Tensor:
+        """Singular pairs at the rounding level are dropped: ``U Vᵀ`` is not unique where ``G`` is
+        rank-deficient (a cross-entropy output gradient always is: its rows sum to zero), and the
+        arbitrary extra pairs would move the weights orthogonally to ``G`` for nothing. The
+        identities hold either way; this choice is the unique minimal-rank one."""
         dtype = reduction_dtype(block.dtype)
         u, s, vh = torch.linalg.svd(block.to(dtype), full_matrices=False)
-        return s.sum() * (u @ vh)
+        keep = s > s[0] * max(block.shape) * torch.finfo(dtype).eps
+        return s.sum() * ((u * keep) @ vh)
 
     def norm(self, block: Tensor) -> Tensor:
         return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord=2)

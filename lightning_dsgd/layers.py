@@ -22,7 +22,7 @@ from lightning_dsgd.smoothness import ACTIVATION_BOUNDS, ActivationBounds
 _TRANSPARENT = (nn.Identity, nn.Flatten)
 
 SUPPORTED_HINT = (
-    "DSGD currently supports the rigorous class of ALGORITHM.md §3: nn.Linear layers with one "
+    "DSGD currently supports its rigorous class (docs/theory.md): nn.Linear layers with one "
     "nn.Tanh or nn.Sigmoid between consecutive layers, ending in linear logits for softmax "
     "cross-entropy, inside an nn.Sequential (or declared with DSGD(..., chain=[...]))."
 )
@@ -155,8 +155,10 @@ def _parse_chain(
 def _search_sequentials(
     model: nn.Module, names: dict[int, str], owners: dict[int, object]
 ) -> Chain:
-    """The outermost nn.Sequential whose body is a chain holding every trainable layer."""
+    """The outermost nn.Sequential whose body is a chain holding every trainable layer; failing
+    that, the largest chain found (the caller names the layers it misses)."""
     problems: list[str] = []
+    largest: Chain | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
@@ -165,6 +167,10 @@ def _search_sequentials(
             problems.append(f"nn.Sequential {name or type(model).__name__!r}: {found}")
         elif {id(layer.module) for layer in found.layers} >= set(owners):
             return found
+        elif largest is None or len(found.layers) > len(largest.layers):
+            largest = found
+    if largest is not None:
+        return largest
     detail = "; ".join(problems) if problems else "the model contains no nn.Sequential"
     raise ValueError(
         f"Could not find the layer chain of {type(model).__name__} ({detail}). {SUPPORTED_HINT}"
@@ -183,13 +189,15 @@ class InputNormRecorder:
     def __init__(self, layers: Sequence[Layer], norm: str) -> None:
         self._ord = 2 if norm == "l2" else float("inf")
         self.maxima: list[Tensor | None] = [None] * len(layers)
+        self._modules = [layer.module for layer in layers]
         self._handles = [
             layer.module.register_forward_pre_hook(self._hook_for(i)) for i, layer in enumerate(layers)
         ]
 
     def _hook_for(self, index: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            if not torch.is_grad_enabled() or not args:
+            # A deep copy of the model (EMA/SWA copies) carries this hook along: ignore the copy.
+            if module is not self._modules[index] or not torch.is_grad_enabled() or not args:
                 return
             x = args[0].detach()
             if x.dim() == 1:

@@ -2,6 +2,14 @@
 
 from lightning_dsgd.geometry import FrobeniusGeometry, Geometry, LinfGeometry, SpectralGeometry, make_geometry
 from lightning_dsgd.layers import Chain, Layer, find_chain
+from lightning_dsgd.lightning import (
+    DSGDDDPStrategy,
+    DSGDMixin,
+    DSGDModelParallelStrategy,
+    DSGDSettings,
+    DSGDSingleDeviceStrategy,
+    with_dsgd,
+)
 from lightning_dsgd.optimizer import DSGD, StepRecord
 from lightning_dsgd.smoothness import CROSS_ENTROPY, SIGMOID, TANH, ActivationBounds, LossBounds
 
@@ -14,6 +22,11 @@ __all__ = [
     "TANH",
     "ActivationBounds",
     "Chain",
+    "DSGDDDPStrategy",
+    "DSGDMixin",
+    "DSGDModelParallelStrategy",
+    "DSGDSettings",
+    "DSGDSingleDeviceStrategy",
     "FrobeniusGeometry",
     "Geometry",
     "Layer",
@@ -23,4 +36,5 @@ __all__ = [
     "StepRecord",
     "find_chain",
     "make_geometry",
+    "with_dsgd",
 ]

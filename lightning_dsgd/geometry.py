@@ -227,9 +227,7 @@ def _nan_where_not(finite: Tensor, values: Tensor) -> Tensor:
     return torch.where(finite, values, torch.full_like(values, float("nan")))
 
 
-GEOMETRIES: dict[str, type[Geometry]] = {
-    g.name: g for g in (FrobeniusGeometry, SpectralGeometry, LinfGeometry)
-}
+GEOMETRIES: dict[str, type[Geometry]] = {g.name: g for g in (FrobeniusGeometry, SpectralGeometry, LinfGeometry)}
 
 
 def make_geometry(norm: str) -> Geometry:

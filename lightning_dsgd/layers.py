@@ -88,9 +88,7 @@ def find_chain(model: nn.Module, chain: Sequence[nn.Module] | None = None) -> Ch
     return found
 
 
-def _trainable_owners(
-    model: nn.Module, names: dict[int, str]
-) -> dict[int, tuple[nn.Module, list[nn.Parameter]]]:
+def _trainable_owners(model: nn.Module, names: dict[int, str]) -> dict[int, tuple[nn.Module, list[nn.Parameter]]]:
     owners: dict[int, tuple[nn.Module, list[nn.Parameter]]] = {}
     for module in model.modules():
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -113,9 +111,7 @@ def _make_layer(module: nn.Linear, name: str) -> Layer | str:
     return Layer(name=name, module=module, weight=module.weight, bias=bias)
 
 
-def _parse_chain(
-    modules: list[nn.Module], names: dict[int, str], owners: dict[int, object]
-) -> Chain | str:
+def _parse_chain(modules: list[nn.Module], names: dict[int, str], owners: dict[int, object]) -> Chain | str:
     """Parse ``Linear (act Linear)*`` (transparent modules anywhere, frozen Linears not allowed
     inside); return a Chain or a string saying what is wrong."""
     layers: list[Layer] = []
@@ -152,9 +148,7 @@ def _parse_chain(
     return Chain(layers=layers, activations=activations)
 
 
-def _search_sequentials(
-    model: nn.Module, names: dict[int, str], owners: dict[int, object]
-) -> Chain:
+def _search_sequentials(model: nn.Module, names: dict[int, str], owners: dict[int, object]) -> Chain:
     """The outermost nn.Sequential whose body is a chain holding every trainable layer; failing
     that, the largest chain found (the caller names the layers it misses)."""
     problems: list[str] = []
@@ -172,9 +166,7 @@ def _search_sequentials(
     if largest is not None:
         return largest
     detail = "; ".join(problems) if problems else "the model contains no nn.Sequential"
-    raise ValueError(
-        f"Could not find the layer chain of {type(model).__name__} ({detail}). {SUPPORTED_HINT}"
-    )
+    raise ValueError(f"Could not find the layer chain of {type(model).__name__} ({detail}). {SUPPORTED_HINT}")
 
 
 class InputNormRecorder:
@@ -190,9 +182,7 @@ class InputNormRecorder:
         self._ord = 2 if norm == "l2" else float("inf")
         self.maxima: list[Tensor | None] = [None] * len(layers)
         self._modules = [layer.module for layer in layers]
-        self._handles = [
-            layer.module.register_forward_pre_hook(self._hook_for(i)) for i, layer in enumerate(layers)
-        ]
+        self._handles = [layer.module.register_forward_pre_hook(self._hook_for(i)) for i, layer in enumerate(layers)]
 
     def _hook_for(self, index: int):
         def hook(module: nn.Module, args: tuple) -> None:

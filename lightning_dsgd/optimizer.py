@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, augment, make_geometry, reduction_dtype
 from lightning_dsgd.layers import Chain, InputNormRecorder, Layer, find_chain
 from lightning_dsgd.smoothness import LOSSES, LossBounds, architecture_input_bounds, mlp_constants
@@ -76,7 +77,10 @@ class DSGD(torch.optim.Optimizer):
             ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``).
         nonfinite: on an inf/NaN gradient or constant, ``"skip"`` the step (no weight changes,
             recorded as skipped) or ``"raise"`` a ``FloatingPointError``.
-        seed: seed of the random layer choice.
+        seed: seed of the random layer choice (the same on every rank, so ranks agree).
+        reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
+            so that every rank uses the constants of the global batch (the Lightning integration
+            sets it; see :mod:`lightning_dsgd.distributed`).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class DSGD(torch.optim.Optimizer):
         chain: Sequence[nn.Module] | None = None,
         nonfinite: NonFinitePolicy = "skip",
         seed: int = 0,
+        reduce_max: Reducer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -119,6 +124,7 @@ class DSGD(torch.optim.Optimizer):
         self.constants_mode = constants
         self.selection = selection
         self.nonfinite = nonfinite
+        self.reduce_max = reduce_max
         groups = [{"params": layer.params, "lr": eta, "layer_name": layer.name} for layer in self.layers]
         super().__init__(groups, {"lr": eta})
 
@@ -129,9 +135,7 @@ class DSGD(torch.optim.Optimizer):
         self._fixed_data_bound = data_bound
         watched = self.layers if constants == "data" else self.layers[:1]
         self._recorder = (
-            InputNormRecorder(watched, activation_norm)
-            if constants == "data" or data_bound is None
-            else None
+            InputNormRecorder(watched, activation_norm) if constants == "data" or data_bound is None else None
         )
         self._operator_norm_cache: list[tuple[tuple[int, int], Tensor] | None] = [None] * len(self.layers)
         self._generator = torch.Generator().manual_seed(seed)
@@ -166,9 +170,10 @@ class DSGD(torch.optim.Optimizer):
         for eta in etas:
             _check_eta(eta)
 
+        input_norms = self._take_input_norms()
         grads = [self._block_grad(layer) for layer in self.layers]
         dual_norms = self.geometry.dual_norms(grads)
-        constants = self._constants().to(dual_norms.dtype)
+        constants = self._constants(input_norms).to(dual_norms.dtype)
         scores = dual_norms.square() / constants
         finite = torch.isfinite(scores)
         masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
@@ -200,12 +205,13 @@ class DSGD(torch.optim.Optimizer):
         return self._finish(index, scores, constants, dual_norms, masked, None, loss, eta)
 
     def _block_grad(self, layer: Layer) -> BlockGrad:
+        """The layer's gradient as full tensors (all-gathered where sharded)."""
         if layer.weight.grad is None:
             return None
         bias_grad = None
         if layer.bias is not None:
-            bias_grad = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
-        return layer.weight.grad, bias_grad
+            bias_grad = full(layer.bias.grad) if layer.bias.grad is not None else torch.zeros_like(full(layer.bias))
+        return full(layer.weight.grad), bias_grad
 
     def _choose(self, greedy_index: int) -> int:
         if self.selection == "greedy":
@@ -217,11 +223,13 @@ class DSGD(torch.optim.Optimizer):
         return index
 
     def _update(self, layer: Layer, grad: tuple[Tensor, Tensor | None], scale: Tensor) -> None:
-        """``W ← W − scale · ρ(g)`` on the augmented block, in place."""
+        """``W ← W − scale · ρ(g)`` on the augmented block, in place (on each rank's shard)."""
         direction = self.geometry.duality_map(augment(*grad)).mul_(scale)
-        layer.weight.sub_(direction[:, : layer.in_features].to(layer.weight.dtype))
+        weight_step = direction[:, : layer.in_features].to(layer.weight.dtype)
+        layer.weight.sub_(shard_like(layer.weight, weight_step))
         if layer.bias is not None:
-            layer.bias.sub_(direction[:, layer.in_features].to(layer.bias.dtype))
+            bias_step = direction[:, layer.in_features].to(layer.bias.dtype)
+            layer.bias.sub_(shard_like(layer.bias, bias_step))
 
     def _finish(
         self,
@@ -234,7 +242,6 @@ class DSGD(torch.optim.Optimizer):
         loss: Tensor | None,
         eta: float,
     ) -> Tensor | None:
-        self._consume_input_norms()
         skipped = index is None
         if skipped:
             self.skipped_steps += 1
@@ -261,6 +268,14 @@ class DSGD(torch.optim.Optimizer):
         self.steps_taken += 1
         return loss
 
+    def record_skip(self, reason: str) -> None:
+        """Record a step that was decided outside DSGD not to happen (e.g. a GradScaler that found
+        inf/NaN gradients and never called ``step``): no weight changes, ``skipped=True``."""
+        if self._recorder is not None:
+            self._recorder.reset()
+        nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
+        self._finish(None, nan, nan, nan, nan, reason, None, self.param_groups[0]["lr"])
+
     def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor) -> str:
         bad_grads = [self.layers[i].name for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
         if bad_grads:
@@ -269,10 +284,10 @@ class DSGD(torch.optim.Optimizer):
         return f"non-finite smoothness constant for layer(s) {bad}: the weights above them hold inf/NaN"
 
     # ------------------------------------------------------------------ constants
-    def _constants(self) -> Tensor:
+    def _constants(self, input_norms: Tensor | None) -> Tensor:
         """``L_i(w)`` for every layer (smoothness.mlp_constants)."""
         norms = self._operator_norms()
-        bounds = self._input_bounds(norms.dtype, norms.device)
+        bounds = self._input_bounds(input_norms, norms.dtype, norms.device)
         s1 = norms.new_tensor(self._s1)
         s2 = norms.new_tensor(self._s2)
         return mlp_constants(norms, bounds, s1, s2, self._g, self._h)
@@ -281,32 +296,48 @@ class DSGD(torch.optim.Optimizer):
         """``a_j`` of every layer above the first (``a_0`` never enters a constant), reusing the
         value of any weight that has not changed since it was computed (tracked by the tensor's
         version counter, which every in-place write bumps)."""
-        keys = [(layer.weight._version, layer.weight.data_ptr()) for layer in self.layers]
+        keys = [version_key(layer.weight) for layer in self.layers]
         stale = [
             j
             for j in range(1, len(self.layers))
             if self._operator_norm_cache[j] is None or self._operator_norm_cache[j][0] != keys[j]  # type: ignore[index]
         ]
         if stale:
-            fresh = self.geometry.operator_norms([self.layers[j].weight.detach() for j in stale])
+            fresh = self.geometry.operator_norms([full(self.layers[j].weight.detach()) for j in stale])
             for k, j in enumerate(stale):
                 self._operator_norm_cache[j] = (keys[j], fresh[k])
         first = self.layers[0].weight
         zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
         return torch.stack([zero] + [entry[1].to(zero.dtype) for entry in self._operator_norm_cache[1:]])  # type: ignore[index]
 
-    def _input_bounds(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``R_{i-1}`` per layer: measured in data mode, worst case in architecture mode."""
-        if self.constants_mode == "data":
-            maxima = self._recorder.maxima  # type: ignore[union-attr]
-            if any(m is None for m in maxima):
+    def _take_input_norms(self) -> Tensor | None:
+        """The recorded ``‖[x; 1]‖`` maxima of this step's batch (MAX-reduced over ranks), folding
+        them into the running data bound in architecture mode; the recorder starts afresh."""
+        if self._recorder is None:
+            return None
+        maxima = self._recorder.maxima
+        if any(m is None for m in maxima):
+            if self.constants_mode == "data":
                 raise RuntimeError(
                     "constants='data' needs the input norms of the batch being stepped on, and no "
                     "forward pass with gradients enabled ran since the last step. Run the forward "
                     "(and backward) before step(), e.g. inside the closure, or use "
                     "constants='architecture'."
                 )
-            return torch.stack([m.to(device=device, dtype=dtype) for m in maxima])  # type: ignore[union-attr]
+            return None
+        self._recorder.reset()
+        stacked = torch.stack(maxima)  # type: ignore[arg-type]
+        if self.reduce_max is not None:
+            stacked = self.reduce_max(stacked)
+        if self.constants_mode == "architecture":
+            previous = self._measured_data_bound
+            self._measured_data_bound = stacked[0] if previous is None else torch.maximum(previous, stacked[0])
+        return stacked
+
+    def _input_bounds(self, input_norms: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``R_{i-1}`` per layer: measured in data mode, worst case in architecture mode."""
+        if self.constants_mode == "data":
+            return input_norms.to(device=device, dtype=dtype)  # type: ignore[union-attr]
         return architecture_input_bounds(
             self._data_bound(dtype, device),
             [layer.in_features for layer in self.layers],
@@ -317,28 +348,17 @@ class DSGD(torch.optim.Optimizer):
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self._fixed_data_bound is not None:
             return torch.tensor(self._fixed_data_bound, dtype=dtype, device=device)
-        current = self._recorder.maxima[0]  # type: ignore[union-attr]
-        seen = [b for b in (self._measured_data_bound, current) if b is not None]
-        if not seen:
+        if self._measured_data_bound is None:
             raise RuntimeError(
                 "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
                 "forward pass with gradients enabled ran yet. Run the forward before step(), or "
                 "pass data_bound=max ‖x‖ over your data set."
             )
-        # The recorder stores ‖[x; 1]‖; the data bound is on ‖x‖ itself.
-        augmented = torch.stack([b.to(device=device, dtype=dtype) for b in seen]).amax()
+        # The recorder measures ‖[x; 1]‖; the data bound is on ‖x‖ itself.
+        augmented = self._measured_data_bound.to(device=device, dtype=dtype)
         if self.geometry.activation_norm == "l2":
             return augmented.square().sub(1.0).clamp(min=0.0).sqrt()
         return augmented
-
-    def _consume_input_norms(self) -> None:
-        if self._recorder is None:
-            return
-        if self.constants_mode == "architecture" and self._recorder.maxima[0] is not None:
-            current = self._recorder.maxima[0]
-            previous = self._measured_data_bound
-            self._measured_data_bound = current if previous is None else torch.maximum(previous, current)
-        self._recorder.reset()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

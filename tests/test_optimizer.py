@@ -64,7 +64,7 @@ def test_step_updates_only_the_best_layer_by_the_rule(norm, mode):
         return loss
 
     loss = opt.step(closure)
-    assert calls == [1] and loss is not None and loss.requires_grad is False or loss.grad_fn is not None
+    assert (calls == [1] and loss is not None and loss.requires_grad is False) or loss.grad_fn is not None
     rec = opt.last_step
     grads = [np.concatenate([lay.weight.grad.numpy(), lay.bias.grad.numpy()[:, None]], 1) for lay in opt.layers]
     dual = [reference_dual_norm(norm, g) for g in grads]

@@ -11,7 +11,6 @@ import torch
 from helpers.models import classification_data, full_batch_loss, make_closure, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from lightning_dsgd import DSGD, SIGMOID, TANH
 from lightning_dsgd.geometry import augment

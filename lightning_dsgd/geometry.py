@@ -115,9 +115,25 @@ class FrobeniusGeometry(Geometry):
         return spectral_norms(weights)
 
 
+def signal_singular_values(s: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Singular values (descending, last dim) with those below the numerical-rank tolerance
+    ``σ_max · max(m, n) · eps`` (as in ``torch.linalg.matrix_rank``) set to zero.
+
+    A cross-entropy output gradient is rank-deficient (its rows sum to zero); its null singular
+    values come out as rounding noise, and keeping them would add an arbitrary ``u vᵀ`` to the
+    step. DSGD works with the numerically truncated gradient ``G_r`` instead: its nuclear norm is
+    the dual norm used for scoring and ``ρ(G_r)`` the direction, so ``⟨G, ρ(G_r)⟩ = ‖G_r‖²_*``
+    and the guaranteed decrease is exact for the step taken; ``‖G_r‖_*`` differs from ``‖G‖_*``
+    only at the rounding level.
+    """
+    threshold = s[..., :1] * max(shape[-2:]) * torch.finfo(s.dtype).eps
+    return torch.where(s > threshold, s, torch.zeros((), dtype=s.dtype, device=s.device))
+
+
 class SpectralGeometry(Geometry):
     """``‖W‖_{2→2}``: dual is the nuclear norm ``Σσ_k``; ``ρ(G) = ‖G‖_* · U Vᵀ`` from the reduced
-    SVD ``G = U Σ Vᵀ``. Nuclear norms of same-shape layers are computed in one batched SVD."""
+    SVD ``G = U Σ Vᵀ``, both taken on the gradient without its rounding-noise singular values
+    (:func:`signal_singular_values`). Nuclear norms of same-shape layers share one batched SVD."""
 
     name = "spectral"
     activation_norm = "l2"
@@ -136,19 +152,16 @@ class SpectralGeometry(Geometry):
         out = torch.zeros(len(grads), device=device, dtype=dtype)
         for (_, _), idx in by_shape.items():
             stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
-            nuclear = _nan_where_not(finite, torch.linalg.svdvals(stack).sum(-1))
+            singular = signal_singular_values(torch.linalg.svdvals(stack), stack.shape)
+            nuclear = _nan_where_not(finite, singular.sum(-1))
             out[torch.tensor(idx, device=device)] = nuclear.to(out.dtype)
         return out
 
     def duality_map(self, block: Tensor) -> Tensor:
-        """Singular pairs at the rounding level are dropped: ``U Vᵀ`` is not unique where ``G`` is
-        rank-deficient (a cross-entropy output gradient always is: its rows sum to zero), and the
-        arbitrary extra pairs would move the weights orthogonally to ``G`` for nothing. The
-        identities hold either way; this choice is the unique minimal-rank one."""
         dtype = reduction_dtype(block.dtype)
         u, s, vh = torch.linalg.svd(block.to(dtype), full_matrices=False)
-        keep = s > s[0] * max(block.shape) * torch.finfo(dtype).eps
-        return s.sum() * ((u * keep) @ vh)
+        s = signal_singular_values(s, block.shape)
+        return s.sum() * ((u * (s > 0)) @ vh)
 
     def norm(self, block: Tensor) -> Tensor:
         return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord=2)

@@ -141,6 +141,7 @@ def named_matrices() -> dict[str, Matrix]:
         "tiny": rng_matrix(rng, (5, 4), 1e-3),
         "huge": rng_matrix(rng, (4, 5), 1e3),
         "integer_grid": rng.integers(-2, 3, size=(6, 5)).astype(np.float64),
+        "large": rng_matrix(rng, (64, 24)),
     }
 
 
@@ -241,12 +242,12 @@ def test_the_references_themselves() -> None:
 
 # ------------------------------------------------------------------ property-based identities
 @st.composite
-def matrices(draw: st.DrawFn, min_cols: int = 1) -> Matrix:
-    """Random shapes up to 7×7; entries on a 2⁻¹² grid (zeros and exact ties are frequent), then
-    scaled by 10^e for e in [-3, 3]."""
-    rows = draw(st.integers(1, 7))
-    cols = draw(st.integers(min_cols, 7))
-    grid = draw(arrays(np.int64, (rows, cols), elements=st.integers(-(2**12), 2**12)))
+def matrices(draw: st.DrawFn, min_cols: int = 1, shape: tuple[int, ...] | None = None) -> Matrix:
+    """Random shapes up to 7×7 (or ``shape``); entries on a 2⁻¹² grid (zeros and exact ties are
+    frequent), then scaled by 10^e for e in [-3, 3]."""
+    if shape is None:
+        shape = (draw(st.integers(1, 7)), draw(st.integers(min_cols, 7)))
+    grid = draw(arrays(np.int64, shape, elements=st.integers(-(2**12), 2**12)))
     exponent = draw(st.floats(-3.0, 3.0))
     return grid.astype(np.float64) / 2**12 * 10.0**exponent
 
@@ -264,7 +265,7 @@ def test_duality_identities_property(name: str, m: Matrix, bias: bool) -> None:
 def test_holder_property(name: str, data: st.DataObject, m: Matrix) -> None:
     """⟨G, U⟩ ≤ ‖G‖_* ‖U‖ for arbitrary hypothesis-drawn U of the same shape (ties, zeros, signs)."""
     geometry = make_geometry(name)
-    u = data.draw(arrays(np.float64, m.shape, elements=st.floats(-1e3, 1e3, allow_subnormal=False)))
+    u = data.draw(matrices(shape=m.shape))
     d = dual_of(geometry, (t(m), None))
     lhs, rhs = inner(m, u), d * float(geometry.norm(t(u)))
     assert lhs <= rhs * (1 + HOLDER_SLACK) + 1e-300, (lhs, rhs)
@@ -305,7 +306,7 @@ def blocks_of(ms: list[Matrix | None], dtype: torch.dtype = torch.float64) -> li
     return out
 
 
-def expected(name: str, ms: list[Matrix | None], blocks: list[Block | None]) -> np.ndarray:
+def expected(name: str, blocks: list[Block | None]) -> np.ndarray:
     """References from the values actually held in ``blocks`` (after any rounding to low precision)."""
     return np.array([0.0 if b is None else ref_dual(name, augment(*b).double().numpy()) for b in blocks])
 
@@ -320,7 +321,7 @@ def test_batched_dual_norms_equal_per_block_values(name: str, zero_at: int | Non
     assert got.shape == (len(blocks),) and got.dtype == torch.float64
     singles = [0.0 if b is None else dual_of(geometry, b) for b in blocks]
     np.testing.assert_allclose(got.numpy(), singles, rtol=1e-12, atol=0.0)
-    np.testing.assert_allclose(got.numpy(), expected(name, ms, blocks), rtol=1e-9, atol=0.0)
+    np.testing.assert_allclose(got.numpy(), expected(name, blocks), rtol=1e-9, atol=0.0)
     for k, b in enumerate(blocks):
         if b is None:
             assert got[k].item() == 0.0
@@ -339,7 +340,7 @@ def test_float32_is_reduced_in_float32(name: str) -> None:
     blocks = blocks_of(ms, torch.float32)
     got = geometry.dual_norms(blocks)
     assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.double().numpy(), expected(name, ms, blocks), rtol=2e-5, atol=0.0)
+    np.testing.assert_allclose(got.double().numpy(), expected(name, blocks), rtol=2e-5, atol=0.0)
     g = augment(*blocks[0])  # type: ignore[misc]
     rho = geometry.duality_map(g)
     assert rho.dtype == torch.float32 and geometry.norm(g).dtype == torch.float32
@@ -358,7 +359,7 @@ def test_low_precision_returns_float32(name: str, dtype: torch.dtype) -> None:
     got = geometry.dual_norms(blocks)
     assert got.dtype == torch.float32
     # reduced in float32 from the rounded inputs: far tighter than a half-precision reduction
-    np.testing.assert_allclose(got.double().numpy(), expected(name, ms, blocks), rtol=2e-5, atol=0.0)
+    np.testing.assert_allclose(got.double().numpy(), expected(name, blocks), rtol=2e-5, atol=0.0)
     g = augment(*blocks[0])  # type: ignore[misc]
     rho = geometry.duality_map(g)
     assert rho.dtype == torch.float32 and geometry.norm(g).dtype == torch.float32
@@ -390,7 +391,7 @@ def test_non_finite_block_poisons_only_itself(name: str, bad: float, where: str)
     got = geometry.dual_norms(blocks).numpy()  # must not raise
 
     assert not np.isfinite(got[poisoned])
-    want = expected(name, ms, blocks_of(ms))
+    want = expected(name, blocks_of(ms))
     others = np.arange(len(blocks)) != poisoned
     assert np.isfinite(got[others]).all()
     np.testing.assert_allclose(got[others], want[others], rtol=1e-9, atol=0.0)
@@ -458,21 +459,21 @@ def test_spectral_norms_is_the_largest_singular_value() -> None:
 
 @pytest.mark.parametrize("name", NORMS)
 def test_operator_norm_is_the_right_one(name: str) -> None:
-    """Matrices on which Frobenius, spectral and max-row-ℓ1 norms all differ, so using the wrong one
-    (e.g. the Frobenius norm for the Frobenius geometry) fails. The bias is not part of it."""
-    cases: list[tuple[Matrix, float, float]] = [
-        # (W, spectral, max row ℓ1)
-        (np.eye(8), 1.0, 1.0),  # ‖I‖_F = √8
-        (np.ones((2, 3)), math.sqrt(6.0), 3.0),  # ‖·‖_F = √6 too: paired with the next one
-        (np.array([[3.0, 0.0], [0.0, -4.0]]), 4.0, 4.0),  # ‖·‖_F = 5
-        (np.array([[1.0, 1.0], [1.0, -1.0]]), math.sqrt(2.0), 2.0),  # ‖·‖_F = 2
+    """Textbook matrices on which the Frobenius, spectral and max-row-ℓ1 norms differ, so the wrong
+    one (e.g. the Frobenius norm as the Frobenius geometry's operator norm) fails."""
+    cases: list[tuple[Matrix, float, float, float]] = [
+        # (W, spectral, max row ℓ1, Frobenius)
+        (np.eye(8), 1.0, 1.0, math.sqrt(8.0)),
+        (np.ones((2, 3)), math.sqrt(6.0), 3.0, math.sqrt(6.0)),
+        (np.array([[3.0, 0.0], [0.0, -4.0]]), 4.0, 4.0, 5.0),
+        (np.array([[1.0, 1.0], [1.0, -1.0]]), math.sqrt(2.0), 2.0, 2.0),
+        (np.array([[1.0, 2.0, -2.0]]), 3.0, 5.0, 3.0),
     ]
-    geometry = make_geometry(name)
-    got = geometry.operator_norms([t(w) for w, _, _ in cases]).numpy()
-    want = [lin if name == "linf" else spec for _, spec, lin in cases]
+    got = make_geometry(name).operator_norms([t(c[0]) for c in cases]).numpy()
+    want = [c[2] if name == "linf" else c[1] for c in cases]
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    frobenius = [float(np.linalg.norm(w)) for w, _, _ in cases]
-    assert not np.allclose(got, frobenius, rtol=1e-3)
+    frobenius = [c[3] for c in cases]
+    assert abs(got[0] - frobenius[0]) > 1.0  # 1 vs √8 for every geometry
 
 
 # ------------------------------------------------------------------ construction

@@ -29,8 +29,8 @@ def reference_direction(norm: str, g: np.ndarray) -> np.ndarray:
         return g
     if norm == "spectral":
         u, s, vh = np.linalg.svd(g, full_matrices=False)
-        rank = int((s > s[0] * max(g.shape) * np.finfo(g.dtype).eps).sum())  # U Vᵀ on the range of G
-        return s.sum() * u[:, :rank] @ vh[:rank]
+        rank = int((s > s[0] * max(g.shape) * np.finfo(g.dtype).eps).sum())  # numerical rank, as matrix_rank
+        return s[:rank].sum() * u[:, :rank] @ vh[:rank]
     out = np.zeros_like(g)
     cols = np.abs(g).argmax(1)
     rows = np.arange(g.shape[0])
@@ -42,7 +42,8 @@ def reference_dual_norm(norm: str, g: np.ndarray) -> float:
     if norm == "frobenius":
         return float(np.sqrt((g**2).sum()))
     if norm == "spectral":
-        return float(np.linalg.svd(g, compute_uv=False).sum())
+        s = np.linalg.svd(g, compute_uv=False)
+        return float(s[s > s[0] * max(g.shape) * np.finfo(g.dtype).eps].sum())
     return float(np.abs(g).max(1).sum())
 
 

@@ -1,0 +1,90 @@
+"""A 2-process CPU (gloo) training run, launched as a script so that Lightning's popen launcher
+can re-execute it for rank 1. Each rank saves its layer choices and full weights to --out.
+
+    python tests/lightning/distributed_run.py --case dsgd_ddp --out DIR [--steps N] [--norm ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices, ShardedDSGDClassifier  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+
+from lightning_dsgd import DSGDDDPStrategy, DSGDModelParallelStrategy, DSGDSettings  # noqa: E402
+
+
+class PerturbRankOne(Callback):
+    """Changes the weights of rank 1 only, after its third step: the verification must notice."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 3:
+            with torch.no_grad():
+                pl_module.net[0].weight.add_(0.1)
+
+
+def interleave_batches(model: LightningModule) -> None:
+    """Rank r reads samples r, r+2, … in order (Lightning's own sampler would shuffle), so that the
+    two ranks' batches t together are exactly the single-process batch t of twice the size."""
+    original = model.train_dataloader
+
+    def train_dataloader() -> DataLoader:
+        data = original().dataset
+        return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
+
+    model.train_dataloader = train_dataloader  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--case", required=True, choices=["dsgd_ddp", "ddp_with_mixin", "mixinless", "model_parallel", "diverge"]
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--norm", default="spectral")
+    parser.add_argument("--constants", default="data")
+    args = parser.parse_args()
+    settings = DSGDSettings(norm=args.norm, constants=args.constants)
+    callbacks: list[Callback] = [RecordChoices(args.out)]
+    if args.case == "dsgd_ddp":  # registered name, module with the mixin
+        strategy, model = "dsgd_ddp", DSGDClassifier(batch_size=4, dsgd=settings)
+    elif args.case == "ddp_with_mixin":  # Lightning's own DDP strategy: the mixin suffices
+        strategy, model = "ddp", DSGDClassifier(batch_size=4, dsgd=settings)
+    elif args.case == "mixinless":  # an unmodified automatic-optimization module
+        strategy, model = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1), Classifier(batch_size=4)
+    elif args.case == "model_parallel":
+        strategy = DSGDModelParallelStrategy(
+            dsgd=settings, data_parallel_size=2, tensor_parallel_size=1, verify_every_n_steps=1
+        )
+        model = ShardedDSGDClassifier(batch_size=4)
+    else:
+        strategy, model = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1), Classifier(batch_size=4)
+        callbacks.append(PerturbRankOne())
+    interleave_batches(model)
+    trainer = Trainer(
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        devices=2,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        default_root_dir=args.out,
+    )
+    trainer.fit(model)
+
+
+if __name__ == "__main__":
+    main()

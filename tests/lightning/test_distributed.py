@@ -1,0 +1,65 @@
+"""Real 2-process runs on CPU (gloo): DDP and FSDP2 choose the same layers on every rank, keep
+identical weights, and follow the single-process trajectory on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_mixin import reference_run
+
+from lightning_dsgd import DSGDSettings
+
+SCRIPT = Path(__file__).with_name("distributed_run.py")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
+
+
+def launch(case: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--case", case, "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=out,
+    )
+
+
+def results(out: Path) -> tuple[dict, dict]:
+    return (torch.load(out / "rank0.pt", weights_only=False), torch.load(out / "rank1.pt", weights_only=False))
+
+
+@pytest.mark.parametrize(
+    ("case", "norm", "constants"),
+    [
+        ("dsgd_ddp", "spectral", "data"),
+        ("ddp_with_mixin", "linf", "architecture"),
+        ("mixinless", "frobenius", "data"),
+        ("model_parallel", "spectral", "data"),
+        ("model_parallel", "linf", "data"),
+    ],
+)
+def test_ranks_agree_and_match_the_single_process_run(tmp_path, case, norm, constants):
+    run = launch(case, tmp_path, "--norm", norm, "--constants", constants, "--steps", "10")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rank0, rank1 = results(tmp_path)
+    assert rank0["optimizer"] == rank1["optimizer"] == "DSGD"
+    assert rank0["layers"] == rank1["layers"] and len(rank0["layers"]) == 10
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+    reference, layers = reference_run(DSGDSettings(norm=norm, constants=constants), 10)
+    assert rank0["layers"] == layers
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(rank0["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_verification_names_the_rank_that_diverged(tmp_path):
+    run = launch("diverge", tmp_path, "--steps", "8")
+    assert run.returncode != 0
+    assert "DSGD ranks diverged at step 4" in run.stderr and "rank 1" in run.stderr, run.stderr[-3000:]

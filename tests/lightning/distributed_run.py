@@ -12,12 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices, ShardedDSGDClassifier  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+import torch
+from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices, ShardedDSGDClassifier
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_dsgd import DSGDDDPStrategy, DSGDModelParallelStrategy, DSGDSettings  # noqa: E402
+from lightning_dsgd import DSGDDDPStrategy, DSGDModelParallelStrategy, DSGDSettings
 
 
 class PerturbRankOne(Callback):

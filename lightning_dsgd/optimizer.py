@@ -56,6 +56,21 @@ class StepRecord:
     loss: Tensor | None
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """Everything one evaluation of the layers produced (internal)."""
+
+    etas: list[float]
+    grads: list[BlockGrad]
+    dual_norms: Tensor
+    constants: Tensor
+    scores: Tensor
+    masked: Tensor
+    best: int
+    nonfinite: bool
+    skip_reason: str | None
+
+
 class DSGD(torch.optim.Optimizer):
     """Duality structure gradient descent (Flynn, arXiv 1708.00523).
 
@@ -166,10 +181,41 @@ class DSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scored = self._score()
+        if scored.nonfinite and self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"DSGD step {self.steps_taken}: {scored.skip_reason}. No weight was changed. Check the "
+                "loss for inf/NaN (torch.autograd.detect_anomaly helps); under float16 use a "
+                "GradScaler (precision='16-mixed'); or pass nonfinite='skip' to skip such steps."
+            )
+        index = None
+        if scored.skip_reason is None:
+            index = self._choose(scored.best)
+            grad = scored.grads[index]
+            if grad is not None:
+                self._update(self.layers[index], grad, scored.etas[index] / scored.constants[index])
+        record = self._record(scored, index, loss)
+        if record.skipped:
+            self.skipped_steps += 1
+        else:
+            self.selection_counts[index] += 1  # type: ignore[index]
+        self.last_step = record
+        self.steps_taken += 1
+        return loss
+
+    @torch.no_grad()
+    def score(self) -> StepRecord:
+        """What a greedy ``step()`` would decide on the current gradients, without changing any
+        weight, counter or random state (for observing a model trained by another optimizer).
+        Consumes the recorded input norms like ``step()`` does."""
+        scored = self._score()
+        return self._record(scored, None if scored.skip_reason else scored.best, None)
+
+    def _score(self) -> _Scored:
+        """Dual norms, constants and scores of every layer, and the greedy choice."""
         etas = [group["lr"] for group in self.param_groups]
         for eta in etas:
             _check_eta(eta)
-
         input_norms = self._take_input_norms()
         grads = [self._block_grad(layer) for layer in self.layers]
         dual_norms = self.geometry.dual_norms(grads)
@@ -181,28 +227,12 @@ class DSGD(torch.optim.Optimizer):
         best, all_finite, best_score = torch.stack(
             [masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]
         ).tolist()
-
         skip_reason = None
         if not all_finite:
             skip_reason = self._nonfinite_reason(dual_norms, constants)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"DSGD step {self.steps_taken}: {skip_reason}. No weight was changed. Check the "
-                    "loss for inf/NaN (torch.autograd.detect_anomaly helps); under float16 use a "
-                    "GradScaler (precision='16-mixed'); or pass nonfinite='skip' to skip such steps."
-                )
         elif self.selection == "greedy" and best_score <= 0.0:
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
-
-        if skip_reason is not None:
-            return self._finish(None, scores, constants, dual_norms, masked, skip_reason, loss, etas[0])
-
-        index = self._choose(int(best))
-        eta = etas[index]
-        grad = grads[index]
-        if grad is not None:
-            self._update(self.layers[index], grad, eta / constants[index])
-        return self._finish(index, scores, constants, dual_norms, masked, None, loss, eta)
+        return _Scored(etas, grads, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason)
 
     def _block_grad(self, layer: Layer) -> BlockGrad:
         """The layer's gradient as full tensors (all-gathered where sharded)."""
@@ -231,42 +261,27 @@ class DSGD(torch.optim.Optimizer):
             bias_step = direction[:, layer.in_features].to(layer.bias.dtype)
             layer.bias.sub_(shard_like(layer.bias, bias_step))
 
-    def _finish(
-        self,
-        index: int | None,
-        scores: Tensor,
-        constants: Tensor,
-        dual_norms: Tensor,
-        masked: Tensor,
-        skip_reason: str | None,
-        loss: Tensor | None,
-        eta: float,
-    ) -> Tensor | None:
+    def _record(self, scored: _Scored, index: int | None, loss: Tensor | None) -> StepRecord:
         skipped = index is None
-        if skipped:
-            self.skipped_steps += 1
-            decrease = scores.new_zeros(())
-        else:
-            self.selection_counts[index] += 1  # type: ignore[index]
-            decrease = eta * (1.0 - eta / 2.0) * scores[index]
-        self.last_step = StepRecord(
+        eta = scored.etas[0 if index is None else index]
+        return StepRecord(
             step=self.steps_taken,
             layer=index,
-            layer_name=None if skipped else self.layers[index].name,  # type: ignore[index]
-            scores=scores,
-            constants=constants,
-            dual_norms=dual_norms,
-            stationarity=masked.max().clamp(min=0.0).sqrt(),
-            guaranteed_decrease=decrease,
+            layer_name=None if index is None else self.layers[index].name,
+            scores=scored.scores,
+            constants=scored.constants,
+            dual_norms=scored.dual_norms,
+            stationarity=scored.masked.max().clamp(min=0.0).sqrt(),
+            guaranteed_decrease=scored.scores.new_zeros(())
+            if index is None
+            else eta * (1.0 - eta / 2.0) * scored.scores[index],
             eta=eta,
             selection=self.selection,
             certified=self.certified and not skipped,
             skipped=skipped,
-            skip_reason=skip_reason,
+            skip_reason=scored.skip_reason if skipped else None,
             loss=None if loss is None else loss.detach(),
         )
-        self.steps_taken += 1
-        return loss
 
     def record_skip(self, reason: str) -> None:
         """Record a step that was decided outside DSGD not to happen (e.g. a GradScaler that found
@@ -274,7 +289,11 @@ class DSGD(torch.optim.Optimizer):
         if self._recorder is not None:
             self._recorder.reset()
         nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
-        self._finish(None, nan, nan, nan, nan, reason, None, self.param_groups[0]["lr"])
+        etas = [group["lr"] for group in self.param_groups]
+        scored = _Scored(etas, [], nan, nan, nan, nan, 0, False, reason)
+        self.last_step = self._record(scored, None, None)
+        self.skipped_steps += 1
+        self.steps_taken += 1
 
     def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor) -> str:
         bad_grads = [self.layers[i].name for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]

@@ -447,3 +447,22 @@ def test_low_precision_parameters_are_scored_in_float32(dtype):
     assert rec.scores.dtype == torch.float32 and rec.constants.dtype == torch.float32
     assert not rec.skipped and all(p.dtype == dtype for p in model.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_score_predicts_the_step_without_changing_anything():
+    model = mlp([4, 6, 6, 3], seed=3)
+    x, y = classification_data(32, 4, 3, seed=3)
+    opt = DSGD(model, selection="random")
+    rng = opt._generator.get_state()
+    opt.zero_grad()
+    full_batch_loss(model, x, y).backward()
+    before = snapshot(model)
+    predicted = opt.score()
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert opt.steps_taken == 0 and opt.last_step is None and torch.equal(opt._generator.get_state(), rng)
+    assert predicted.layer == int(predicted.scores.argmax()) and predicted.certified
+    greedy = DSGD(model)
+    full_batch_loss(model, x, y)  # record input norms for the second optimizer's data constants
+    greedy.step()
+    torch.testing.assert_close(greedy.last_step.scores, predicted.scores)
+    assert greedy.last_step.layer == predicted.layer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers.lightning_models import Classifier, RecordChoices
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI

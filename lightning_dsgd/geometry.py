@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-NormName = Literal["frobenius", "spectral", "linf"]
+NormName = Literal["frobenius", "spectral", "linf", "rows"]
 ActivationNorm = Literal["l2", "linf"]
 
 #: A layer gradient: ``(grad of W, grad of b or None)``; ``None`` for a layer with no gradient.
@@ -214,6 +214,43 @@ class LinfGeometry(Geometry):
         return torch.stack(out)
 
 
+class RowsGeometry(Geometry):
+    """``‖W‖_{1→2} = max_r ‖W_r‖_2`` (the largest row norm: the operator norm on one-hot inputs,
+    as for an embedding table): dual ``Σ_r ‖G_r‖_2``; ``ρ(G)_r = ‖G‖_* · G_r / ‖G_r‖_2`` (rows
+    with a zero gradient stay zero)."""
+
+    name = "rows"
+    activation_norm = "l2"
+
+    def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
+        device = self._device(grads)
+        out: list[Tensor] = []
+        for g in grads:
+            if g is None:
+                out.append(torch.zeros((), device=device, dtype=torch.float32))
+                continue
+            block = augment(*g)
+            out.append(torch.linalg.vector_norm(block, dim=1, dtype=reduction_dtype(block.dtype)).sum())
+        dtype = max((t.dtype for t in out), key=lambda d: torch.finfo(d).bits)
+        return torch.stack([t.to(dtype) for t in out])
+
+    def duality_map(self, block: Tensor) -> Tensor:
+        g = block.to(reduction_dtype(block.dtype))
+        rows = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        unit = torch.where(rows > 0, g / rows.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+        return rows.sum() * unit
+
+    def norm(self, block: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(block.to(reduction_dtype(block.dtype)), dim=1).amax()
+
+    def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
+        out = []
+        for w in weights:
+            dtype = reduction_dtype(w.dtype)
+            out.append(torch.linalg.vector_norm(w.to(dtype), dim=1).amax() * rounding_margin(dtype, w.shape[1]))
+        return torch.stack(out)
+
+
 def spectral_norms(weights: Sequence[Tensor]) -> Tensor:
     """Largest singular value of each matrix, inflated by its rounding margin; same-shape
     matrices share one batched SVD."""
@@ -241,7 +278,9 @@ def _nan_where_not(finite: Tensor, values: Tensor) -> Tensor:
     return torch.where(finite, values, torch.full_like(values, float("nan")))
 
 
-GEOMETRIES: dict[str, type[Geometry]] = {g.name: g for g in (FrobeniusGeometry, SpectralGeometry, LinfGeometry)}
+GEOMETRIES: dict[str, type[Geometry]] = {
+    g.name: g for g in (FrobeniusGeometry, SpectralGeometry, LinfGeometry, RowsGeometry)
+}
 
 
 def make_geometry(norm: str) -> Geometry:
@@ -251,5 +290,6 @@ def make_geometry(norm: str) -> Geometry:
     except KeyError:
         raise ValueError(
             f"Unknown norm {norm!r}. Use one of {sorted(GEOMETRIES)}: 'spectral' (the paper's "
-            "U·Vᵀ map), 'frobenius' (layer-wise gradient descent) or 'linf' (ℓ∞→ℓ∞ operator norm)."
+            "U·Vᵀ map), 'frobenius' (layer-wise gradient descent), 'linf' (ℓ∞→ℓ∞ operator norm) or "
+            "'rows' (largest row norm, for embeddings)."
         ) from None

@@ -7,38 +7,41 @@ Each ``step``::
     i*   = argmax_i s_i                      # ties → lowest index; non-finite never wins
     W_i* ← W_i* − (η / L_i*) · ρ_i*(g_i*)    # only this layer moves
 
-Full batch, the loss then drops by at least ``η(1 − η/2)·s_i*``. ``η`` is the param groups'
-``lr`` (one group per layer), so LR schedulers schedule ``η``.
+Full batch, the loss then drops by at least ``η(1 − η/2)·s_i*`` whenever the step is certified.
+``η`` is the param groups' ``lr`` (one group per layer), so LR schedulers schedule ``η``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
-from lightning_dsgd.geometry import BlockGrad, augment, make_geometry, reduction_dtype
-from lightning_dsgd.layers import Chain, InputNormRecorder, Layer, find_chain
-from lightning_dsgd.smoothness import LOSSES, LossBounds, architecture_input_bounds, mlp_constants
+from lightning_dsgd.constants import ConstantModel
+from lightning_dsgd.distributed import Reducer, full, shard_like
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry
+from lightning_dsgd.layers import Chain, Layer, discover_layers, find_chain
+from lightning_dsgd.smoothness import LOSSES, LossBounds
 
-ConstantsMode = Literal["data", "architecture"]
+ConstantsMode = Literal["data", "architecture", "adaptive"]
 Selection = Literal["greedy", "random", "cyclic"]
 NonFinitePolicy = Literal["skip", "raise"]
 
-_CONSTANTS = ("data", "architecture")
+_CONSTANTS = ("data", "architecture", "adaptive")
 _SELECTIONS = ("greedy", "random", "cyclic")
 _POLICIES = ("skip", "raise")
+_RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """What one ``DSGD.step`` decided. Tensors stay on the parameters' device (reading them as
     Python numbers is the caller's choice); per-layer tensors have one entry per layer in
-    forward order."""
+    forward order. ``layers`` lists every layer moved (more than one with ``layers_per_step``);
+    ``layer`` is the best of them."""
 
     step: int
     layer: int | None
@@ -54,6 +57,8 @@ class StepRecord:
     skipped: bool
     skip_reason: str | None
     loss: Tensor | None
+    layers: tuple[int, ...] = ()
+    realized_decrease: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,24 +80,41 @@ class DSGD(torch.optim.Optimizer):
     """Duality structure gradient descent (Flynn, arXiv 1708.00523).
 
     Args:
-        model: the module to train; DSGD finds its layers itself, in forward order.
-        norm: per-layer norm: ``"spectral"`` (nuclear dual, ``ρ = ‖G‖_*·UVᵀ``), ``"frobenius"``
-            (``ρ = G``) or ``"linf"`` (ℓ∞→ℓ∞ operator norm).
-        constants: ``"data"`` bounds each layer's input by its largest norm in the current batch
-            (recorded by forward hooks, so run the forward with gradients enabled before
-            ``step``); ``"architecture"`` uses worst-case bounds from widths and a data bound.
+        model: the module to train; DSGD finds its layers itself (every module with trainable
+            parameters: Linear, Conv1d/2d/3d, Embedding, normalisation affines, attention
+            projections, any other parameter), in registration order.
+        norm: per-layer norm of weight matrices: ``"spectral"`` (nuclear dual, ``ρ = ‖G‖_*·UVᵀ``),
+            ``"frobenius"`` (``ρ = G``) or ``"linf"`` (ℓ∞→ℓ∞ operator norm). Embeddings use
+            ``"rows"`` and normalisation affines ``"linf"`` unless overridden.
+        constants: ``"data"`` (default) bounds each layer's input by its largest norm in the
+            current batch (recorded by forward hooks: run the forward with gradients enabled
+            before ``step``); ``"architecture"`` uses worst-case bounds from widths and a data
+            bound; both are certified on the rigorous class (tanh/sigmoid MLP chains with
+            softmax cross-entropy). ``"adaptive"`` starts from those constants (or an estimate
+            outside the class) and corrects them by the curvature met — not certified. Outside
+            the rigorous class, ``"data"`` behaves as ``"adaptive"``.
         eta: step multiplier ``η ∈ (0, 2)``; ``η = 1`` maximises ``η(1 − η/2)``.
         selection: ``"greedy"`` (the best bound), ``"random"`` or ``"cyclic"`` layer choice;
             every choice uses the same step rule and keeps its guaranteed decrease.
-        loss: the loss applied to the model's logits (mean over the batch): ``"cross_entropy"``,
-            or :class:`LossBounds` for a loss whose bounds you have derived.
+        loss: the loss on the model's outputs (mean over the batch): ``"cross_entropy"``
+            (rigorous), ``"mse"`` (estimated), or :class:`LossBounds` for your own bounds.
         data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"``; ``None``
             measures the running maximum over every batch seen (rigorous for each batch's loss).
         chain: the model's layers and activations in forward order, when they are not inside an
-            ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``).
+            ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``): asserts the rigorous class.
+        overrides: ``{pattern: {"norm": ..., "grouping": ...}}`` per module name (``fnmatch``),
+            see :func:`lightning_dsgd.layers.discover_layers`.
         nonfinite: on an inf/NaN gradient or constant, ``"skip"`` the step (no weight changes,
             recorded as skipped) or ``"raise"`` a ``FloatingPointError``.
         seed: seed of the random layer choice (the same on every rank, so ranks agree).
+        momentum: ``μ ∈ [0, 1)``: each layer keeps ``v ← μ v + ρ(g)`` over its own updates and
+            steps along ``v``. Not covered by the guarantee when ``μ > 0``.
+        layers_per_step: update the best ``k`` layers (or ``"all"``) per step, each with its own
+            ``η/L_i``. Each constant assumes the other layers fixed, so ``k > 1`` is a heuristic.
+        full_batch: every step sees the same data (the loss of step t+1 is the loss after step
+            t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
+            a step that fell short is undone (its layer's constant grows) — so every kept step
+            decreased the loss by at least its promise, certified or not.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
             sets it; see :mod:`lightning_dsgd.distributed`).
@@ -109,8 +131,13 @@ class DSGD(torch.optim.Optimizer):
         loss: str | LossBounds = "cross_entropy",
         data_bound: float | None = None,
         chain: Sequence[nn.Module] | None = None,
+        overrides: Mapping[str, Mapping[str, str]] | None = None,
         nonfinite: NonFinitePolicy = "skip",
         seed: int = 0,
+        momentum: float = 0.0,
+        layers_per_step: int | Literal["all"] = 1,
+        full_batch: bool = False,
+        undo_shortfalls: bool = False,
         reduce_max: Reducer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -125,40 +152,53 @@ class DSGD(torch.optim.Optimizer):
         _check_choice("selection", selection, _SELECTIONS)
         _check_choice("nonfinite", nonfinite, _POLICIES)
         self.loss_bounds = _loss_bounds(loss)
-        if data_bound is not None:
-            if constants != "architecture":
-                raise ValueError(
-                    "data_bound is used only with constants='architecture' (data mode measures "
-                    "every layer's input itself): drop data_bound or set constants='architecture'."
-                )
-            if not (data_bound >= 0 and data_bound < float("inf")):
-                raise ValueError(f"data_bound must be a finite number ≥ 0 bounding ‖x‖, got {data_bound}.")
+        _check_data_bound(data_bound, constants)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        if undo_shortfalls and not full_batch:
+            raise ValueError("undo_shortfalls needs full_batch=True: only then is the next loss comparable.")
 
-        self.chain: Chain = find_chain(model, chain)
-        self.layers: list[Layer] = self.chain.layers
+        layers = discover_layers(model, norm, overrides)
+        found = find_chain(model, layers, chain)
+        rigorous = isinstance(found, Chain) and self.loss_bounds.certified and norm in _RIGOROUS_NORMS
+        if isinstance(found, Chain) and not rigorous:
+            found = "the loss is not certified" if not self.loss_bounds.certified else f"norm={norm!r}"
+        if not rigorous and constants == "architecture":
+            raise ValueError(
+                f"constants='architecture' exists only for the rigorous class ({SUPPORTED}), and here "
+                f"{found}. Use constants='data' or 'adaptive' (estimated, corrected by the curvature met)."
+            )
+        self.chain: Chain | None = found if isinstance(found, Chain) else None
+        self.not_rigorous_reason: str | None = None if rigorous else str(found)
+        self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
+        n = len(self.layers)
+        self.layers_per_step = n if layers_per_step == "all" else int(layers_per_step)
+        if not 1 <= self.layers_per_step:
+            raise ValueError(f"layers_per_step must be ≥ 1 or 'all', got {layers_per_step!r}.")
+        if self.layers_per_step > 1 and selection != "greedy":
+            raise ValueError("layers_per_step > 1 takes the best layers: it needs selection='greedy'.")
         self.constants_mode = constants
         self.selection = selection
         self.nonfinite = nonfinite
-        self.reduce_max = reduce_max
+        self.momentum = momentum
+        self.full_batch = full_batch
+        self.undo_shortfalls = undo_shortfalls
+        self.geometries: dict[str, Geometry] = {name: make_geometry(name) for name in {x.norm for x in self.layers}}
         groups = [{"params": layer.params, "lr": eta, "layer_name": layer.name} for layer in self.layers]
-        super().__init__(groups, {"lr": eta})
+        super().__init__(_merge_shared(groups), {"lr": eta})
+        self._group_of = _group_index(groups, self.param_groups)
 
-        activation_norm = self.geometry.activation_norm
-        self._g, self._h = self.loss_bounds.bounds(activation_norm)
-        self._s1 = [0.0] + [a.s1 for a in self.chain.activations[1:]]  # type: ignore[union-attr]
-        self._s2 = [0.0] + [a.s2 for a in self.chain.activations[1:]]  # type: ignore[union-attr]
-        self._fixed_data_bound = data_bound
-        watched = self.layers if constants == "data" else self.layers[:1]
-        self._recorder = (
-            InputNormRecorder(watched, activation_norm) if constants == "data" or data_bound is None else None
+        self.constant_model = ConstantModel(
+            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound
         )
-        self._operator_norm_cache: list[tuple[tuple[int, int], Tensor] | None] = [None] * len(self.layers)
+        self.constant_model.reduce_max = reduce_max
+        self._momentum: dict[int, Tensor] = {}
+        self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = 0
-        self._measured_data_bound: Tensor | None = None
         self.steps_taken = 0
         self.skipped_steps = 0
-        self.selection_counts = [0] * len(self.layers)
+        self.selection_counts = [0] * n
         self.last_step: StepRecord | None = None
 
     # ------------------------------------------------------------------ public properties
@@ -167,17 +207,25 @@ class DSGD(torch.optim.Optimizer):
         return [layer.name for layer in self.layers]
 
     @property
+    def reduce_max(self) -> Reducer | None:
+        return self.constant_model.reduce_max
+
+    @reduce_max.setter
+    def reduce_max(self, reducer: Reducer | None) -> None:
+        self.constant_model.reduce_max = reducer
+
+    @property
     def certified(self) -> bool:
-        """True when every step that is not skipped carries the guaranteed decrease: the model is
-        in the rigorous class and the constants are rigorous. ``find_chain`` admits only such
-        models, so this holds for every model DSGD accepts."""
-        return True
+        """True when every step that is not skipped carries the guaranteed decrease: a rigorous
+        model, rigorous constants, one layer per step and no momentum."""
+        return self.constant_model.certified and self.layers_per_step == 1 and self.momentum == 0.0
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Run the closure (if given), score every layer, update the best one; return the loss."""
-        loss = None
+    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:  # type: ignore[override]
+        """Run the closure (if given), score every layer, update the best one; return the loss.
+        ``loss`` (the loss at the current weights) may be passed instead of a closure; it is
+        used by ``full_batch``."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -188,17 +236,31 @@ class DSGD(torch.optim.Optimizer):
                 "loss for inf/NaN (torch.autograd.detect_anomaly helps); under float16 use a "
                 "GradScaler (precision='16-mixed'); or pass nonfinite='skip' to skip such steps."
             )
-        index = None
+        realized, undone = self._check_previous(loss)
+        if undone is not None:
+            scored = _Scored(
+                scored.etas,
+                scored.grads,
+                scored.dual_norms,
+                scored.constants,
+                scored.scores,
+                scored.masked,
+                scored.best,
+                False,
+                undone,
+            )
+        chosen: list[int] = []
         if scored.skip_reason is None:
-            index = self._choose(scored.best)
-            grad = scored.grads[index]
-            if grad is not None:
-                self._update(self.layers[index], grad, scored.etas[index] / scored.constants[index])
-        record = self._record(scored, index, loss)
+            chosen = self._choose(scored)
+            steps = [self._update(i, scored) for i in chosen]
+            if self.full_batch and loss is not None:
+                promise = sum(self._promise(scored, i) for i in chosen)
+                self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
+        record = self._record(scored, chosen, loss, realized)
         if record.skipped:
             self.skipped_steps += 1
-        else:
-            self.selection_counts[index] += 1  # type: ignore[index]
+        for i in chosen:
+            self.selection_counts[i] += 1
         self.last_step = record
         self.steps_taken += 1
         return loss
@@ -209,17 +271,23 @@ class DSGD(torch.optim.Optimizer):
         weight, counter or random state (for observing a model trained by another optimizer).
         Consumes the recorded input norms like ``step()`` does."""
         scored = self._score()
-        return self._record(scored, None if scored.skip_reason else scored.best, None)
+        return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
 
     def _score(self) -> _Scored:
         """Dual norms, constants and scores of every layer, and the greedy choice."""
-        etas = [group["lr"] for group in self.param_groups]
+        etas = [self.param_groups[self._group_of[i]]["lr"] for i in range(len(self.layers))]
         for eta in etas:
             _check_eta(eta)
-        input_norms = self._take_input_norms()
         grads = [self._block_grad(layer) for layer in self.layers]
-        dual_norms = self.geometry.dual_norms(grads)
-        constants = self._constants(input_norms).to(dual_norms.dtype)
+        dual_norms = self._dual_norms(grads)
+        adaptive = self.constant_model.adaptive
+
+        def observe(base: Tensor) -> None:
+            assert adaptive is not None
+            blocks = {i: augment(*grads[i]) for i in adaptive.pending if grads[i] is not None}  # type: ignore[misc]
+            adaptive.observe(blocks, base)
+
+        constants = self.constant_model.compute(dual_norms.dtype, dual_norms.device, observe).to(dual_norms.dtype)
         scores = dual_norms.square() / constants
         finite = torch.isfinite(scores)
         masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
@@ -234,36 +302,107 @@ class DSGD(torch.optim.Optimizer):
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
         return _Scored(etas, grads, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason)
 
+    def _dual_norms(self, grads: list[BlockGrad]) -> Tensor:
+        """Batched per geometry: layers sharing a norm are reduced together."""
+        if len(self.geometries) == 1:
+            return self.geometry_of(self.layers[0]).dual_norms(grads)
+        out: list[Tensor | None] = [None] * len(grads)
+        for name, geometry in self.geometries.items():
+            idx = [i for i, layer in enumerate(self.layers) if layer.norm == name]
+            values = geometry.dual_norms([grads[i] for i in idx])
+            for k, i in enumerate(idx):
+                out[i] = values[k]
+        dtype = max((t.dtype for t in out if t is not None), key=lambda d: torch.finfo(d).bits)
+        return torch.stack([t.to(dtype) for t in out])  # type: ignore[union-attr]
+
+    def geometry_of(self, layer: Layer) -> Geometry:
+        return self.geometries[layer.norm]
+
     def _block_grad(self, layer: Layer) -> BlockGrad:
-        """The layer's gradient as full tensors (all-gathered where sharded)."""
+        """The layer's gradient as a ``(W, b)`` matrix pair of full tensors (gathered if sharded)."""
         if layer.weight.grad is None:
             return None
-        bias_grad = None
-        if layer.bias is not None:
-            bias_grad = full(layer.bias.grad) if layer.bias.grad is not None else torch.zeros_like(full(layer.bias))
-        return full(layer.weight.grad), bias_grad
+        weight = layer.weight_matrix(full(layer.weight.grad))
+        if layer.bias is None:
+            return weight, None
+        bias = full(layer.bias.grad) if layer.bias.grad is not None else torch.zeros_like(full(layer.bias))
+        return weight, layer.bias_vector(bias)
 
-    def _choose(self, greedy_index: int) -> int:
-        if self.selection == "greedy":
-            return greedy_index
+    def _choose(self, scored: _Scored) -> list[int]:
         if self.selection == "random":
-            return int(torch.randint(len(self.layers), (1,), generator=self._generator))
-        index = self._cursor
-        self._cursor = (self._cursor + 1) % len(self.layers)
-        return index
+            return [int(torch.randint(len(self.layers), (1,), generator=self._generator))]
+        if self.selection == "cyclic":
+            index = self._cursor
+            self._cursor = (self._cursor + 1) % len(self.layers)
+            return [index]
+        if self.layers_per_step == 1:
+            return [scored.best]
+        k = min(self.layers_per_step, len(self.layers))
+        top = torch.topk(scored.masked, k).indices.tolist()
+        return sorted(i for i in top if scored.masked[i] > 0) or [scored.best]
 
-    def _update(self, layer: Layer, grad: tuple[Tensor, Tensor | None], scale: Tensor) -> None:
-        """``W ← W − scale · ρ(g)`` on the augmented block, in place (on each rank's shard)."""
-        direction = self.geometry.duality_map(augment(*grad)).mul_(scale)
-        weight_step = direction[:, : layer.in_features].to(layer.weight.dtype)
-        layer.weight.sub_(shard_like(layer.weight, weight_step))
-        if layer.bias is not None:
-            bias_step = direction[:, layer.in_features].to(layer.bias.dtype)
-            layer.bias.sub_(shard_like(layer.bias, bias_step))
+    def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
+        """``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the block, in place (on each
+        rank's shard); returns the step taken as ``(layer, block step)``."""
+        grad = scored.grads[index]
+        if grad is None:
+            return None
+        layer = self.layers[index]
+        geometry = self.geometry_of(layer)
+        block_grad = augment(*grad)
+        direction = geometry.duality_map(block_grad)
+        if self.momentum > 0.0:
+            buffer = self._momentum.get(index)
+            direction = direction if buffer is None else buffer.mul_(self.momentum).add_(direction)
+            self._momentum[index] = direction
+        scale = scored.etas[index] / scored.constants[index]
+        step = direction * (-scale)
+        self._apply(layer, step)
+        adaptive = self.constant_model.adaptive
+        if adaptive is not None:
+            step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
+            adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
+        return layer, step
 
-    def _record(self, scored: _Scored, index: int | None, loss: Tensor | None) -> StepRecord:
-        skipped = index is None
+    @staticmethod
+    def _apply(layer: Layer, block_step: Tensor) -> None:
+        weight_step, bias_step = layer.split(block_step)
+        layer.weight.add_(shard_like(layer.weight, weight_step.to(layer.weight.dtype)))
+        if bias_step is not None:
+            layer.bias.add_(shard_like(layer.bias, bias_step.to(layer.bias.dtype)))  # type: ignore[union-attr]
+
+    def _promise(self, scored: _Scored, index: int) -> Tensor:
+        eta = scored.etas[index]
+        return eta * (1.0 - eta / 2.0) * scored.scores[index]
+
+    def _check_previous(self, loss: Tensor | None) -> tuple[Tensor | None, str | None]:
+        """Full batch: the realized decrease of the previous step, and whether it was undone."""
+        previous, self._previous = self._previous, None
+        if previous is None or loss is None:
+            return None, None
+        before, promise, steps = previous
+        realized = before - loss.detach()
+        if not self.undo_shortfalls:
+            return realized, None
+        shortfall = bool(realized < promise * (1 - 1e-6) - 1e-7 * before.abs())  # host sync: undo is a branch
+        if not shortfall:
+            return realized, None
+        for layer, step in steps:
+            self._apply(layer, -step)
+            index = self.layers.index(layer)
+            if self.constant_model.adaptive is not None:
+                self.constant_model.adaptive.grow(index, 2.0)
+        names = [layer.name for layer, _ in steps]
+        return realized, (
+            f"undid the previous step of {names}: it decreased the loss by {realized.item():.3e}, "
+            f"less than its promise {promise.item():.3e}; the constant was raised"
+        )
+
+    def _record(self, scored: _Scored, chosen: list[int], loss: Tensor | None, realized: Tensor | None) -> StepRecord:
+        skipped = not chosen
+        index = chosen[0] if chosen and len(chosen) == 1 else (scored.best if chosen else None)
         eta = scored.etas[0 if index is None else index]
+        decrease = scored.scores.new_zeros(()) if skipped else sum(self._promise(scored, i) for i in chosen)
         return StepRecord(
             step=self.steps_taken,
             layer=index,
@@ -272,26 +411,26 @@ class DSGD(torch.optim.Optimizer):
             constants=scored.constants,
             dual_norms=scored.dual_norms,
             stationarity=scored.masked.max().clamp(min=0.0).sqrt(),
-            guaranteed_decrease=scored.scores.new_zeros(())
-            if index is None
-            else eta * (1.0 - eta / 2.0) * scored.scores[index],
+            guaranteed_decrease=decrease,  # type: ignore[arg-type]
             eta=eta,
             selection=self.selection,
             certified=self.certified and not skipped,
             skipped=skipped,
             skip_reason=scored.skip_reason if skipped else None,
             loss=None if loss is None else loss.detach(),
+            layers=tuple(chosen),
+            realized_decrease=realized,
         )
 
     def record_skip(self, reason: str) -> None:
         """Record a step that was decided outside DSGD not to happen (e.g. a GradScaler that found
         inf/NaN gradients and never called ``step``): no weight changes, ``skipped=True``."""
-        if self._recorder is not None:
-            self._recorder.reset()
+        if self.constant_model.recorder is not None:
+            self.constant_model.recorder.reset()
         nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
         etas = [group["lr"] for group in self.param_groups]
         scored = _Scored(etas, [], nan, nan, nan, nan, 0, False, reason)
-        self.last_step = self._record(scored, None, None)
+        self.last_step = self._record(scored, [], None, None)
         self.skipped_steps += 1
         self.steps_taken += 1
 
@@ -301,83 +440,6 @@ class DSGD(torch.optim.Optimizer):
             return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
         bad = [self.layers[i].name for i in torch.nonzero(~torch.isfinite(constants)).flatten().tolist()]
         return f"non-finite smoothness constant for layer(s) {bad}: the weights above them hold inf/NaN"
-
-    # ------------------------------------------------------------------ constants
-    def _constants(self, input_norms: Tensor | None) -> Tensor:
-        """``L_i(w)`` for every layer (smoothness.mlp_constants)."""
-        norms = self._operator_norms()
-        bounds = self._input_bounds(input_norms, norms.dtype, norms.device)
-        s1 = norms.new_tensor(self._s1)
-        s2 = norms.new_tensor(self._s2)
-        return mlp_constants(norms, bounds, s1, s2, self._g, self._h)
-
-    def _operator_norms(self) -> Tensor:
-        """``a_j`` of every layer above the first (``a_0`` never enters a constant), reusing the
-        value of any weight that has not changed since it was computed (tracked by the tensor's
-        version counter, which every in-place write bumps)."""
-        keys = [version_key(layer.weight) for layer in self.layers]
-        stale = [
-            j
-            for j in range(1, len(self.layers))
-            if self._operator_norm_cache[j] is None or self._operator_norm_cache[j][0] != keys[j]  # type: ignore[index]
-        ]
-        if stale:
-            fresh = self.geometry.operator_norms([full(self.layers[j].weight.detach()) for j in stale])
-            for k, j in enumerate(stale):
-                self._operator_norm_cache[j] = (keys[j], fresh[k])
-        first = self.layers[0].weight
-        zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
-        return torch.stack([zero] + [entry[1].to(zero.dtype) for entry in self._operator_norm_cache[1:]])  # type: ignore[index]
-
-    def _take_input_norms(self) -> Tensor | None:
-        """The recorded ``‖[x; 1]‖`` maxima of this step's batch (MAX-reduced over ranks), folding
-        them into the running data bound in architecture mode; the recorder starts afresh."""
-        if self._recorder is None:
-            return None
-        maxima = self._recorder.maxima
-        if any(m is None for m in maxima):
-            if self.constants_mode == "data":
-                raise RuntimeError(
-                    "constants='data' needs the input norms of the batch being stepped on, and no "
-                    "forward pass with gradients enabled ran since the last step. Run the forward "
-                    "(and backward) before step(), e.g. inside the closure, or use "
-                    "constants='architecture'."
-                )
-            return None
-        self._recorder.reset()
-        stacked = torch.stack(maxima)  # type: ignore[arg-type]
-        if self.reduce_max is not None:
-            stacked = self.reduce_max(stacked)
-        if self.constants_mode == "architecture":
-            previous = self._measured_data_bound
-            self._measured_data_bound = stacked[0] if previous is None else torch.maximum(previous, stacked[0])
-        return stacked
-
-    def _input_bounds(self, input_norms: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``R_{i-1}`` per layer: measured in data mode, worst case in architecture mode."""
-        if self.constants_mode == "data":
-            return input_norms.to(device=device, dtype=dtype)  # type: ignore[union-attr]
-        return architecture_input_bounds(
-            self._data_bound(dtype, device),
-            [layer.in_features for layer in self.layers],
-            self.chain.activations,
-            self.geometry.activation_norm,
-        )
-
-    def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if self._fixed_data_bound is not None:
-            return torch.tensor(self._fixed_data_bound, dtype=dtype, device=device)
-        if self._measured_data_bound is None:
-            raise RuntimeError(
-                "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
-                "forward pass with gradients enabled ran yet. Run the forward before step(), or "
-                "pass data_bound=max ‖x‖ over your data set."
-            )
-        # The recorder measures ‖[x; 1]‖; the data bound is on ‖x‖ itself.
-        augmented = self._measured_data_bound.to(device=device, dtype=dtype)
-        if self.geometry.activation_norm == "l2":
-            return augmented.square().sub(1.0).clamp(min=0.0).sqrt()
-        return augmented
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -392,7 +454,8 @@ class DSGD(torch.optim.Optimizer):
             "selection_counts": list(self.selection_counts),
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
-            "measured_data_bound": self._measured_data_bound,
+            "constant_model": self.constant_model.state_dict(),
+            "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
         return state
 
@@ -413,19 +476,50 @@ class DSGD(torch.optim.Optimizer):
                     f"{key}={mine!r}: build the optimizer with the same settings and model to resume."
                 )
         super().load_state_dict(state_dict)
+        device = self.layers[0].weight.device
         self.steps_taken = extra["steps_taken"]
         self.skipped_steps = extra["skipped_steps"]
         self.selection_counts = list(extra["selection_counts"])
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"])
-        bound = extra["measured_data_bound"]
-        device = self.layers[0].weight.device
-        self._measured_data_bound = None if bound is None else bound.to(device)
+        self.constant_model.load_state_dict(extra["constant_model"], device)
+        names = self.layer_names
+        self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""
-        if self._recorder is not None:
-            self._recorder.remove()
+        if self.constant_model.recorder is not None:
+            self.constant_model.recorder.remove()
+
+
+SUPPORTED = (
+    "nn.Linear layers with one nn.Tanh or nn.Sigmoid between consecutive layers, ending in linear "
+    "logits for softmax cross-entropy, inside an nn.Sequential or declared with chain=[...]"
+)
+
+
+def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One param group per parameter set: blocks that share a parameter (q, k and v of a fused
+    attention projection) share its group, since torch allows a parameter in one group only."""
+    merged: list[dict[str, Any]] = []
+    seen: dict[int, dict[str, Any]] = {}
+    for group in groups:
+        owner = next((seen[id(p)] for p in group["params"] if id(p) in seen), None)
+        if owner is None:
+            owner = {"params": [], "lr": group["lr"], "layer_name": group["layer_name"]}
+            merged.append(owner)
+        else:
+            owner["layer_name"] += "," + group["layer_name"]
+        for p in group["params"]:
+            if id(p) not in seen:
+                owner["params"].append(p)
+                seen[id(p)] = owner
+    return merged
+
+
+def _group_index(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[int]:
+    where = {id(p): g for g, group in enumerate(param_groups) for p in group["params"]}
+    return [where[id(group["params"][0])] for group in groups]
 
 
 def _check_eta(eta: float) -> None:
@@ -441,12 +535,25 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {name}={value!r}; use one of {list(allowed)}.")
 
 
+def _check_data_bound(data_bound: float | None, constants: str) -> None:
+    if data_bound is None:
+        return
+    if constants != "architecture":
+        raise ValueError(
+            "data_bound is used only with constants='architecture' (data mode measures "
+            "every layer's input itself): drop data_bound or set constants='architecture'."
+        )
+    if not (data_bound >= 0 and data_bound < float("inf")):
+        raise ValueError(f"data_bound must be a finite number ≥ 0 bounding ‖x‖, got {data_bound}.")
+
+
 def _loss_bounds(loss: str | LossBounds) -> LossBounds:
     if isinstance(loss, LossBounds):
         return loss
     if loss not in LOSSES:
         raise ValueError(
-            f"Unsupported loss {loss!r}. The rigorous losses are {sorted(LOSSES)}; for another loss "
-            "pass loss=LossBounds(...) with bounds on its gradient and curvature in the logits."
+            f"Unsupported loss {loss!r}. Known: {sorted(LOSSES)}; for another loss pass "
+            "loss=LossBounds(name, g_l2, h_l2, g_linf, h_linf, certified=...) with bounds on its "
+            "gradient and curvature in the model's outputs (certified=False for estimates)."
         )
     return LOSSES[loss]

@@ -41,14 +41,16 @@ ACTIVATION_BOUNDS: dict[type[nn.Module], ActivationBounds] = {nn.Tanh: TANH, nn.
 
 @dataclass(frozen=True)
 class LossBounds:
-    """Bounds on the loss as a function of the logits ``z``: ``G ≥ ‖∇_z ℓ‖_dual`` and
-    ``H ≥ D²ℓ[v, v] / ‖v‖²``, in the ℓ2 and in the ℓ∞ output norm (dual ℓ2, resp. ℓ1)."""
+    """Bounds on the loss as a function of the model's outputs ``z``: ``G ≥ ‖∇_z ℓ‖_dual`` and
+    ``H ≥ D²ℓ[v, v] / ‖v‖²``, in the ℓ2 and in the ℓ∞ output norm (dual ℓ2, resp. ℓ1).
+    ``certified=False`` marks estimates: steps then are never reported as certified."""
 
     name: str
     g_l2: float
     h_l2: float
     g_linf: float
     h_linf: float
+    certified: bool = True
 
     def bounds(self, activation_norm: str) -> tuple[float, float]:
         return (self.g_l2, self.h_l2) if activation_norm == "l2" else (self.g_linf, self.h_linf)
@@ -57,7 +59,10 @@ class LossBounds:
 #: Softmax cross-entropy (mean over the batch): ``∇ = p − y`` with ``‖p−y‖_2 ≤ √2``,
 #: ``‖p−y‖_1 ≤ 2``; Hessian ``diag(p) − ppᵀ`` with ``λ_max ≤ ½`` and ``vᵀ(·)v = Var_p(v) ≤ ‖v‖²_∞``.
 CROSS_ENTROPY = LossBounds("cross_entropy", g_l2=math.sqrt(2.0), h_l2=0.5, g_linf=2.0, h_linf=1.0)
-LOSSES: dict[str, LossBounds] = {CROSS_ENTROPY.name: CROSS_ENTROPY}
+#: Mean squared error ``mean_j (z_j − y_j)²`` per sample has curvature ``2/k ≤ 2`` but an unbounded
+#: gradient: usable for estimated constants only.
+MSE = LossBounds("mse", g_l2=math.inf, h_l2=2.0, g_linf=math.inf, h_linf=2.0, certified=False)
+LOSSES: dict[str, LossBounds] = {loss.name: loss for loss in (CROSS_ENTROPY, MSE)}
 
 
 def mlp_constants(

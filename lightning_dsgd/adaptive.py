@@ -1,0 +1,108 @@
+"""``constants="adaptive"``: per-layer constants corrected by the curvature actually met.
+
+``L_i = m_i · base_i(w)``, where ``base_i`` is the certified constant where one exists and
+otherwise a cheap estimate. After layer ``i`` moved by ``Δ`` under the constant ``L``, the next
+gradient of that layer gives the curvature met along the step (the mean of the Hessian's
+quadratic form over the segment, exact in full batch)::
+
+    κ = ⟨g_i(w + Δ) − g_i(w), Δ⟩ / ‖Δ‖²_(i)
+
+and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
+disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
+(``L ← max(target, shrink · L)``). Certified layers never go above their certified constant
+(``m ≤ 1``). Everything stays on the device: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Pending:
+    step: Tensor  # Δ, as the layer's block matrix
+    grad_dot_step: Tensor  # ⟨g_i(w), Δ⟩
+    step_norm_sq: Tensor  # ‖Δ‖²_(i)
+    constant: Tensor  # the L used for the step
+
+
+class AdaptiveConstants:
+    """Multipliers ``m_i`` of the base constants, and the steps awaiting their curvature."""
+
+    def __init__(
+        self,
+        certified: list[bool],
+        *,
+        safety: float = 1.0,
+        shrink: float = 0.8,
+        floor: float = 1e-8,
+    ) -> None:
+        if not 0.0 < shrink < 1.0:
+            raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")
+        if safety <= 0.0:
+            raise ValueError(f"adaptive safety factor must be > 0, got {safety}.")
+        self.safety = safety
+        self.shrink = shrink
+        self.floor = floor
+        self.ceiling = [1.0 if c else float("inf") for c in certified]
+        self.multipliers: Tensor | None = None
+        self.pending: dict[int, _Pending] = {}
+
+    def constants(self, base: Tensor) -> Tensor:
+        """``m ⊙ base`` (multipliers start at 1)."""
+        if self.multipliers is None:
+            self.multipliers = torch.ones_like(base)
+        self.multipliers = self.multipliers.to(device=base.device, dtype=base.dtype)
+        return self.multipliers * base
+
+    def observe(self, blocks: dict[int, Tensor], base: Tensor) -> None:
+        """Correct the multiplier of every layer that moved last step, from its new gradient
+        ``blocks[i]`` (as a block matrix); ``base`` are the current base constants."""
+        if self.multipliers is None or not self.pending:
+            return
+        ceiling = torch.tensor(self.ceiling, dtype=base.dtype, device=base.device)
+        for i, pending in self.pending.items():
+            new_grad = blocks.get(i)
+            if new_grad is None:
+                continue
+            curvature = ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / (
+                pending.step_norm_sq
+            )
+            target = self.safety * curvature
+            used = pending.constant
+            new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
+            multiplier = (new_constant / base[i]).clamp(min=self.floor)
+            multiplier = torch.where(torch.isfinite(multiplier), multiplier, self.multipliers[i])
+            self.multipliers[i] = torch.minimum(multiplier, ceiling[i])
+        self.pending = {}
+
+    def remember(self, index: int, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor) -> None:
+        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad`` is its
+        gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
+        self.pending[index] = _Pending(
+            step=step.detach(),
+            grad_dot_step=(grad.to(step.dtype) * step).sum(),
+            step_norm_sq=step_norm.square(),
+            constant=constant.detach(),
+        )
+
+    def grow(self, index: int, factor: float) -> None:
+        """Multiply one layer's multiplier (after an undone step)."""
+        if self.multipliers is not None:
+            self.multipliers[index] = torch.clamp(self.multipliers[index] * factor, max=self.ceiling[index])
+
+    def state_dict(self) -> dict:
+        return {
+            "multipliers": self.multipliers,
+            "pending": {i: vars(p) for i, p in self.pending.items()},
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        m = state["multipliers"]
+        self.multipliers = None if m is None else m.to(device)
+        self.pending = {
+            int(i): _Pending(**{k: v.to(device) for k, v in fields.items()}) for i, fields in state["pending"].items()
+        }

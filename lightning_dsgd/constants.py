@@ -1,0 +1,182 @@
+"""Where each step's ``L_i(w)`` come from: the constant models behind ``constants=``.
+
+* ``"data"`` / ``"architecture"`` on a rigorous chain: the certified MLP constants of
+  :mod:`lightning_dsgd.smoothness`, with input bounds measured in the batch or worst case.
+* Any other model, or ``"adaptive"``: a base constant (the certified one where it exists, else
+  the estimate ``H · R_i²`` from the layer's measured input bound ``R_i``, as if the layer fed the
+  loss directly) times a multiplier corrected by the curvature met (:mod:`lightning_dsgd.adaptive`).
+  Such constants are not certified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_dsgd.adaptive import AdaptiveConstants
+from lightning_dsgd.distributed import Reducer, full, version_key
+from lightning_dsgd.geometry import Geometry, reduction_dtype
+from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
+from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
+
+#: Input bound assumed for blocks whose input is not measured: an embedding reads one-hot rows
+#: (‖e_j‖ = 1), a normalisation affine reads standardised values (|x̂| ≲ 3, with the bias 1).
+UNMEASURED_INPUT_BOUND = {"embedding": 1.0, "norm": math.sqrt(10.0), "parameter": 1.0}
+
+
+class ConstantModel:
+    """Computes ``L_i(w)`` for every layer at each step (see the module docstring)."""
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        geometry: Geometry,
+        loss: LossBounds,
+        chain: Chain | None,
+        mode: str,
+        data_bound: float | None,
+        adaptive_options: dict | None = None,
+    ) -> None:
+        self.layers = layers
+        self.geometry = geometry
+        self.chain = chain
+        self.mode = mode
+        self.certified = chain is not None and mode in ("data", "architecture")
+        self.g, self.h = loss.bounds(geometry.activation_norm)
+        self._fixed_data_bound = data_bound
+        self._measured_data_bound: Tensor | None = None
+        self.reduce_max: Reducer | None = None
+        watch_all = mode != "architecture"
+        self.recorder = (
+            InputNormRecorder(layers if watch_all else layers[:1], geometry.activation_norm)
+            if watch_all or data_bound is None
+            else None
+        )
+        self._operator_norm_cache: list[tuple[tuple[int, int], Tensor] | None] = [None] * len(layers)
+        self.adaptive = (
+            AdaptiveConstants([chain is not None] * len(layers), **(adaptive_options or {}))
+            if not self.certified
+            else None
+        )
+        if chain is not None:
+            self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
+            self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
+
+    def compute(
+        self, dtype: torch.dtype, device: torch.device, observe: Callable[[Tensor], None] | None = None
+    ) -> Tensor:
+        """This step's constants; ``observe(base)`` lets the adaptive model see the new
+        gradients against the current base constants before they are used."""
+        input_bounds = self._take_input_norms()
+        if self.chain is not None:
+            base = self._certified(input_bounds, dtype, device)
+        else:
+            base = self._estimate(input_bounds, dtype, device)
+        if self.adaptive is None:
+            return base
+        if observe is not None:
+            observe(base)
+        return self.adaptive.constants(base)
+
+    # ------------------------------------------------------------------ input norms
+    def _take_input_norms(self) -> list[Tensor | None] | None:
+        """The recorded input bounds of this step's batch (MAX-reduced over ranks), folding the
+        first into the running data bound in architecture mode; the recorder starts afresh."""
+        if self.recorder is None:
+            return None
+        maxima = list(self.recorder.maxima)
+        watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
+        if any(maxima[i] is None for i in watched):
+            if self.mode != "architecture":
+                raise RuntimeError(
+                    f"constants={self.mode!r} needs the input norms of the batch being stepped on, and no "
+                    "forward pass with gradients enabled ran since the last step. Run the forward "
+                    "(and backward) before step(), e.g. inside the closure, or use constants='architecture'."
+                )
+            return None
+        self.recorder.reset()
+        if watched:
+            stacked = torch.stack([maxima[i] for i in watched])  # type: ignore[misc]
+            if self.reduce_max is not None:
+                stacked = self.reduce_max(stacked)
+            for k, i in enumerate(watched):
+                maxima[i] = stacked[k]
+        if self.mode == "architecture":
+            first = maxima[0]
+            previous = self._measured_data_bound
+            self._measured_data_bound = first if previous is None else torch.maximum(previous, first)  # type: ignore[arg-type]
+        return maxima
+
+    # ------------------------------------------------------------------ certified
+    def _certified(self, input_bounds: list[Tensor | None] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+        norms = self._operator_norms().to(dtype)
+        if self.mode == "architecture":
+            bounds = architecture_input_bounds(
+                self._data_bound(dtype, device),
+                [layer.in_features for layer in self.layers],
+                self.chain.activations,  # type: ignore[union-attr]
+                self.geometry.activation_norm,
+            )
+        else:
+            bounds = torch.stack([b.to(device=device, dtype=dtype) for b in input_bounds])  # type: ignore[union-attr]
+        return mlp_constants(norms, bounds, norms.new_tensor(self._s1), norms.new_tensor(self._s2), self.g, self.h)
+
+    def _operator_norms(self) -> Tensor:
+        """``a_j`` of every layer above the first (``a_0`` never enters a constant), reusing the
+        value of any weight that has not changed since (tracked by the tensor's version counter,
+        which every in-place write bumps)."""
+        keys = [version_key(layer.weight) for layer in self.layers]
+        stale = [
+            j
+            for j in range(1, len(self.layers))
+            if self._operator_norm_cache[j] is None or self._operator_norm_cache[j][0] != keys[j]  # type: ignore[index]
+        ]
+        if stale:
+            fresh = self.geometry.operator_norms([full(self.layers[j].weight.detach()) for j in stale])
+            for k, j in enumerate(stale):
+                self._operator_norm_cache[j] = (keys[j], fresh[k])
+        first = self.layers[0].weight
+        zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
+        return torch.stack([zero] + [entry[1].to(zero.dtype) for entry in self._operator_norm_cache[1:]])  # type: ignore[index]
+
+    def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self._fixed_data_bound is not None:
+            return torch.tensor(self._fixed_data_bound, dtype=dtype, device=device)
+        if self._measured_data_bound is None:
+            raise RuntimeError(
+                "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
+                "forward pass with gradients enabled ran yet. Run the forward before step(), or "
+                "pass data_bound=max ‖x‖ over your data set."
+            )
+        # The recorder measures ‖[x; 1]‖; the data bound is on ‖x‖ itself.
+        augmented = self._measured_data_bound.to(device=device, dtype=dtype)
+        if self.geometry.activation_norm == "l2":
+            return augmented.square().sub(1.0).clamp(min=0.0).sqrt()
+        return augmented
+
+    # ------------------------------------------------------------------ estimate
+    def _estimate(self, input_bounds: list[Tensor | None] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``H · R_i²``: the exact constant of a layer that feeds the loss directly."""
+        bounds = []
+        for i, layer in enumerate(self.layers):
+            measured = None if input_bounds is None else input_bounds[i]
+            if measured is None:
+                measured = torch.tensor(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype=dtype, device=device)
+            bounds.append(measured.to(device=device, dtype=dtype))
+        return self.h * torch.stack(bounds).square()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "measured_data_bound": self._measured_data_bound,
+            "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        bound = state["measured_data_bound"]
+        self._measured_data_bound = None if bound is None else bound.to(device)
+        if self.adaptive is not None and state.get("adaptive") is not None:
+            self.adaptive.load_state_dict(state["adaptive"], device)

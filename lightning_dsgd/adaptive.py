@@ -9,8 +9,10 @@ quadratic form over the segment, exact in full batch)::
 
 and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
-(``L ← max(target, shrink · L)``). Certified layers never go above their certified constant
-(``m ≤ 1``). Everything stays on the device: no host synchronisation.
+(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
+so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured.
+Certified layers never go above their certified constant (``m ≤ 1``). Everything stays on the
+device: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class AdaptiveConstants:
         certified: list[bool],
         *,
         safety: float = 1.0,
-        shrink: float = 0.8,
-        floor: float = 1e-8,
+        shrink: float = 0.5,
+        idle_shrink: float = 0.9,
+        floor: float = 1e-3,
     ) -> None:
         if not 0.0 < shrink < 1.0:
             raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")
@@ -46,6 +49,7 @@ class AdaptiveConstants:
             raise ValueError(f"adaptive safety factor must be > 0, got {safety}.")
         self.safety = safety
         self.shrink = shrink
+        self.idle_shrink = idle_shrink
         self.floor = floor
         self.ceiling = [1.0 if c else float("inf") for c in certified]
         self.multipliers: Tensor | None = None
@@ -64,6 +68,11 @@ class AdaptiveConstants:
         if self.multipliers is None or not self.pending:
             return
         ceiling = torch.tensor(self.ceiling, dtype=base.dtype, device=base.device)
+        idle = torch.ones_like(self.multipliers)
+        idle[list(self.pending)] = 0.0
+        self.multipliers = torch.where(
+            idle > 0, (self.multipliers * self.idle_shrink).clamp(min=self.floor), self.multipliers
+        )
         for i, pending in self.pending.items():
             new_grad = blocks.get(i)
             if new_grad is None:

@@ -108,13 +108,15 @@ class DSGD(torch.optim.Optimizer):
             recorded as skipped) or ``"raise"`` a ``FloatingPointError``.
         seed: seed of the random layer choice (the same on every rank, so ranks agree).
         momentum: ``μ ∈ [0, 1)``: each layer keeps ``v ← μ v + ρ(g)`` over its own updates and
-            steps along ``v``. Not covered by the guarantee when ``μ > 0``.
+            steps along ``v`` (restarting ``v`` when ``⟨g, v⟩ ≤ 0``). Not covered by the guarantee.
         layers_per_step: update the best ``k`` layers (or ``"all"``) per step, each with its own
             ``η/L_i``. Each constant assumes the other layers fixed, so ``k > 1`` is a heuristic.
         full_batch: every step sees the same data (the loss of step t+1 is the loss after step
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
+        adaptive_options: tuning of the adaptive constants (:class:`~lightning_dsgd.adaptive.AdaptiveConstants`):
+            ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
             sets it; see :mod:`lightning_dsgd.distributed`).
@@ -138,6 +140,7 @@ class DSGD(torch.optim.Optimizer):
         layers_per_step: int | Literal["all"] = 1,
         full_batch: bool = False,
         undo_shortfalls: bool = False,
+        adaptive_options: Mapping[str, float] | None = None,
         reduce_max: Reducer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -188,8 +191,11 @@ class DSGD(torch.optim.Optimizer):
         super().__init__(_merge_shared(groups), {"lr": eta})
         self._group_of = _group_index(groups, self.param_groups)
 
+        # Full batch, curvature measurements are exact: idle layers can be tried sooner.
+        tuning = {"idle_shrink": 0.8} if full_batch else {}
+        tuning.update(adaptive_options or {})
         self.constant_model = ConstantModel(
-            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound
+            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning
         )
         self.constant_model.reduce_max = reduce_max
         self._momentum: dict[int, Tensor] = {}
@@ -353,7 +359,11 @@ class DSGD(torch.optim.Optimizer):
         direction = geometry.duality_map(block_grad)
         if self.momentum > 0.0:
             buffer = self._momentum.get(index)
-            direction = direction if buffer is None else buffer.mul_(self.momentum).add_(direction)
+            if buffer is not None:
+                # Restart when the velocity no longer points downhill (⟨g, v⟩ ≤ 0), so that the
+                # step stays a descent direction (adaptive restart), without a host sync.
+                downhill = ((block_grad.to(buffer.dtype) * buffer).sum() > 0).to(buffer.dtype)
+                direction = buffer.mul_(self.momentum * downhill).add_(direction)
             self._momentum[index] = direction
         scale = scored.etas[index] / scored.constants[index]
         step = direction * (-scale)

@@ -9,8 +9,9 @@ quadratic form over the segment, exact in full batch)::
 
 and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
-(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
-so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured.
+(``L ← max(target, shrink · L)``). A layer not yet measured shrinks by ``idle_shrink`` per step,
+so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
+(with its first step capped, see ``DSGD``); a measured layer keeps its value until it moves again.
 Certified layers never go above their certified constant (``m ≤ 1``). Everything stays on the
 device: no host synchronisation.
 """
@@ -42,6 +43,7 @@ class AdaptiveConstants:
         shrink: float = 0.5,
         idle_shrink: float = 0.9,
         floor: float = 1e-3,
+        max_relative_step: float = 0.1,
     ) -> None:
         if not 0.0 < shrink < 1.0:
             raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")
@@ -50,10 +52,12 @@ class AdaptiveConstants:
         self.safety = safety
         self.shrink = shrink
         self.idle_shrink = idle_shrink
+        self.max_relative_step = max_relative_step
         self.floor = floor
         self.ceiling = [1.0 if c else float("inf") for c in certified]
         self.multipliers: Tensor | None = None
         self.pending: dict[int, _Pending] = {}
+        self.measured = [False] * len(certified)
 
     def constants(self, base: Tensor) -> Tensor:
         """``m ⊙ base`` (multipliers start at 1)."""
@@ -68,11 +72,9 @@ class AdaptiveConstants:
         if self.multipliers is None or not self.pending:
             return
         ceiling = torch.tensor(self.ceiling, dtype=base.dtype, device=base.device)
-        idle = torch.ones_like(self.multipliers)
-        idle[list(self.pending)] = 0.0
-        self.multipliers = torch.where(
-            idle > 0, (self.multipliers * self.idle_shrink).clamp(min=self.floor), self.multipliers
-        )
+        idle = [i for i, seen in enumerate(self.measured) if not seen and i not in self.pending]
+        if idle:
+            self.multipliers[idle] = (self.multipliers[idle] * self.idle_shrink).clamp(min=self.floor)
         for i, pending in self.pending.items():
             new_grad = blocks.get(i)
             if new_grad is None:
@@ -81,11 +83,12 @@ class AdaptiveConstants:
                 pending.step_norm_sq
             )
             target = self.safety * curvature
-            used = pending.constant
+            used = self.multipliers[i] * base[i]  # the model's constant, before any step cap
             new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
             multiplier = (new_constant / base[i]).clamp(min=self.floor)
             multiplier = torch.where(torch.isfinite(multiplier), multiplier, self.multipliers[i])
             self.multipliers[i] = torch.minimum(multiplier, ceiling[i])
+            self.measured[i] = True
         self.pending = {}
 
     def remember(self, index: int, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor) -> None:
@@ -106,12 +109,14 @@ class AdaptiveConstants:
     def state_dict(self) -> dict:
         return {
             "multipliers": self.multipliers,
+            "measured": list(self.measured),
             "pending": {i: vars(p) for i, p in self.pending.items()},
         }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         m = state["multipliers"]
         self.multipliers = None if m is None else m.to(device)
+        self.measured = list(state["measured"])
         self.pending = {
             int(i): _Pending(**{k: v.to(device) for k, v in fields.items()}) for i, fields in state["pending"].items()
         }

@@ -89,7 +89,10 @@ class ConstantModel:
             return None
         maxima = list(self.recorder.maxima)
         watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
-        if any(maxima[i] is None for i in watched):
+        missing = [i for i in watched if maxima[i] is None]
+        if self.chain is None:  # estimates: a module called functionally (MHA's out_proj) stays unmeasured
+            watched = [i for i in watched if maxima[i] is not None]
+        if missing and (self.chain is not None or not watched):
             if self.mode != "architecture":
                 raise RuntimeError(
                     f"constants={self.mode!r} needs the input norms of the batch being stepped on, and no "

@@ -38,8 +38,8 @@ class Layer:
     """One block: a matrix view ``[W, b]`` of a module's trainable weight and (optional) bias.
 
     ``weight`` is seen as ``out × in`` (a conv kernel as ``out × (in·k…)``, a 1-D parameter as a
-    column); ``rows`` selects a slice of the rows of both (the q, k, v parts of a fused attention
-    in-projection). ``norm`` names the block's geometry.
+    column); ``rows`` and ``bias_rows`` select slices of the rows of the weight and of the bias
+    (the q, k, v parts of an attention in-projection). ``norm`` names the block's geometry.
     """
 
     name: str
@@ -49,6 +49,7 @@ class Layer:
     kind: LayerKind = "linear"
     norm: str = "spectral"
     rows: slice | None = None
+    bias_rows: slice | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -64,21 +65,23 @@ class Layer:
         return w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(-1, 1)
 
     def bias_vector(self, bias: Tensor) -> Tensor:
-        return bias[self.rows] if self.rows is not None else bias.reshape(-1)
+        return bias[self.bias_rows] if self.bias_rows is not None else bias.reshape(-1)
 
     def split(self, block_step: Tensor) -> tuple[Tensor, Tensor | None]:
         """A step on the ``[W, b]`` matrix as full-size steps for ``weight`` and ``bias``."""
         k = self.in_features
-        return self._embed(self.weight, block_step[:, :k]), (
-            None if self.bias is None else self._embed(self.bias, block_step[:, k])
+        return _embed(self.weight, self.rows, block_step[:, :k]), (
+            None if self.bias is None else _embed(self.bias, self.bias_rows, block_step[:, k])
         )
 
-    def _embed(self, param: Tensor, part: Tensor) -> Tensor:
-        if self.rows is None:
-            return part.reshape(param.shape)
-        out = torch.zeros(param.shape, dtype=part.dtype, device=part.device)
-        out[self.rows] = part.reshape(out[self.rows].shape)
-        return out
+
+def _embed(param: Tensor, rows: slice | None, part: Tensor) -> Tensor:
+    """``part`` placed at ``rows`` of a zero tensor shaped like ``param`` (or reshaped to it)."""
+    if rows is None:
+        return part.reshape(param.shape)
+    out = torch.zeros(param.shape, dtype=part.dtype, device=part.device)
+    out[rows] = part.reshape(out[rows].shape)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,19 +173,19 @@ def _attention_blocks(name: str, module: nn.MultiheadAttention, norm: str, group
     fused = _trainable(module.in_proj_weight)
     e = module.embed_dim
     if fused is not None and grouping == "fused":
-        blocks.append(Layer(f"{name}.in_proj", module, fused, bias, "attention", norm))
+        blocks.append(Layer(f"{name}.in_proj", module, fused, bias, "attention", norm))  # all rows
         covered = {id(fused)}
     elif fused is not None:
         for i, part in enumerate("qkv"):
             rows = slice(i * e, (i + 1) * e)
-            blocks.append(Layer(f"{name}.{part}", module, fused, bias, "attention", norm, rows))
+            blocks.append(Layer(f"{name}.{part}", module, fused, bias, "attention", norm, rows, rows))
         covered = {id(fused)}
     else:
         for i, part in enumerate("qkv"):
             w = _trainable(getattr(module, f"{part}_proj_weight"))
             if w is not None:
                 rows = slice(i * e, (i + 1) * e)
-                blocks.append(Layer(f"{name}.{part}", module, w, bias, "attention", norm, rows))
+                blocks.append(Layer(f"{name}.{part}", module, w, bias, "attention", norm, None, rows))
                 covered.add(id(w))
     if blocks and bias is not None:
         covered.add(id(bias))

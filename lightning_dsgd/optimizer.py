@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Reducer, full, shard_like
+from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry
 from lightning_dsgd.layers import Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.smoothness import LOSSES, LossBounds
@@ -199,6 +199,7 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self._momentum: dict[int, Tensor] = {}
+        self._weight_norm_cache: dict[int, tuple[tuple[int, int], Tensor]] = {}
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = 0
@@ -294,6 +295,8 @@ class DSGD(torch.optim.Optimizer):
             adaptive.observe(blocks, base)
 
         constants = self.constant_model.compute(dual_norms.dtype, dual_norms.device, observe).to(dual_norms.dtype)
+        if adaptive is not None:
+            constants = self._cap_steps(constants, dual_norms, etas)
         scores = dual_norms.square() / constants
         finite = torch.isfinite(scores)
         masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
@@ -307,6 +310,36 @@ class DSGD(torch.optim.Optimizer):
         elif self.selection == "greedy" and best_score <= 0.0:
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
         return _Scored(etas, grads, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason)
+
+    def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
+        """Uncertified constants are estimates: until a layer's curvature has been measured once,
+        raise its ``L_i`` where needed so that its step moves it by at most ``max_relative_step ·
+        max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a guard against an estimate far below
+        the curvature."""
+        adaptive = self.constant_model.adaptive
+        assert adaptive is not None
+        if all(adaptive.measured):
+            return constants
+        eta = dual_norms.new_tensor(etas)
+        floor = (
+            eta * dual_norms / (adaptive.max_relative_step * self._weight_norms().to(dual_norms.dtype).clamp(min=1.0))
+        )
+        unmeasured = torch.tensor([not m for m in adaptive.measured], device=constants.device)
+        return torch.where(unmeasured, torch.maximum(constants, floor), constants)
+
+    def _weight_norms(self) -> Tensor:
+        """``‖[W_i, b_i]‖_(i)`` of every layer, recomputed only for layers that changed."""
+        values = []
+        for i, layer in enumerate(self.layers):
+            key = version_key(layer.weight)
+            cached = self._weight_norm_cache.get(i)
+            if cached is None or cached[0] != key:
+                weight = layer.weight_matrix(full(layer.weight.detach()))
+                bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
+                cached = (key, self.geometry_of(layer).norm(augment(weight, bias)))
+                self._weight_norm_cache[i] = cached
+            values.append(cached[1])
+        return torch.stack(values)
 
     def _dual_norms(self, grads: list[BlockGrad]) -> Tensor:
         """Batched per geometry: layers sharing a norm are reduced together."""

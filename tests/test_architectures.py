@@ -162,11 +162,10 @@ def test_rigorous_models_stay_certified_and_adaptive_never_exceeds_the_certifica
     certified, adaptive_model = DSGD(model), mlp([6, 10, 8, 4], seed=4)
     adaptive = DSGD(adaptive_model, constants="adaptive")
     assert certified.certified and not adaptive.certified
-    reference = DSGD(mlp([6, 10, 8, 4], seed=4))  # certified constants at the adaptive run's weights
     for _ in range(30):
         adaptive.step(make_closure(adaptive_model, adaptive, x, y))
-        reference.load_state_dict(reference.state_dict())
-    assert (adaptive.constant_model.adaptive.multipliers <= 1.0).all()
+        multipliers = adaptive.constant_model.adaptive.multipliers
+        assert (multipliers <= 1.0).all()  # never above the certified constant
     assert (adaptive.constant_model.adaptive.multipliers < 1.0).any()
 
 
@@ -220,8 +219,6 @@ def test_layers_per_step_and_momentum():
     opt.step(make_closure(model, opt, x, y))
     assert opt.last_step.layers == (0, 1, 2) and not opt.last_step.certified
     assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    top2 = DSGD(mlp([5, 8, 8, 3], seed=2), layers_per_step=2)
-    top2.step(make_closure(top2.layers[0].module and model, top2, x, y)) if False else None
     momentum_model = mlp([5, 8, 8, 3], seed=2)
     momentum = DSGD(momentum_model, momentum=0.9)
     closure = make_closure(momentum_model, momentum, x, y)

@@ -235,7 +235,8 @@ class DSGD(torch.optim.Optimizer):
         used by ``full_batch``."""
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                result = closure()
+            loss = result if result is not None else loss  # Lightning's manual-mode closure returns None
         scored = self._score()
         if scored.nonfinite and self.nonfinite == "raise":
             raise FloatingPointError(

@@ -115,7 +115,7 @@ class DSGDMixin:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
             dsgd = self.dsgd_optimizer
             steps_before = dsgd.steps_taken
-            optimizer.step()
+            optimizer.step(loss=loss.detach())  # reaches DSGD.step through Lightning's precision plugin
             if dsgd.steps_taken == steps_before:
                 scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
                 scale = f" (loss scale now {scaler.get_scale():g})" if scaler is not None else ""

@@ -13,7 +13,8 @@ from lightning.pytorch.cli import LRSchedulerCallable
 class DSGDSettings:
     """Everything the mixin needs to build and drive :class:`~lightning_dsgd.DSGD`.
 
-    The first group is passed to the optimizer (see its docstring). The second replaces the
+    The first group is passed to the optimizer (see :class:`~lightning_dsgd.DSGD` for each
+    argument and its effect on the guarantee). The second replaces the
     ``Trainer`` flags that Lightning refuses in manual optimization:
 
     * ``accumulate_grad_batches``: sum gradients over this many batches (without DDP/FSDP
@@ -26,13 +27,19 @@ class DSGDSettings:
     """
 
     norm: Literal["spectral", "frobenius", "linf"] = "spectral"
-    constants: Literal["data", "architecture"] = "data"
+    constants: Literal["data", "architecture", "adaptive"] = "data"
     eta: float = 1.0
     selection: Literal["greedy", "random", "cyclic"] = "greedy"
     loss: str = "cross_entropy"
     data_bound: float | None = None
+    overrides: dict[str, dict[str, str]] | None = None
     nonfinite: Literal["skip", "raise"] = "skip"
     seed: int = 0
+    momentum: float = 0.0
+    layers_per_step: int | Literal["all"] = 1
+    full_batch: bool = False
+    undo_shortfalls: bool = False
+    adaptive_options: dict[str, float] | None = None
 
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
@@ -57,5 +64,20 @@ class DSGDSettings:
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~lightning_dsgd.DSGD`."""
-        names = ("norm", "constants", "eta", "selection", "loss", "data_bound", "nonfinite", "seed")
+        names = (
+            "norm",
+            "constants",
+            "eta",
+            "selection",
+            "loss",
+            "data_bound",
+            "overrides",
+            "nonfinite",
+            "seed",
+            "momentum",
+            "layers_per_step",
+            "full_batch",
+            "undo_shortfalls",
+            "adaptive_options",
+        )
         return {name: getattr(self, name) for name in names}

@@ -238,3 +238,14 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, selecti
     assert resumed_record.layers == full.layers[16:]
     for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_full_batch_training_records_realized_decreases(tmp_path):
+    """The mixin hands the loss to DSGD, so full_batch can compare each step with its promise."""
+    record = RecordChoices()
+    model = DSGDClassifier(batch_size=64, dsgd=DSGDSettings(full_batch=True))  # one batch = the data set
+    trainer(tmp_path, max_steps=8, callbacks=[record]).fit(model)
+    for previous, current in zip(record.records, record.records[1:], strict=False):
+        assert current.loss is not None and current.realized_decrease is not None
+        torch.testing.assert_close(current.realized_decrease, previous.loss - current.loss)
+        assert current.realized_decrease >= previous.guaranteed_decrease * (1 - 1e-4)

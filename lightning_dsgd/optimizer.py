@@ -232,7 +232,10 @@ class DSGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:  # type: ignore[override]
         """Run the closure (if given), score every layer, update the best one; return the loss.
         ``loss`` (the loss at the current weights) may be passed instead of a closure; it is
-        used by ``full_batch``."""
+        used by ``full_batch``. With every ``lr`` at exactly 0 — how torch's distributed
+        checkpointing initialises optimizer state — the call changes nothing and counts nothing."""
+        if all(group["lr"] == 0 for group in self.param_groups):
+            return None
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
@@ -487,8 +490,29 @@ class DSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus DSGD's own under ``"dsgd"`` (:meth:`extra_state_dict`)."""
         state = super().state_dict()
-        state["dsgd"] = {
+        state["dsgd"] = self.extra_state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`. A state without the ``"dsgd"`` entry (distributed
+        checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
+        Lightning mixin then restores the rest from its own checkpoint entry."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("dsgd", None)
+        if extra is None and not all("layer_name" in group for group in state_dict.get("param_groups", [])):
+            raise ValueError("This state dict was not saved by DSGD (it has no 'dsgd' entry).")
+        if extra is not None:
+            self._check_compatible(extra)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.load_extra_state_dict(extra)
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """Everything beyond torch's optimizer state needed to continue identically: counters,
+        the random and cyclic selection state, the constant model and momentum buffers."""
+        return {
             "norm": self.geometry.name,
             "constants": self.constants_mode,
             "selection": self.selection,
@@ -501,13 +525,20 @@ class DSGD(torch.optim.Optimizer):
             "constant_model": self.constant_model.state_dict(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("dsgd", None)
-        if extra is None:
-            raise ValueError("This state dict was not saved by DSGD (it has no 'dsgd' entry).")
+    def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
+        self._check_compatible(extra)
+        device = self.layers[0].weight.device
+        self.steps_taken = extra["steps_taken"]
+        self.skipped_steps = extra["skipped_steps"]
+        self.selection_counts = list(extra["selection_counts"])
+        self._cursor = extra["cursor"]
+        self._generator.set_state(extra["generator"])
+        self.constant_model.load_state_dict(extra["constant_model"], device)
+        names = self.layer_names
+        self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
+
+    def _check_compatible(self, extra: dict[str, Any]) -> None:
         for key, mine in (
             ("norm", self.geometry.name),
             ("constants", self.constants_mode),
@@ -519,16 +550,6 @@ class DSGD(torch.optim.Optimizer):
                     f"The DSGD state was saved with {key}={extra[key]!r} but this optimizer has "
                     f"{key}={mine!r}: build the optimizer with the same settings and model to resume."
                 )
-        super().load_state_dict(state_dict)
-        device = self.layers[0].weight.device
-        self.steps_taken = extra["steps_taken"]
-        self.skipped_steps = extra["skipped_steps"]
-        self.selection_counts = list(extra["selection_counts"])
-        self._cursor = extra["cursor"]
-        self._generator.set_state(extra["generator"])
-        self.constant_model.load_state_dict(extra["constant_model"], device)
-        names = self.layer_names
-        self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""

@@ -134,6 +134,25 @@ class DSGDMixin:
                 gradient_clip_algorithm=self.dsgd.gradient_clip_algorithm,
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """DSGD's own state also goes here: FSDP2's distributed optimizer checkpoint keeps only
+        torch's ``state`` and ``param_groups``."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if self.trainer.optimizers:  # type: ignore[attr-defined]
+            checkpoint["dsgd"] = self.dsgd_optimizer.extra_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._dsgd_checkpoint_state = checkpoint.get("dsgd")
+
+    def on_train_start(self) -> None:
+        """The optimizer state is restored by now: put DSGD's own state back on top of it."""
+        super().on_train_start()  # type: ignore[misc]
+        pending = getattr(self, "_dsgd_checkpoint_state", None)
+        if pending is not None:
+            self.dsgd_optimizer.load_extra_state_dict(pending)
+            self._dsgd_checkpoint_state = None
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # type: ignore[misc]
         self._step_eta_schedulers("epoch", self.trainer.current_epoch + 1)  # type: ignore[attr-defined]

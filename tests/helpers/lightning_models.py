@@ -47,11 +47,13 @@ class Classifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            dataset(features=self.hparams.features, classes=self.hparams.classes),
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-        )
+        data = dataset(features=self.hparams.features, classes=self.hparams.classes)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Rank r reads samples r, r+2, … in order (use with Trainer(use_distributed_sampler=False)),
+            # so the ranks' batches t together are the single-process batch t of twice the size.
+            sampler = torch.utils.data.DistributedSampler(data, shuffle=False)
+            return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(dataset(32, self.hparams.features, self.hparams.classes, seed=1), batch_size=16)
@@ -97,6 +99,12 @@ class RecordChoices(Callback):
 
         weights = {k: full(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(
-            {"layers": self.layers, "weights": weights, "optimizer": type(trainer.optimizers[0]).__name__},
+            {
+                "layers": self.layers,
+                "weights": weights,
+                "optimizer": type(trainer.optimizers[0]).__name__,
+                "constants": [r.constants.detach().cpu() for r in self.records],
+                "dual_norms": [r.dual_norms.detach().cpu() for r in self.records],
+            },
             f"{self.out_dir}/rank{trainer.global_rank}.pt",
         )

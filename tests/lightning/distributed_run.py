@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices, ShardedDSGDClassifier
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader, DistributedSampler
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dsgd import DSGDDDPStrategy, DSGDModelParallelStrategy, DSGDSettings
 
@@ -29,18 +29,6 @@ class PerturbRankOne(Callback):
                 pl_module.net[0].weight.add_(0.1)
 
 
-def interleave_batches(model: LightningModule) -> None:
-    """Rank r reads samples r, r+2, … in order (Lightning's own sampler would shuffle), so that the
-    two ranks' batches t together are exactly the single-process batch t of twice the size."""
-    original = model.train_dataloader
-
-    def train_dataloader() -> DataLoader:
-        data = original().dataset
-        return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
-
-    model.train_dataloader = train_dataloader  # type: ignore[method-assign]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -48,11 +36,19 @@ def main() -> None:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None, help="train whole epochs instead of --steps")
     parser.add_argument("--norm", default="spectral")
     parser.add_argument("--constants", default="data")
+    parser.add_argument("--selection", default="greedy")
+    parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
+    parser.add_argument("--resume", default=None, help="resume from this checkpoint")
     args = parser.parse_args()
-    settings = DSGDSettings(norm=args.norm, constants=args.constants)
+    settings = DSGDSettings(norm=args.norm, constants=args.constants, selection=args.selection, seed=3)
     callbacks: list[Callback] = [RecordChoices(args.out)]
+    if args.checkpoints:
+        callbacks.append(
+            ModelCheckpoint(args.checkpoints, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+        )
     if args.case == "dsgd_ddp":  # registered name, module with the mixin
         strategy, model = "dsgd_ddp", DSGDClassifier(batch_size=4, dsgd=settings)
     elif args.case == "ddp_with_mixin":  # Lightning's own DDP strategy: the mixin suffices
@@ -67,15 +63,15 @@ def main() -> None:
     else:
         strategy, model = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1), Classifier(batch_size=4)
         callbacks.append(PerturbRankOne())
-    interleave_batches(model)
     trainer = Trainer(
         accelerator="cpu",
         use_distributed_sampler=False,
         devices=2,
         strategy=strategy,
-        max_steps=args.steps,
+        max_steps=-1 if args.epochs else args.steps,
+        max_epochs=args.epochs,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.checkpoints),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -83,7 +79,7 @@ def main() -> None:
         callbacks=callbacks,
         default_root_dir=args.out,
     )
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,23 @@ def test_verification_names_the_rank_that_diverged(tmp_path):
     run = launch("diverge", tmp_path, "--steps", "8")
     assert run.returncode != 0
     assert "DSGD ranks diverged at step 4" in run.stderr and "rank 1" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["dsgd_ddp", "model_parallel"])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, case):
+    """8 steps per epoch; resume from the end of epoch 0 and compare steps 9–16 and the weights."""
+    full_run, resumed_run, checkpoints = tmp_path / "full", tmp_path / "resumed", tmp_path / "ckpt"
+    for folder in (full_run, resumed_run):
+        folder.mkdir()
+    # Whole epochs: Lightning replays a batch when an epoch-end checkpoint is resumed under max_steps.
+    common = ["--selection", "random", "--epochs", "2"]
+    run = launch(case, full_run, *common, "--checkpoints", str(checkpoints))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (first_epoch,) = [p for p in checkpoints.iterdir() if p.name.startswith("epoch=0")]
+    run = launch(case, resumed_run, *common, "--resume", str(first_epoch))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    uninterrupted, _ = results(full_run)
+    resumed, _ = results(resumed_run)
+    assert resumed["layers"] == uninterrupted["layers"][8:]
+    for name, value in uninterrupted["weights"].items():
+        assert torch.equal(resumed["weights"][name], value), name

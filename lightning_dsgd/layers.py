@@ -315,6 +315,7 @@ class InputNormRecorder:
         self._ord = 2 if norm == "l2" else float("inf")
         self._layers = list(layers)
         self.maxima: list[Tensor | None] = [None] * len(layers)
+        self.enabled = True  # off: forwards are not recorded (e.g. between observed steps)
         self._handles = []
         by_module: dict[int, list[int]] = {}
         for i, layer in enumerate(layers):
@@ -327,7 +328,7 @@ class InputNormRecorder:
     def _hook_for(self, owner: nn.Module, indices: list[int]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # A deep copy of the model (EMA/SWA copies) carries this hook along: ignore the copy.
-            if module is not owner or not torch.is_grad_enabled():
+            if not self.enabled or module is not owner or not torch.is_grad_enabled():
                 return
             for i in indices:
                 x = self._input_of(self._layers[i], args, kwargs)

@@ -472,8 +472,7 @@ class DSGD(torch.optim.Optimizer):
     def record_skip(self, reason: str) -> None:
         """Record a step that was decided outside DSGD not to happen (e.g. a GradScaler that found
         inf/NaN gradients and never called ``step``): no weight changes, ``skipped=True``."""
-        if self.constant_model.recorder is not None:
-            self.constant_model.recorder.reset()
+        self.discard_input_norms()
         nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
         etas = [group["lr"] for group in self.param_groups]
         scored = _Scored(etas, [], nan, nan, nan, nan, 0, False, reason)
@@ -550,6 +549,17 @@ class DSGD(torch.optim.Optimizer):
                     f"The DSGD state was saved with {key}={extra[key]!r} but this optimizer has "
                     f"{key}={mine!r}: build the optimizer with the same settings and model to resume."
                 )
+
+    def discard_input_norms(self) -> None:
+        """Forget the input norms recorded since the last step (they belong to no scored step)."""
+        if self.constant_model.recorder is not None:
+            self.constant_model.recorder.reset()
+
+    def record_input_norms(self, enabled: bool) -> None:
+        """Switch the input-norm forward hooks on or off (off saves their cost on forwards that
+        will not be scored, e.g. between observed steps of another optimizer)."""
+        if self.constant_model.recorder is not None:
+            self.constant_model.recorder.enabled = enabled
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""

@@ -1,5 +1,7 @@
-"""The thin Lightning adapter: mixin, settings and strategies."""
+"""The thin Lightning adapter: mixin, settings, strategies, and the monitor callback with its metric."""
 
+from lightning_dsgd.lightning.callback import DSGDMonitor
+from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
 from lightning_dsgd.lightning.mixin import DSGDMixin, with_dsgd
 from lightning_dsgd.lightning.settings import DSGDSettings
 from lightning_dsgd.lightning.strategy import (
@@ -13,8 +15,10 @@ __all__ = [
     "DSGDDDPStrategy",
     "DSGDMixin",
     "DSGDModelParallelStrategy",
+    "DSGDMonitor",
     "DSGDSettings",
     "DSGDSingleDeviceStrategy",
+    "LayerSelectionFrequency",
     "verify_ranks_agree",
     "with_dsgd",
 ]

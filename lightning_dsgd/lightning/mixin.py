@@ -115,7 +115,12 @@ class DSGDMixin:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
             dsgd = self.dsgd_optimizer
             steps_before = dsgd.steps_taken
-            optimizer.step(loss=loss.detach())  # reaches DSGD.step through Lightning's precision plugin
+            # The loss reaches DSGD.step through Lightning's precision plugin (full_batch compares
+            # consecutive losses, so data-parallel ranks hand it the loss of the global batch).
+            step_loss = loss.detach()
+            if self.dsgd.full_batch and self.trainer.world_size > 1:  # type: ignore[attr-defined]
+                step_loss = self.trainer.strategy.reduce(step_loss.clone(), reduce_op="mean")  # type: ignore[attr-defined]
+            optimizer.step(loss=step_loss)
             if dsgd.steps_taken == steps_before:
                 scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
                 scale = f" (loss scale now {scaler.get_scale():g})" if scaler is not None else ""

@@ -1,0 +1,368 @@
+"""``DSGDMonitor``: DSGD's decisions in any Lightning logger, in W&B, and in a picture.
+
+It reads the optimizer's record of each step (:class:`~lightning_dsgd.StepRecord`) and never
+recomputes it. At every step Lightning logs (``Trainer(log_every_n_steps=...)``), at the step the
+Lightning loggers use (``trainer/global_step`` in W&B):
+
+* ``dsgd/layer`` (index of the chosen layer; absent on a skipped step), ``dsgd/stationarity``
+  (``max_i ‖g_i‖_* / √L_i``), ``dsgd/guaranteed_decrease``, ``dsgd/certified``, ``dsgd/skipped``
+  (0 or 1); W&B also gets the layer's name as ``dsgd/layer_name``;
+* per layer: ``dsgd_layers/score/<layer>``, ``dsgd_layers/constant/<layer>`` (``L_i``),
+  ``dsgd_layers/dual_norm/<layer>`` — W&B groups panels by the prefix before the last ``/``, so
+  each quantity gets one section with every layer's curve side by side;
+* in full-batch training (``full_batch=True``, or a DSGD whose record carries the realized
+  decrease): ``dsgd/realized_decrease`` ``f(w_t) − f(w_{t+1})`` of the logged step ``t`` (sent one
+  step later, at step ``t``, beside that step's guaranteed decrease) and ``dsgd/bound_violations``,
+  the number of steps so far whose realized decrease fell short of the guaranteed one. On
+  certified steps any violation falsifies the bound; on uncertified ones (estimated or adaptive
+  constants) it counts how often the estimate was too optimistic.
+
+Per epoch (at the epoch's last step): ``dsgd_epoch/frequency/<layer>``, how many steps chose each
+layer (a :class:`LayerSelectionFrequency` summed over ranks); in W&B also a table (one media file
+per epoch) and a histogram of the choices. At the end of fit, rank 0 saves ``dsgd_layers.png``
+(matplotlib, optional; see :func:`~lightning_dsgd.lightning.plot.save_history_png`).
+
+**Observe-only mode.** When the model is trained by another optimizer (SGD, Adam, …), at the
+logging interval the monitor computes what DSGD would choose on the gradients already there, with
+:meth:`DSGD.score` of a DSGD built on the same module (weights are never touched): a diagnostic of
+which layer limits progress. It logs the same keys (counts are over logged steps only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_dsgd.distributed import default_reducer
+from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
+from lightning_dsgd.lightning.plot import History, require_matplotlib, save_history_png
+from lightning_dsgd.lightning.settings import DSGDSettings
+from lightning_dsgd.optimizer import DSGD, StepRecord
+
+PNG_NAME = "dsgd_layers.png"
+
+
+class DSGDMonitor(Callback):
+    """Log DSGD's chosen layer and bounds (see the module docstring for every key).
+
+    Args:
+        full_batch: every batch is the same full data set, so ``loss_t − loss_{t+1}`` (the losses
+            ``training_step`` returns, averaged over ranks) is the realized decrease of step
+            ``t``: log it and count the steps where it is below the guaranteed decrease. Only
+            meaningful then; ignored in observe-only mode. Not needed when the optimizer's
+            record already carries ``realized_decrease`` (``DSGD(full_batch=True)`` given the
+            loss): that value is used.
+        observe: with an optimizer other than DSGD, compute what DSGD would choose (``True``:
+            default :class:`DSGDSettings`; or the settings to score with; ``False``: log nothing).
+        plot: save ``dsgd_layers.png`` at the end of fit: ``None`` when matplotlib is installed,
+            ``True`` always (an ``ImportError`` at setup without matplotlib), ``False`` never.
+        dirpath: folder of the PNG; default ``trainer.log_dir`` (or ``default_root_dir``).
+        decrease_rtol, decrease_atol: a step violates the bound when
+            ``realized < guaranteed·(1 − rtol) − atol`` (float32 losses round at ~1e-7·|f|).
+    """
+
+    def __init__(
+        self,
+        full_batch: bool = False,
+        observe: bool | DSGDSettings = True,
+        plot: bool | None = None,
+        dirpath: str | None = None,
+        decrease_rtol: float = 1e-4,
+        decrease_atol: float = 1e-6,
+    ) -> None:
+        self.full_batch = full_batch
+        self.observe = DSGDSettings() if observe is True else (observe or None)
+        self.plot = plot
+        self.dirpath = dirpath
+        self.decrease_rtol = decrease_rtol
+        self.decrease_atol = decrease_atol
+
+        self.history = History()
+        self.epoch_counts: list[list[int]] = []  # the synced per-epoch counts, on every rank
+        self.png_path: Path | None = None
+        self.selection: LayerSelectionFrequency | None = None
+        self.layer_names: list[str] = []
+        self._optimizer: DSGD | None = None  # the trainer's DSGD, or the observer
+        self._observing = False
+        self._seen: StepRecord | None = None
+        self._observed: StepRecord | None = None
+        self._observed_batch = -1
+        self._score_this_batch = False
+        self._violations: Tensor | None = None
+        # The last step's (loss, guaranteed decrease, logger step if logged, history index if logged).
+        self._previous: tuple[Tensor | None, Tensor, int | None, int | None] | None = None
+        self._loaded: dict[str, Any] = {}
+        self._plot_enabled = False
+
+    @property
+    def bound_violations(self) -> int:
+        """Steps whose realized decrease fell short of the guaranteed one (full-batch training)."""
+        return 0 if self._violations is None else int(self._violations)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.plot is True:
+            require_matplotlib()
+        self._plot_enabled = self.plot is True or (self.plot is None and _matplotlib_available())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find what to read (after checkpoint restore): the trainer's DSGD, or an observer."""
+        self._optimizer, self._observing = None, False
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if isinstance(optimizer, DSGD):
+            self._optimizer = optimizer
+        elif self.observe is not None:
+            kwargs = dict(self.observe.optimizer_kwargs(), nonfinite="skip")
+            try:
+                self._optimizer = DSGD(pl_module, reduce_max=default_reducer(), **kwargs)
+            except ValueError as error:
+                rank_zero_warn(f"DSGDMonitor: observe-only mode is off, DSGD cannot score this model. {error}")
+                return
+            self._observing = True
+            if self.full_batch:
+                rank_zero_warn(
+                    "DSGDMonitor(full_batch=True) is ignored in observe-only mode: DSGD does not take the step."
+                )
+        else:
+            rank_zero_warn("DSGDMonitor: the optimizer is not DSGD and observe=False, so there is nothing to log.")
+            return
+        self.layer_names = self._optimizer.layer_names
+        self.selection = LayerSelectionFrequency(len(self.layer_names)).to(pl_module.device)
+        saved = self._loaded.get("selection_counts")
+        if saved and trainer.is_global_zero:  # this epoch's choices before the checkpoint; rank 0 counts
+            counts = torch.tensor(saved)
+            self.selection.update(torch.repeat_interleave(torch.arange(len(counts)), counts))
+        self._violations = torch.tensor(self._loaded.get("violations", 0), device=pl_module.device)
+        previous = self._loaded.get("previous")
+        if previous is not None:
+            loss, bound, step, index = previous
+            loss = None if loss is None else torch.tensor(loss, device=pl_module.device)
+            self._previous = (loss, torch.tensor(bound, device=pl_module.device), step, index)
+        self._loaded = {}
+        if trainer.is_global_zero:
+            for logger in _wandb_loggers(trainer):
+                _define_wandb_metrics(logger, self.layer_names)
+
+    # ------------------------------------------------------------------ every step
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Observe-only mode: decide now whether this step is scored (Lightning logs it), so that
+        the input norms are recorded in its forward passes only."""
+        if self._observing:
+            self._score_this_batch = _should_log(trainer)
+            self._optimizer.record_input_norms(self._score_this_batch)  # type: ignore[union-attr]
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Observe-only mode: gradients are final (unscaled) here; score them at logging steps."""
+        if not self._observing:
+            return
+        batch = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if batch == self._observed_batch:  # a second optimizer in the same batch
+            return
+        self._observed_batch = batch
+        if self._score_this_batch:
+            self._observed = self._optimizer.score()  # type: ignore[union-attr]
+        else:  # the next score must see only its own step's forward passes
+            self._optimizer.discard_input_norms()  # type: ignore[union-attr]
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._optimizer is None:
+            return
+        if self._observing:
+            record, self._observed = self._observed, None
+            if record is None:
+                return
+            logged = True
+        else:
+            record = self._optimizer.last_step
+            if record is None or record is self._seen:  # no step on this batch (accumulation)
+                return
+            self._seen = record
+            logged = _should_log(trainer)
+        if trainer.is_global_zero:  # every rank chose the same: count once
+            for layer in record.layers or ((record.layer,) if record.layer is not None else ()):
+                self.selection.update(layer)  # type: ignore[union-attr]
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        loss = self._full_batch_loss(trainer, outputs) if self.full_batch and not self._observing else None
+        if not self._observing:
+            self._realized_decrease(trainer, record, loss)
+        if logged:
+            self._log_step(trainer, record, step)
+        if not self._observing:
+            index = len(self.history.steps) - 1 if logged else None
+            self._previous = (loss, record.guaranteed_decrease.detach(), step if logged else None, index)
+
+    def _log_step(self, trainer: Trainer, record: StepRecord, step: int) -> None:
+        n = len(self.layer_names)
+        values = torch.cat(
+            [
+                record.stationarity.reshape(1),
+                record.guaranteed_decrease.reshape(1),
+                record.scores.reshape(-1),
+                record.constants.reshape(-1),
+                record.dual_norms.reshape(-1),
+            ]
+        ).tolist()  # one host synchronisation for everything
+        stationarity, guaranteed = values[0], values[1]
+        scores, constants, dual_norms = values[2 : 2 + n], values[2 + n : 2 + 2 * n], values[2 + 2 * n :]
+        metrics: dict[str, Any] = {} if record.layer is None else {"dsgd/layer": record.layer}
+        metrics.update(
+            {
+                "dsgd/stationarity": stationarity,
+                "dsgd/guaranteed_decrease": guaranteed,
+                "dsgd/certified": int(record.certified),
+                "dsgd/skipped": int(record.skipped),
+            }
+        )
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        for name, score, constant, dual_norm in zip(self.layer_names, scores, constants, dual_norms, strict=True):
+            metrics[f"dsgd_layers/score/{name}"] = score
+            metrics[f"dsgd_layers/constant/{name}"] = constant
+            metrics[f"dsgd_layers/dual_norm/{name}"] = dual_norm
+        self.history.append(step, record.layer, record.certified, stationarity, guaranteed, constants)
+        wandb_extra = {} if record.layer_name is None else {"dsgd/layer_name": record.layer_name}
+        _send(trainer, metrics, step, wandb_extra)
+
+    # ------------------------------------------------------------------ full batch: realized decrease
+    def _realized_decrease(self, trainer: Trainer, record: StepRecord, loss: Tensor | None) -> None:
+        """The previous step's realized decrease, known now: from the record, or (``full_batch``)
+        from the previous and the current loss. Count it, and log it if that step was logged."""
+        if self._previous is None:
+            return
+        realized = record.realized_decrease
+        previous_loss = self._previous[0]
+        if realized is None and previous_loss is not None and loss is not None:
+            realized = previous_loss.to(loss.dtype) - loss
+        if realized is not None:
+            self._close_previous(trainer, realized)
+
+    def _full_batch_loss(self, trainer: Trainer, outputs: Any) -> Tensor | None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            return None
+        loss = loss.detach().clone()
+        if trainer.world_size > 1:  # the full data set is split over the ranks: its loss is the mean
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
+        return loss
+
+    def _close_previous(self, trainer: Trainer, realized: Tensor) -> None:
+        _, guaranteed, step, index = self._previous  # type: ignore[misc]
+        threshold = guaranteed.to(realized.dtype) * (1.0 - self.decrease_rtol) - self.decrease_atol
+        self._violations = self._violations + (realized < threshold).long()  # type: ignore[operator]
+        if step is None:
+            return
+        realized_value = realized.item()
+        self.history.realized[index] = realized_value  # type: ignore[index]
+        metrics = {"dsgd/realized_decrease": realized_value, "dsgd/bound_violations": self.bound_violations}
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        _send(trainer, metrics, step)
+
+    # ------------------------------------------------------------------ per epoch, end of fit
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.selection is None or self._optimizer is None:
+            return
+        if not self.selection.update_called:  # ranks > 0 record nothing, but must join the sync
+            self.selection.update(torch.empty(0, dtype=torch.long, device=self.selection.counts.device))
+        counts = self.selection.compute().tolist()  # a collective: on every rank, outside rank-zero code
+        self.selection.reset()
+        self.epoch_counts.append(counts)
+        step = max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)  # as Lightning's epoch metrics
+        _send(
+            trainer, {f"dsgd_epoch/frequency/{name}": c for name, c in zip(self.layer_names, counts, strict=True)}, step
+        )
+        if trainer.is_global_zero:
+            for logger in _wandb_loggers(trainer):
+                _log_wandb_epoch(logger, self.layer_names, counts, trainer.current_epoch, step)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks
+        if self._plot_enabled and trainer.is_global_zero and self.history.steps:
+            title = "DSGD (observing " + type(trainer.optimizers[0]).__name__ + ")" if self._observing else "DSGD"
+            self.png_path = save_history_png(self.history, self.layer_names, Path(directory) / PNG_NAME, title)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._observing and self._optimizer is not None:
+            self._optimizer.remove_hooks()
+        self._optimizer, self._observing, self._seen, self._observed = None, False, None, None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        previous = None
+        if self._previous is not None:
+            loss, bound, step, index = self._previous
+            previous = (None if loss is None else float(loss), float(bound), step, index)
+        counts = self.selection.counts.tolist() if self.selection is not None else None
+        return {
+            "history": self.history.state_dict(),
+            "epoch_counts": [list(c) for c in self.epoch_counts],
+            "selection_counts": counts,  # this epoch so far; rank 0 holds them all
+            "violations": self.bound_violations,
+            "previous": previous,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = History(**state_dict["history"])
+        self.epoch_counts = [list(c) for c in state_dict["epoch_counts"]]
+        self._loaded = {key: state_dict[key] for key in ("selection_counts", "violations", "previous")}
+
+
+# ---------------------------------------------------------------------- helpers
+def _should_log(trainer: Trainer) -> bool:
+    """Lightning's own decision whether this training step's metrics reach the loggers."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "should_update_logs"):
+        return bool(connector.should_update_logs)
+    every = trainer.log_every_n_steps
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+    return every > 0 and (step % every == 0 or trainer.should_stop)
+
+
+def _send(trainer: Trainer, metrics: dict[str, Any], step: int, wandb_extra: dict[str, Any] | None = None) -> None:
+    """To every Lightning logger (they write on rank 0 only), as ``LearningRateMonitor`` does."""
+    for logger in trainer.loggers:
+        if wandb_extra and isinstance(logger, WandbLogger):
+            logger.log_metrics({**metrics, **wandb_extra}, step=step)  # W&B history also takes strings
+        else:
+            logger.log_metrics(metrics, step=step)
+
+
+def _matplotlib_available() -> bool:
+    try:
+        require_matplotlib()
+    except ImportError:
+        return False
+    return True
+
+
+def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def _define_wandb_metrics(logger: WandbLogger, layer_names: list[str]) -> None:
+    """Bind every DSGD key to the trainer's step (W&B's own ``_step`` counts log calls, not steps)."""
+    run = logger.experiment
+    for pattern in ("dsgd/*", "dsgd_layers/*", "dsgd_epoch/*"):
+        run.define_metric(pattern, step_metric="trainer/global_step", step_sync=True)
+    run.define_metric("dsgd/stationarity", step_metric="trainer/global_step", summary="min,last")
+    run.define_metric("dsgd/bound_violations", step_metric="trainer/global_step", summary="max")
+    run.config.update({"dsgd/layer_names": layer_names}, allow_val_change=True)
+
+
+def _log_wandb_epoch(logger: WandbLogger, names: list[str], counts: list[int], epoch: int, step: int) -> None:
+    """One table (one media file) and one histogram of this epoch's choices."""
+    import wandb
+
+    total = sum(counts) or 1
+    rows = [[epoch, i, name, count, count / total] for i, (name, count) in enumerate(zip(names, counts, strict=True))]
+    table = wandb.Table(columns=["epoch", "layer", "name", "count", "share"], data=rows)
+    histogram = wandb.Histogram(np_histogram=(counts, [i - 0.5 for i in range(len(names) + 1)]))
+    logger.log_metrics({"dsgd_epoch/selection": table, "dsgd_epoch/selection_histogram": histogram}, step=step)

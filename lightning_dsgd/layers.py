@@ -23,10 +23,9 @@ from lightning_dsgd.smoothness import ACTIVATION_BOUNDS, ActivationBounds
 #: Modules that may stand anywhere in a chain without changing the maths.
 _TRANSPARENT = (nn.Identity, nn.Flatten)
 
-SUPPORTED_HINT = (
-    "DSGD currently supports its rigorous class (docs/theory.md): nn.Linear layers with one "
-    "nn.Tanh or nn.Sigmoid between consecutive layers, ending in linear logits for softmax "
-    "cross-entropy, inside an nn.Sequential (or declared with DSGD(..., chain=[...]))."
+RIGOROUS_CLASS = (
+    "nn.Linear layers with one nn.Tanh or nn.Sigmoid between consecutive layers, ending in linear "
+    "logits for softmax cross-entropy, inside an nn.Sequential or declared with DSGD(..., chain=[...])"
 )
 
 
@@ -223,7 +222,9 @@ def find_chain(model: nn.Module, layers: Sequence[Layer], chain: Sequence[nn.Mod
     if chain is not None:
         found = _parse_chain(list(chain), names, by_module)
         if isinstance(found, str):
-            raise ValueError(f"The declared chain is not a rigorous chain: {found}. {SUPPORTED_HINT}")
+            raise ValueError(
+                f"The declared chain is not a rigorous chain: {found}. The rigorous class is {RIGOROUS_CLASS}."
+            )
     else:
         found = _search_sequentials(model, names, by_module)
         if isinstance(found, str):

@@ -14,7 +14,7 @@ Full batch, the loss then drops by at least ``η(1 − η/2)·s_i*`` whenever th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry
-from lightning_dsgd.layers import Chain, Layer, discover_layers, find_chain
+from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 ConstantsMode = Literal["data", "architecture", "adaptive"]
@@ -168,7 +168,7 @@ class DSGD(torch.optim.Optimizer):
             found = "the loss is not certified" if not self.loss_bounds.certified else f"norm={norm!r}"
         if not rigorous and constants == "architecture":
             raise ValueError(
-                f"constants='architecture' exists only for the rigorous class ({SUPPORTED}), and here "
+                f"constants='architecture' exists only for the rigorous class ({RIGOROUS_CLASS}), and here "
                 f"{found}. Use constants='data' or 'adaptive' (estimated, corrected by the curvature met)."
             )
         self.chain: Chain | None = found if isinstance(found, Chain) else None
@@ -249,17 +249,7 @@ class DSGD(torch.optim.Optimizer):
             )
         realized, undone = self._check_previous(loss)
         if undone is not None:
-            scored = _Scored(
-                scored.etas,
-                scored.grads,
-                scored.dual_norms,
-                scored.constants,
-                scored.scores,
-                scored.masked,
-                scored.best,
-                False,
-                undone,
-            )
+            scored = replace(scored, nonfinite=False, skip_reason=undone)
         chosen: list[int] = []
         if scored.skip_reason is None:
             chosen = self._choose(scored)
@@ -565,12 +555,6 @@ class DSGD(torch.optim.Optimizer):
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""
         if self.constant_model.recorder is not None:
             self.constant_model.recorder.remove()
-
-
-SUPPORTED = (
-    "nn.Linear layers with one nn.Tanh or nn.Sigmoid between consecutive layers, ending in linear "
-    "logits for softmax cross-entropy, inside an nn.Sequential or declared with chain=[...]"
-)
 
 
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,9 +9,10 @@ quadratic form over the segment, exact in full batch)::
 
 and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
-(``L ← max(target, shrink · L)``). A layer not yet measured shrinks by ``idle_shrink`` per step,
+(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
 so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
-(with its first step capped, see ``DSGD``); a measured layer keeps its value until it moves again.
+(its first step capped, see ``DSGD``); once measured, idling takes it at most ``idle_reach``
+below its last measured value, so a long-idle layer cannot come back with a reckless step.
 Certified layers never go above their certified constant (``m ≤ 1``). Everything stays on the
 device: no host synchronisation.
 """
@@ -42,6 +43,7 @@ class AdaptiveConstants:
         safety: float = 1.0,
         shrink: float = 0.5,
         idle_shrink: float = 0.9,
+        idle_reach: float = 0.7,
         floor: float = 1e-3,
         max_relative_step: float = 0.1,
     ) -> None:
@@ -52,12 +54,14 @@ class AdaptiveConstants:
         self.safety = safety
         self.shrink = shrink
         self.idle_shrink = idle_shrink
+        self.idle_reach = idle_reach
         self.max_relative_step = max_relative_step
         self.floor = floor
         self.ceiling = [1.0 if c else float("inf") for c in certified]
         self.multipliers: Tensor | None = None
         self.pending: dict[int, _Pending] = {}
         self.measured = [False] * len(certified)
+        self.anchors: Tensor | None = None  # multipliers at their last measurement (floor until then)
 
     def constants(self, base: Tensor) -> Tensor:
         """``m ⊙ base`` (multipliers start at 1)."""
@@ -72,9 +76,12 @@ class AdaptiveConstants:
         if self.multipliers is None or not self.pending:
             return
         ceiling = torch.tensor(self.ceiling, dtype=base.dtype, device=base.device)
-        idle = [i for i, seen in enumerate(self.measured) if not seen and i not in self.pending]
+        if self.anchors is None:
+            self.anchors = torch.full_like(self.multipliers, self.floor / self.idle_reach)
+        idle = [i for i in range(len(self.measured)) if i not in self.pending]
         if idle:
-            self.multipliers[idle] = (self.multipliers[idle] * self.idle_shrink).clamp(min=self.floor)
+            lowest = (self.anchors[idle] * self.idle_reach).clamp(min=self.floor)
+            self.multipliers[idle] = torch.maximum(self.multipliers[idle] * self.idle_shrink, lowest)
         for i, pending in self.pending.items():
             new_grad = blocks.get(i)
             if new_grad is None:
@@ -88,6 +95,7 @@ class AdaptiveConstants:
             multiplier = (new_constant / base[i]).clamp(min=self.floor)
             multiplier = torch.where(torch.isfinite(multiplier), multiplier, self.multipliers[i])
             self.multipliers[i] = torch.minimum(multiplier, ceiling[i])
+            self.anchors[i] = self.multipliers[i]
             self.measured[i] = True
         self.pending = {}
 
@@ -110,6 +118,7 @@ class AdaptiveConstants:
         return {
             "multipliers": self.multipliers,
             "measured": list(self.measured),
+            "anchors": self.anchors,
             "pending": {i: vars(p) for i, p in self.pending.items()},
         }
 
@@ -117,6 +126,7 @@ class AdaptiveConstants:
         m = state["multipliers"]
         self.multipliers = None if m is None else m.to(device)
         self.measured = list(state["measured"])
+        self.anchors = None if state["anchors"] is None else state["anchors"].to(device)
         self.pending = {
             int(i): _Pending(**{k: v.to(device) for k, v in fields.items()}) for i, fields in state["pending"].items()
         }

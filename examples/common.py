@@ -1,0 +1,109 @@
+"""What the examples share: a one-line-per-epoch printout, quieter Lightning start-up messages,
+and running a config through the ``lightning-dsgd`` command from a script."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+
+
+class EpochTable(Callback):
+    """Prints one line per epoch (rank 0): the mean training loss over the epoch's batches, the
+    validation metrics named in ``metrics`` (as logged by the module), and how many steps chose
+    each layer in that epoch (DSGD only).
+
+    Args:
+        metrics: keys of ``trainer.callback_metrics`` to print (missing ones are left blank).
+        every_n_epochs: print every n-th epoch (and the last); full-batch runs have one step per epoch.
+    """
+
+    def __init__(self, metrics: Sequence[str] = ("val/loss", "val/acc"), every_n_epochs: int = 1) -> None:
+        self.metrics = list(metrics)
+        self.every_n_epochs = every_n_epochs
+        self._losses: list[torch.Tensor] = []
+        self._counts: list[int] = []
+        self._names: list[str] = []
+        self._start = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._names = list(getattr(optimizer, "layer_names", []))
+        self._start = time.perf_counter()
+        columns = "".join(f"{m:>12}" for m in ["train loss", *self.metrics])
+        self._print(f"{'epoch':>5}{columns}  {'layer choices' if self._names else ''}")
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._counts = list(getattr(optimizer, "selection_counts", []))  # after a resume, too
+        self._losses = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        losses, self._losses = self._losses, []
+        optimizer = trainer.optimizers[0]
+        counts = list(getattr(optimizer, "selection_counts", []))
+        epoch_counts = [now - before for now, before in zip(counts, self._counts, strict=False)]
+        self._counts = counts
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
+        if epoch % self.every_n_epochs and not last:
+            return
+        loss = torch.stack(losses).mean().item() if losses else float("nan")
+        values = [loss] + [_number(trainer.callback_metrics.get(m)) for m in self.metrics]
+        row = "".join(f"{v:>12.4f}" if v is not None else f"{'':>12}" for v in values)
+        choices = " ".join(f"{n}:{c}" for n, c in zip(self._names, epoch_counts, strict=False) if c)
+        self._print(f"{epoch:>5}{row}  {choices}")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(f"training took {time.perf_counter() - self._start:.1f} s")
+
+    @rank_zero_only
+    def _print(self, text: str) -> None:
+        print(text, flush=True)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def quiet_lightning() -> None:
+    """Hide Lightning's start-up notices (accelerator availability, few dataloader workers) so
+    that a script's own output stays readable; warnings about real problems still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def run_config(name: str, argv: Sequence[str] | None = None) -> Any:
+    """``lightning-dsgd fit --config examples/configs/<name> ARGV`` from a script; a missing data set
+    stops the script with the message that says where to put which files."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from examples.datasets import DataNotFoundError
+    from lightning_dsgd.cli import cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return cli(["fit", "--config", str(CONFIGS / name), *args])
+    except DataNotFoundError as error:  # the message says what to do; no traceback needed
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,150 @@
+"""The documentation keeps up with the code: every error message the package raises is listed on the
+troubleshooting page; the README's example runs; its picture and links exist; every page of the
+site is in the navigation; and the site builds with ``mkdocs build --strict`` (slow; also run by CI
+through ``make docs``)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PACKAGE = ROOT / "lightning_dsgd"
+TROUBLESHOOTING = DOCS / "troubleshooting.md"
+
+
+# ---------------------------------------------------------------------- error messages
+def _constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level ``NAME = "string"`` (implicit concatenation included)."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    out[target.id] = node.value.value
+    return out
+
+
+def _fixed_parts(node: ast.expr, constants: dict[str, str]) -> list[str]:
+    """The literal pieces of a message expression, in order (placeholders split them)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.Name) and node.id in constants:
+        return [constants[node.id]]
+    if isinstance(node, ast.JoinedStr):
+        parts, current = [], ""
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                current += str(value.value)
+            else:
+                parts.append(current)
+                current = ""
+        return [*parts, current]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _fixed_parts(node.left, constants) + _fixed_parts(node.right, constants)
+    return []
+
+
+def error_messages() -> list[tuple[str, str]]:
+    """``(where, fixed text)`` of every ``raise SomeError(message)`` in the package: the longest
+    literal piece of the message, whitespace-normalised, cut to 60 characters."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        constants = _constants(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
+                continue
+            parts = [" ".join(p.split()) for p in _fixed_parts(node.exc.args[0], constants)]
+            parts = [p.strip(" .:;,") for p in parts]
+            text = max(parts, key=len, default="")
+            if len(text) >= 12:
+                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", text[:60]))
+    return found
+
+
+def test_the_scan_finds_the_package_errors():
+    texts = [text for _, text in error_messages()]
+    assert len(texts) >= 20
+    assert any("DSGD(model.parameters())" in text for text in texts)
+
+
+def test_every_error_message_is_on_the_troubleshooting_page():
+    page = " ".join(TROUBLESHOOTING.read_text().split())
+    missing = [f"{where}: {text!r}" for where, text in error_messages() if text not in page]
+    assert not missing, (
+        "Add these error messages (verbatim, e.g. in a code span) with their fix to docs/troubleshooting.md:\n"
+        + "\n".join(missing)
+    )
+
+
+# ---------------------------------------------------------------------- README
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_setup_commands():
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", readme(), flags=re.S)
+    assert blocks and blocks[0].split() == ["make", "demo", "make", "test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\ndemo:" in makefile and "\ntest:" in makefile and "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_picture_and_links_exist():
+    text = readme()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images, "the README shows the layer-choice chart"
+    for image in images:
+        assert (ROOT / image).is_file() and (ROOT / image).stat().st_size < 200_000, image
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not link.startswith(("http://", "https://")):
+            assert (ROOT / link).exists(), link
+
+
+def test_readme_usage_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, on a two-step budget."""
+    code = re.findall(r"```python\n(.*?)```", readme(), flags=re.S)[0]
+    assert len(code.strip().splitlines()) <= 15
+    assert "max_epochs=30" in code
+    code = code.replace("max_epochs=30", "max_epochs=1, max_steps=2, enable_progress_bar=False")
+    code = code.replace('"lightning_logs"', repr(str(tmp_path / "lightning_logs")))  # absolute, for wandb's service
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    namespace: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        if sys.modules.get("wandb") is not None:
+            sys.modules["wandb"].finish()
+    assert namespace["trainer"].global_step == 2
+    assert list(tmp_path.glob("lightning_logs/**/dsgd_layers.png"))
+
+
+# ---------------------------------------------------------------------- the site
+def test_every_page_is_in_the_navigation_and_every_nav_entry_exists():
+    config = (ROOT / "mkdocs.yml").read_text()
+    nav = set(re.findall(r"([\w/.-]+\.md)", config.split("nav:", 1)[1]))
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
+    assert nav == pages
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
+    reason="mkdocs is not installed (pip install -e '.[docs]')",
+)
+def test_the_site_builds_strictly(tmp_path):
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    command = [str(mkdocs) if mkdocs.exists() else "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert (tmp_path / "site" / "theory" / "index.html").is_file()

@@ -1,0 +1,276 @@
+"""Every example runs end to end on offline data, on a tiny budget: the scripts, every YAML config
+in examples/configs through the ``lightning-dsgd`` command, the data readers on fake MNIST/CIFAR-10
+files, and the multi-device configs as real 2-process runs (slow)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `examples` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from examples import datasets  # noqa: E402
+from examples.datasets import DataNotFoundError, write_fake_cifar10, write_fake_mnist  # noqa: E402
+from lightning_dsgd import DSGD, DSGDMixin  # noqa: E402
+from lightning_dsgd.cli import cli  # noqa: E402
+
+CONFIGS = ROOT / "examples" / "configs"
+TINY = [
+    "--trainer.max_steps=3",
+    "--trainer.max_epochs=3",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh folder (relative log folders land there), with W&B offline and quiet."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the cwd on sys.path
+    monkeypatch.setattr(sys, "argv", ["lightning-dsgd"])  # not pytest's arguments
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) changes it; restored after
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield tmp_path
+    if sys.modules.get("wandb") is not None:
+        sys.modules["wandb"].finish()
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def logged(path: Path, key: str) -> list[str]:
+    return [row[key] for row in rows(path) if row.get(key)]
+
+
+# ---------------------------------------------------------------------- the README's main job
+def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
+    from examples import digits
+
+    result = digits.main(["--epochs", "1", "--max-steps", "4", "--out", str(workdir / "logs")])
+    assert result["steps"] == 4 and result["skipped_steps"] == 0 and result["certified"]
+    assert sum(result["choice_counts"].values()) == 4
+    assert len(logged(result["metrics_csv"], "dsgd/layer")) == 4
+    assert logged(result["metrics_csv"], "val/acc")
+    assert result["png"] is not None and result["png"].stat().st_size > 10_000
+    assert result["png"].parent == result["metrics_csv"].parent
+    run = result["wandb_dir"]
+    assert run is not None and run.name.startswith("offline-run-")
+    assert any(f.stat().st_size > 0 for f in run.glob("run-*.wandb"))
+
+
+def test_digits_script_without_wandb_logs_to_csv_only(workdir, monkeypatch, capsys):
+    from examples import digits
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails
+    result = digits.main(["--epochs", "2", "--batch-size", "0", "--norm", "linf"])  # 1 step/epoch
+    assert result["wandb_dir"] is None and result["steps"] == 2
+    assert "wandb is not installed" in capsys.readouterr().out
+    assert (workdir / "lightning_logs" / "digits" / "version_0" / "metrics.csv").is_file()
+
+
+def test_before_and_after_adding_dsgd(workdir):
+    from examples import add_dsgd
+
+    results = add_dsgd.main(["--epochs", "1", "--max-steps", "3"])
+    assert len(results) == 4 and all(0.0 <= acc <= 1.0 for acc in results.values())
+    dsgd_runs = [acc for name, acc in results.items() if name.startswith("after")]
+    assert dsgd_runs[0] == dsgd_runs[1] == dsgd_runs[2]  # the three ways are the same DSGD run
+
+
+def test_plain_pytorch_digits_script(workdir):
+    from examples import digits_mlp
+
+    result = digits_mlp.main(["--epochs", "1", "--norm", "frobenius"])
+    assert result["steps"] == 23 and result["skipped_steps"] == 0
+    assert result["train_loss"] < result["initial_train_loss"]
+
+
+# ---------------------------------------------------------------------- every config, through the CLI
+def fake_data(config: str, workdir: Path) -> list[str]:
+    """Arguments pointing a config at offline data (and, for W&B, at an absolute folder: the
+    wandb service resolves relative folders against its own working directory)."""
+    if config == "digits.yaml":
+        loggers = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["logger"]
+        assert [x["class_path"].rsplit(".", 1)[1] for x in loggers] == ["CSVLogger", "WandbLogger"]
+        assert loggers[1]["init_args"]["offline"] is True
+        for logger in loggers:
+            logger["init_args"]["save_dir"] = str(workdir / "lightning_logs")
+        return [f"--trainer.logger={json.dumps(loggers)}"]
+    if config.startswith("mnist"):
+        return [f"--data.init_args.data_dir={write_fake_mnist(workdir / 'mnist')}", "--data.init_args.download=false"]
+    if config.startswith("cifar10"):
+        return [f"--data.init_args.data_dir={write_fake_cifar10(workdir / 'cifar')}", "--data.init_args.download=false"]
+    return []
+
+
+SINGLE_PROCESS = ["digits.yaml", "mnist.yaml", "mnist_full_batch.yaml", "cifar10.yaml", "char_transformer.yaml"]
+MULTI_PROCESS = ["ddp.yaml", "fsdp2.yaml"]
+
+
+def test_every_config_is_tested():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(SINGLE_PROCESS + MULTI_PROCESS)
+
+
+@pytest.mark.parametrize("config", SINGLE_PROCESS)
+def test_config_trains_through_the_cli(workdir, config):
+    result = cli(["fit", "--config", str(CONFIGS / config), *TINY, *fake_data(config, workdir)])
+    trainer, model = result.trainer, result.model
+    assert trainer.global_step == 3
+    assert isinstance(model, DSGDMixin) and isinstance(trainer.optimizers[0], DSGD)
+    log_dir = Path(trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()  # the resolved config, saved by the CLI
+    assert len(logged(log_dir / "metrics.csv", "dsgd/layer")) == 3
+    assert (log_dir / "dsgd_layers.png").is_file()
+    certified = trainer.optimizers[0].certified
+    assert certified == (config in ("digits.yaml", "mnist.yaml", "mnist_full_batch.yaml"))
+
+
+def test_full_batch_config_checks_every_step_against_its_guarantee(workdir):
+    args = ["--trainer.max_steps=4", "--trainer.max_epochs=4", *TINY[2:], *fake_data("mnist", workdir)]
+    result = cli(["fit", "--config", str(CONFIGS / "mnist_full_batch.yaml"), *args])
+    csv_path = Path(result.trainer.log_dir) / "metrics.csv"
+    assert len(logged(csv_path, "dsgd/realized_decrease")) == 3  # known one step later
+    assert logged(csv_path, "dsgd/bound_violations")[-1] == "0"
+
+
+def test_char_transformer_samples_text(workdir):
+    result = cli(["fit", "--config", str(CONFIGS / "char_transformer.yaml"), *TINY])
+    sampler = next(c for c in result.trainer.callbacks if type(c).__name__ == "SampleText")
+    assert sampler.text is not None and sampler.text.startswith("On the ")
+
+
+def test_char_transformer_reads_any_text_file(workdir):
+    text = workdir / "mine.txt"
+    text.write_text("a small text of my own, repeated. " * 20)
+    args = [f"--data.init_args.path={text}", "--data.init_args.block_size=16"]
+    result = cli(["fit", "--config", str(CONFIGS / "char_transformer.yaml"), *TINY, *args])
+    assert result.trainer.global_step == 3
+    with pytest.raises(FileNotFoundError, match="No text file at"):
+        cli(["fit", "--config", str(CONFIGS / "char_transformer.yaml"), *TINY, "--data.init_args.path=missing.txt"])
+
+
+# ---------------------------------------------------------------------- data readers
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files_are_read_exactly(tmp_path, gz):
+    write_fake_mnist(tmp_path, n_train=5, n_test=3, gz=gz)
+    raw = datasets.read_idx(next(tmp_path.glob("train-images-idx3-ubyte*")))
+    assert raw.shape == (5, 28, 28) and raw.dtype == torch.uint8
+    x_train, y_train, x_test, y_test = datasets.load_mnist(tmp_path, download_missing=False)
+    assert x_train.shape == (5, 784) and x_test.shape == (3, 784) and y_train.shape == (5,) and y_test.shape == (3,)
+    torch.testing.assert_close(x_train, raw.reshape(5, -1).float() / 255)
+    assert 0.0 <= x_train.min() and x_train.max() <= 1.0 and int(y_train.max()) < 10
+
+
+def test_idx_reader_handles_other_types_and_refuses_garbage(tmp_path):
+    values = torch.arange(6, dtype=torch.int32).reshape(2, 3) - 2
+    header = bytes([0, 0, 0x0C, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    path = tmp_path / "ints.idx"
+    path.write_bytes(header + b"".join(int(v).to_bytes(4, "big", signed=True) for v in values.flatten()))
+    assert torch.equal(datasets.read_idx(path), values)
+    (tmp_path / "junk").write_bytes(b"\x12\x34\x56\x78")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        datasets.read_idx(tmp_path / "junk")
+
+
+def no_network(monkeypatch):
+    def refuse(url, timeout=None):
+        raise urllib.error.URLError("network unreachable (test)")
+
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", refuse)
+
+
+def test_missing_mnist_says_where_to_put_which_files(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    with pytest.raises(DataNotFoundError) as error:
+        datasets.ensure_mnist(tmp_path / "mnist")
+    message = str(error.value)
+    assert str((tmp_path / "mnist").resolve()) in message and "network unreachable (test)" in message
+    for name in datasets.MNIST_FILES:
+        assert f"{name}.gz" in message
+    with pytest.raises(DataNotFoundError, match="downloads are off"):
+        datasets.ensure_mnist(tmp_path / "mnist", download_missing=False)
+
+
+def test_an_example_script_without_its_data_stops_with_the_instructions(workdir):
+    from examples.common import run_config
+
+    args = [f"--data.init_args.data_dir={workdir / 'nothing'}", "--data.init_args.download=false", *TINY]
+    with pytest.raises(SystemExit, match=r"error: MNIST is not in .*nothing.*train-images-idx3-ubyte\.gz"):
+        run_config("mnist.yaml", args)
+
+
+def test_mnist_download_is_checked_against_its_checksum(tmp_path, monkeypatch):
+    payload = gzip.compress(b"not mnist")
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
+    reason = datasets.download(["https://example.invalid/a.gz"], tmp_path / "a.gz", md5="0" * 32)
+    assert "checksum" in reason and not (tmp_path / "a.gz").exists()
+    assert datasets.download(["https://example.invalid/a.gz"], tmp_path / "a.gz") is None
+    assert (tmp_path / "a.gz").read_bytes() == payload and not list(tmp_path.glob("*.part"))
+
+
+def test_cifar10_batches_and_archive(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    write_fake_cifar10(tmp_path / "made", n_per_batch=4)
+    x_train, y_train, x_test, _ = datasets.load_cifar10(tmp_path / "made")
+    assert x_train.shape == (20, 3, 32, 32) and x_test.shape == (4, 3, 32, 32) and x_train.dtype == torch.uint8
+    assert y_train.shape == (20,) and int(y_train.max()) < 10
+    archive_dir = tmp_path / "archive"
+    archive_dir.mkdir()
+    with tarfile.open(archive_dir / datasets.CIFAR10_ARCHIVE, "w:gz") as tar:
+        tar.add(tmp_path / "made" / datasets.CIFAR10_FOLDER, arcname=datasets.CIFAR10_FOLDER)
+    assert torch.equal(datasets.load_cifar10(archive_dir)[0], x_train)  # unpacked on first use
+    with pytest.raises(DataNotFoundError, match=r"cifar-10-python\.tar\.gz.*network unreachable"):
+        datasets.ensure_cifar10(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------- scripts and multi-device runs
+def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script",
+    ["mnist.py", "mnist.py --full-batch", "cifar10.py", "char_transformer.py"],
+)
+def test_example_script_runs_its_config(tmp_path, script):
+    name, *flags = script.split()
+    data = fake_data(name, tmp_path)
+    result = run([sys.executable, str(ROOT / "examples" / name), *flags, *TINY, *data], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "layer choices" in result.stdout
+    assert list(tmp_path.glob("lightning_logs/*/version_0/metrics.csv"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", MULTI_PROCESS)
+def test_multi_device_config_runs_two_processes_through_the_cli(tmp_path, config):
+    command = [sys.executable, "-m", "lightning_dsgd.cli", "fit", "--config", str(CONFIGS / config)]
+    command += [*TINY[:3], "--trainer.max_steps=4", "--trainer.strategy.init_args.verify_every_n_steps=1"]
+    result = run(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (log_dir,) = tmp_path.glob("lightning_logs/*/version_0")
+    layers = logged(log_dir / "metrics.csv", "dsgd/layer")
+    assert len(layers) == 4  # rank 0 logs; every step was verified identical on both ranks
+    assert (log_dir / "dsgd_layers.png").is_file()

@@ -105,8 +105,20 @@ def cli(args: ArgsType = None, run: bool = True) -> DSGDLightningCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """The ``lightning-dsgd`` command."""
-    cli(args)
+    """The ``lightning-dsgd`` command. A multi-process run leaves its process group behind; it is
+    destroyed before exit, else gloo's threads can abort the interpreter at shutdown."""
+    try:
+        cli(args)
+    finally:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the default process group if one is initialised (idempotent)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dsgd import DSGDDDPStrategy, DSGDModelParallelStrategy, DSGDSettings
+from lightning_dsgd.cli import release_process_group
 
 
 class PerturbRankOne(Callback):
@@ -79,7 +80,10 @@ def main() -> None:
         callbacks=callbacks,
         default_root_dir=args.out,
     )
-    trainer.fit(model, ckpt_path=args.resume)
+    try:
+        trainer.fit(model, ckpt_path=args.resume)
+    finally:
+        release_process_group()
 
 
 if __name__ == "__main__":

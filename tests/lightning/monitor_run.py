@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_dsgd import DSGDSettings
+from lightning_dsgd.cli import release_process_group
 from lightning_dsgd.lightning.callback import DSGDMonitor
 
 
@@ -60,7 +61,10 @@ def main() -> None:
         callbacks=[monitor],
         default_root_dir=args.out,
     )
-    trainer.fit(model)
+    try:
+        trainer.fit(model)
+    finally:
+        release_process_group()
     torch.save(
         {
             "epoch_counts": monitor.epoch_counts,

@@ -1,0 +1,113 @@
+"""The benchmark harness (benchmarks/harness.py): its quick mode writes a complete page with its
+plots, and its pieces (MNIST reader, learning-rate grid, sweeps) behave."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import bench_quality  # noqa: E402
+import bench_tasks  # noqa: E402
+from bench_common import make_device  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "harness.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    elapsed = time.perf_counter() - start
+    text = out.read_text(encoding="utf-8")
+    for heading in (
+        "## Cost per step",
+        "## How the cost grows",
+        "## Profile of spectral DSGD's step",
+        "## What it buys: optimization quality",
+        "## Reading the numbers",
+    ):
+        assert heading in text
+    for key in ("| date |", "| device | CPU", f"| torch | {torch.__version__} |", "| threads | 1 |"):
+        assert key in text
+    for arm in ("| SGD |", "| Adam |", "| Muon |", "| DSGD spectral data |", "| DSGD linf adaptive |"):
+        assert arm in text  # every norm × constants mode beside the peers
+    for arm in ("DSGD defaults", "DSGD adaptive", "DSGD random", "DSGD cyclic", "output layer alone"):
+        assert f"| {arm} |" in text
+    assert "Spectral DSGD's optimizer step costs" in text
+    images = tmp_path / "images" / "benchmarks"
+    for name in ("scaling.png", "quality_steps.png", "quality_time.png", "selection.png"):
+        path = images / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size < 250_000
+        assert f"(images/benchmarks/{name})" in text
+    # The budget is one minute on an idle machine; a loaded CI box gets some slack.
+    assert elapsed < 150, f"quick mode took {elapsed:.0f} s"
+
+
+def _write_idx(path, array: torch.Tensor) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_mnist_is_read_from_idx_files_when_present_and_skipped_otherwise(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 300), ("t10k", 50)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), generator=g))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g))
+    device = make_device("cpu")
+    tasks, notes = bench_tasks.make_tasks(["mnist"], device, 0.02, str(tmp_path))
+    assert notes == []
+    (task,) = tasks
+    assert task.train_x.shape == (300, 784) and task.val_x.shape == (50, 784) and task.eval_x.shape == (300, 784)
+    assert 0.0 <= task.train_x.min() and task.train_x.max() <= 1.0
+    assert task.train_y.dtype == torch.long
+    assert task.make_model()(task.train_x[:2]).shape == (2, 10)
+
+    tasks, notes = bench_tasks.make_tasks(["mnist"], device, 0.02, str(tmp_path / "absent"))
+    if bench_tasks.find_mnist(None) is None:
+        assert tasks == [] and "MNIST: skipped" in notes[0]
+
+
+def test_rate_grid_neighbours():
+    assert bench_quality.neighbour(0.1, up=True) == pytest.approx(0.3)
+    assert bench_quality.neighbour(0.3, up=True) == pytest.approx(1.0)
+    assert bench_quality.neighbour(1e-3, up=False) == pytest.approx(3e-4)
+    assert bench_quality.neighbour(3e-3, up=False) == pytest.approx(1e-3)
+
+
+def test_sweep_extends_past_an_edge_until_the_best_rate_is_interior(monkeypatch):
+    """A loss minimised at lr = 1 found from the grid [0.01, 0.03]: the grid grows upwards."""
+
+    def fake_run_seeds(task, arm, build, seeds, device, lr=None):
+        import math
+
+        loss = math.log10(lr) ** 2 + 0.1
+        return [bench_quality.Run(s, [(0, 2.0, 0.0), (1, loss, 0.01)], loss, 0.5, 0.01, 1) for s in seeds]
+
+    monkeypatch.setattr(bench_quality, "run_seeds", fake_run_seeds)
+    plan = bench_quality.Plan(
+        seeds=[0, 1, 2], selection_seeds=[0], sgd_grid=[], adam_grid=[], muon_grid=[], max_extend=5
+    )
+    result = bench_quality.sweep(None, "SGD", lambda lr: None, [0.01, 0.03], plan, None)  # type: ignore[arg-type]
+    assert result.lr == pytest.approx(1.0)
+    assert result.edge is None
+    assert sorted(result.sweep) == pytest.approx([0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    assert [r.seed for r in result.runs] == [0, 1, 2]

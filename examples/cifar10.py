@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.common import TensorDataModule
 from examples.datasets import ensure_cifar10, load_cifar10
 from examples.models import Classifier
 
@@ -31,7 +30,7 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
-class CIFAR10DataModule(LightningDataModule):
+class CIFAR10DataModule(TensorDataModule):
     """CIFAR-10: 50 000 training images (or the first ``train_size``), the 10 000 test images for
     validation and test; standardised per channel.
 
@@ -43,6 +42,8 @@ class CIFAR10DataModule(LightningDataModule):
         seed: the shuffling order.
     """
 
+    eval_batch_size = 1000
+
     def __init__(
         self,
         data_dir: str = "data/cifar10",
@@ -51,40 +52,14 @@ class CIFAR10DataModule(LightningDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.train_size = train_size
-        self.download = download
-        self.seed = seed
-        self.train: TensorDataset | None = None
-        self.test: TensorDataset | None = None
+        super().__init__(data_dir, batch_size, train_size, download, seed)
 
-    def prepare_data(self) -> None:
+    def fetch(self) -> None:
         ensure_cifar10(self.data_dir, self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
-            return
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x_train, y_train, x_test, y_test = load_cifar10(self.data_dir, download_missing=False)
-        if self.train_size is not None:
-            x_train, y_train = x_train[: self.train_size], y_train[: self.train_size]
-        self.train = TensorDataset(standardise(x_train), y_train)
-        self.test = TensorDataset(standardise(x_test), y_test)
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train is not None
-        if self.batch_size <= 0:
-            return DataLoader(self.train, batch_size=len(self.train))
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.test is not None
-        return DataLoader(self.test, batch_size=1000)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return standardise(x_train), y_train, standardise(x_test), y_test
 
 
 def standardise(images: Tensor) -> Tensor:

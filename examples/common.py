@@ -12,11 +12,65 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
+
+
+class TensorDataModule(LightningDataModule):
+    """A data set held in memory as tensors: training split (the first ``train_size`` samples, or
+    all), the test split for validation and test, shuffled mini-batches or the full batch
+    (``batch_size=0``). Subclasses say how to fetch (rank 0), load and preprocess the arrays."""
+
+    eval_batch_size = 1000
+
+    def __init__(self, data_dir: str, batch_size: int, train_size: int | None, download: bool, seed: int) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.train_size = train_size
+        self.download = download
+        self.seed = seed
+        self.train: TensorDataset | None = None
+        self.test: TensorDataset | None = None
+
+    def fetch(self) -> None:
+        """Make the files present (downloading once if allowed), or fail with instructions."""
+        raise NotImplementedError
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``x_train, y_train, x_test, y_test`` as model inputs and labels."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        self.fetch()  # rank 0 only: downloads at most once
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        x_train, y_train, x_test, y_test = self.load()
+        if self.train_size is not None:
+            x_train, y_train = x_train[: self.train_size], y_train[: self.train_size]
+        self.train = TensorDataset(x_train, y_train)
+        self.test = TensorDataset(x_test, y_test)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train is not None
+        if self.batch_size <= 0:
+            return DataLoader(self.train, batch_size=len(self.train))
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.test is not None
+        return DataLoader(self.test, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 class EpochTable(Callback):

@@ -14,17 +14,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch import Tensor
 
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.common import TensorDataModule
 from examples.datasets import ensure_mnist, load_mnist
 
 
-class MNISTDataModule(LightningDataModule):
+class MNISTDataModule(TensorDataModule):
     """MNIST from the IDX files: 60 000 training images (or the first ``train_size``), the
     10 000 test images for validation and test; pixels scaled to [0, 1] and flattened to 784.
 
@@ -36,6 +35,8 @@ class MNISTDataModule(LightningDataModule):
         seed: the shuffling order.
     """
 
+    eval_batch_size = 2000
+
     def __init__(
         self,
         data_dir: str = "data/mnist",
@@ -44,40 +45,13 @@ class MNISTDataModule(LightningDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.train_size = train_size
-        self.download = download
-        self.seed = seed
-        self.train: TensorDataset | None = None
-        self.test: TensorDataset | None = None
+        super().__init__(data_dir, batch_size, train_size, download, seed)
 
-    def prepare_data(self) -> None:
-        ensure_mnist(self.data_dir, self.download)  # rank 0 only: downloads at most once
+    def fetch(self) -> None:
+        ensure_mnist(self.data_dir, self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
-            return
-        x_train, y_train, x_test, y_test = load_mnist(self.data_dir, download_missing=False)
-        if self.train_size is not None:
-            x_train, y_train = x_train[: self.train_size], y_train[: self.train_size]
-        self.train = TensorDataset(x_train, y_train)
-        self.test = TensorDataset(x_test, y_test)
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train is not None
-        if self.batch_size <= 0:
-            return DataLoader(self.train, batch_size=len(self.train))
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.test is not None
-        return DataLoader(self.test, batch_size=2000)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return load_mnist(self.data_dir, download_missing=False)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
-"""Where spectral DSGD's step goes on a wide MLP, and what two cheaper exact methods would save.
+"""Where spectral DSGD's step goes on a wide MLP, before and after the package's two cheap exact paths.
 
 The package is not modified: the geometry methods of one ``DSGD`` instance are wrapped with timers
 (instance attributes shadowing the methods), so each component's share of the step is measured in
 the real step. Components:
 
-* scoring: ``SpectralGeometry.dual_norms`` — the nuclear norm of every layer's gradient block
-  (``torch.linalg.svdvals``, same-shape blocks batched);
-* update: ``SpectralGeometry.duality_map`` — the full SVD of the chosen block for ``‖G‖_*·U Vᵀ``;
-* constants: ``spectral_norms`` (through ``operator_norms``) — ``σ_max`` of every weight changed
-  since the last step (another ``svdvals``), for the certified constants;
-* the rest of ``DSGD.step`` (constants arithmetic, the one host sync, the in-place update).
+* scoring: ``SpectralGeometry.dual_norms_and_bases`` — the nuclear norm of every layer's gradient
+  block (same-shape blocks batched);
+* update: ``SpectralGeometry.duality_map`` — ``‖G‖_*·U Vᵀ`` of the chosen block;
+* constants: ``spectral_norms`` (through ``operator_norms``) — ``σ_max`` of weights, for the
+  certified constants;
+* the rest of ``DSGD.step`` (constants arithmetic, the host sync, the in-place update).
 
-Then the same decompositions are timed on one hidden block, against a **sketched exact** method:
-a gradient of a layer fed ``N`` inputs per batch is ``Σ_t δ_t [x_t; 1]ᵀ``, of rank ``r ≤ N``. With
-``k = r + 8`` columns, ``Q = qr(G Ω)`` (``Ω`` Gaussian ``n × k``) spans its range, ``B = QᵀG`` is
-``k × n`` and the nuclear norm and polar factor come from the SVD of ``B``. For *any* ``Q`` the
-direction ``D = Q U_B V_Bᵀ`` has ``‖D‖₂ = 1`` and ``⟨G, D⟩ = ‖B‖_*`` exactly (the residual
-``(I − QQᵀ)G`` is orthogonal to ``D``), so ``‖B‖²_*/L`` is the guaranteed decrease of the step
-actually applied; when ``Q`` captures the range (``r ≤ k``), ``‖B‖_* = ‖G‖_*`` up to rounding.
+Two variants of each selection rule run from the same weights and batches:
+
+* **package** (the defaults): a gradient of a layer fed ``N`` input rows has rank ≤ ``N``; with
+  ``k = N + 8`` small against the block, a randomized range finder ``Q`` (``n × k``) gives the
+  nuclear norm and polar factor from the ``m × k`` matrix ``G Q`` — exact when the rank bound
+  holds, and the guaranteed decrease is that of the step applied in any case (``SpectralGeometry``).
+  The ``σ_max`` of a weight DSGD moved follows by the triangle inequality, recomputed once it has
+  grown 2% past its last exact value (``lightning_dsgd.norm_bounds``);
+* **exact SVDs** (the package before): ``svdvals``/``svd`` of every full block, ``σ_max`` recomputed
+  after every move — ``SKETCH_MAX_FRACTION = 0`` and a zero tolerance on that instance.
+
+Then the decompositions are timed on one hidden block.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +39,7 @@ from bench_common import Device, make_muon, median, mlp_widths, tanh_mlp
 from torch import nn
 
 from lightning_dsgd import DSGD
-from lightning_dsgd.geometry import BlockGrad, SpectralGeometry, augment, signal_singular_values
+from lightning_dsgd.geometry import SpectralGeometry, augment
 
 
 @dataclass
@@ -71,56 +76,6 @@ def _timed(device: Device, fn: Callable[..., Any], name: str, totals: dict[str, 
     return wrapper
 
 
-def sketched_polar(grad: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nuclear norm of ``QᵀG``, direction ``Q U_B V_Bᵀ``) — see the module docstring."""
-    omega = torch.randn(grad.shape[1], k, generator=generator).to(grad.device, grad.dtype)
-    q, _ = torch.linalg.qr(grad @ omega)
-    u, s, vh = torch.linalg.svd(q.mT @ grad, full_matrices=False)
-    return s.sum(), (q @ u) @ vh
-
-
-def sketched_nuclear(grad: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    omega = torch.randn(grad.shape[1], k, generator=generator).to(grad.device, grad.dtype)
-    q, _ = torch.linalg.qr(grad @ omega)
-    return torch.linalg.svdvals(q.mT @ grad).sum()
-
-
-class SketchedSpectral(SpectralGeometry):
-    """Prototype (not in the package): the spectral geometry with the sketched nuclear norm and polar
-    factor for blocks whose gradient rank is bounded by ``rank`` (the inputs per step) well below
-    their size; other blocks keep the exact SVD. Scores and directions stay consistent: both are
-    exact when the bound holds (see the module docstring)."""
-
-    def __init__(self, rank: int, oversample: int = 8, seed: int = 0) -> None:
-        self.k = rank + oversample
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _sketched(self, block: torch.Tensor) -> bool:
-        return 2 * self.k <= min(block.shape)
-
-    def dual_norms(self, grads: Sequence[BlockGrad]) -> torch.Tensor:
-        exact = super().dual_norms([g if g is not None and not self._sketched(augment(*g)) else None for g in grads])
-        device = next((g[0].device for g in grads if g is not None), exact.device)
-        out = exact.to(device).clone()
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            block = augment(*g).float()
-            if self._sketched(block):
-                out[i] = sketched_nuclear(block, self.k, self.generator).to(out.dtype)
-        return out
-
-    def duality_map(self, block: torch.Tensor) -> torch.Tensor:
-        if not self._sketched(block):
-            return super().duality_map(block)
-        g = block.float()
-        omega = torch.randn(g.shape[1], self.k, generator=self.generator).to(g.device)
-        q, _ = torch.linalg.qr(g @ omega)
-        u, s, vh = torch.linalg.svd(q.mT @ g, full_matrices=False)
-        s = signal_singular_values(s, g.shape)
-        return s.sum() * ((q @ (u * (s > 0))) @ vh)
-
-
 def profile_spectral(
     device: Device, width: int, depth: int, batch: int, steps: int, repeats: int, with_profiler: bool = True
 ) -> Profile:
@@ -136,19 +91,22 @@ def profile_spectral(
     ys = [torch.randint(10, (batch,), generator=generator).to(dev) for _ in range(count + 1)]
     profile = Profile(widths, batch, math.nan)
     backward_times: list[float] = []
-    for label, selection, n, sketched in (
+    for label, selection, n, exact in (
         ("greedy", "greedy", steps, False),
         ("cyclic", "cyclic", depth, False),
-        ("greedy, sketched (prototype)", "greedy", steps, True),
-        ("cyclic, sketched (prototype)", "cyclic", depth, True),
+        ("greedy, exact SVDs (before)", "greedy", steps, True),
+        ("cyclic, exact SVDs (before)", "cyclic", depth, True),
     ):
         model = copy.deepcopy(initial)
         optimizer = DSGD(model, selection=selection)  # type: ignore[arg-type]
-        if sketched:
-            optimizer.geometries["spectral"] = SketchedSpectral(batch)
         totals: dict[str, list[float]] = defaultdict(list)
         geometry = optimizer.geometries["spectral"]
-        geometry.dual_norms = _timed(device, geometry.dual_norms, "scoring: nuclear norms", totals)  # type: ignore[method-assign]
+        if exact:
+            geometry.SKETCH_MAX_FRACTION = 0.0  # type: ignore[misc]
+            optimizer.constant_model.operator_norms.tolerance = 0.0
+        geometry.dual_norms_and_bases = _timed(  # type: ignore[method-assign]
+            device, geometry.dual_norms_and_bases, "scoring: nuclear norms", totals
+        )
         geometry.duality_map = _timed(device, geometry.duality_map, "update: duality map", totals)  # type: ignore[method-assign]
         constants_geometry = optimizer.constant_model.geometry
         constants_geometry.operator_norms = _timed(  # type: ignore[method-assign]
@@ -206,16 +164,20 @@ def profile_spectral(
     layer_module = model[2]
     nn.functional.cross_entropy(model(xs[0]), ys[0]).backward()
     grad = augment(layer_module.weight.grad, layer_module.bias.grad).float()
-    rank = min(batch + 1, *grad.shape)
-    k = min(rank + 8, min(grad.shape))
+    rank = min(batch, *grad.shape)
     weight = layer_module.weight.detach()
+    geometry = SpectralGeometry()
+    pair = [(grad[:, :-1], grad[:, -1])]
+    k = geometry.sketch_size(grad.shape, rank)
+    basis = geometry.dual_norms_and_bases(pair, [rank])[1][0]
     methods: dict[str, Callable[[], object]] = {
-        "svdvals (nuclear norm now)": lambda: torch.linalg.svdvals(grad),
-        "svd (duality map now)": lambda: torch.linalg.svd(grad, full_matrices=False),
+        "svdvals (exact nuclear norm)": lambda: torch.linalg.svdvals(grad),
+        "svd (exact duality map)": lambda: torch.linalg.svd(grad, full_matrices=False),
         "σ_max of the weight (svdvals)": lambda: torch.linalg.matrix_norm(weight, ord=2),
-        f"sketched nuclear norm (k={k})": lambda: sketched_nuclear(grad, k, generator),
-        f"sketched polar + nuclear (k={k})": lambda: sketched_polar(grad, k, generator),
     }
+    if k is not None:
+        methods[f"sketched nuclear norm (k={k})"] = lambda: geometry.dual_norms_and_bases(pair, [rank])
+        methods[f"sketched duality map (k={k})"] = lambda: geometry.duality_map(grad, basis)
     for name, fn in methods.items():
         fn()
         samples = []
@@ -225,7 +187,7 @@ def profile_spectral(
             samples.append(device.now() - start)
         profile.kernels[name] = median(samples)
     exact = torch.linalg.svdvals(grad.double()).sum()
-    approx = sketched_nuclear(grad, k, generator).double()
+    approx = geometry.dual_norms_and_bases(pair, [rank])[0][0].double()
     profile.sketch_error = ((approx - exact).abs() / exact).item()
     profile.sketch_rank = rank
     return profile

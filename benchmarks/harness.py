@@ -324,31 +324,34 @@ def write_page(outcome: Outcome, suite: Suite, out: str, images: str, device: De
 
 
 def profile_reading(profile: Profile) -> list[str]:
-    svdvals = profile.kernels.get("svdvals (nuclear norm now)", math.nan)
-    svd = profile.kernels.get("svd (duality map now)", math.nan)
-    sketched = [v for k, v in profile.kernels.items() if k.startswith("sketched polar")]
+    svdvals = profile.kernels.get("svdvals (exact nuclear norm)", math.nan)
+    svd = profile.kernels.get("svd (exact duality map)", math.nan)
+    sigma = profile.kernels.get("σ_max of the weight (svdvals)", math.nan)
+    sketch_map = [v for k, v in profile.kernels.items() if k.startswith("sketched duality map")]
     sketch_nuc = [v for k, v in profile.kernels.items() if k.startswith("sketched nuclear")]
-    if not sketched or not sketch_nuc:
-        return []
-    return [
-        "Cheaper exact methods, timed here but not in the package yet:",
-        "",
-        "- **Sketched nuclear norm and polar factor** (the *sketched* rows above). A layer fed `N` inputs per "
-        "step (batch × positions, known to the forward hook) has a gradient of rank ≤ `N`. With `k = N + 8`, "
-        "`Q = qr(G Ω)` (`Ω` Gaussian) and `B = QᵀG` (`k × n`), the SVD of `B` gives the nuclear norm and the polar "
-        f"factor: {ms(sketch_nuc[0])} ms instead of {ms(svdvals)} ms for the score of one hidden block, "
-        f"{ms(sketched[0])} ms instead of {ms(svd)} ms for its direction. For any `Q`, the direction "
-        "`D = Q U_B V_Bᵀ` has `‖D‖₂ = 1` and `⟨G, D⟩ = ‖B‖_*` exactly, so `‖B‖²_*/L` is the guaranteed decrease "
-        "of the step actually applied — the certificate survives — and it equals `‖G‖²_*/L` when the rank bound "
-        "holds. Blocks with `2k` above their smaller side keep the exact SVD.",
-        "- **σ_max of a changed weight** (certified constants; it remains in the sketched rows): after "
-        "`W ← W − c·UVᵀ`, `‖W_new‖₂ ≤ ‖W‖₂ + c` is a certified bound at no cost; recomputing the exact value only "
-        "every few updates of the layer (or once the bound has grown by a few percent) removes that full "
-        "`svdvals` from most steps. Frobenius DSGD pays the same `svdvals` (its constants use the spectral "
-        "operator norm) — see its width-4096 cell above.",
-        "- Same-shape blocks already share one batched `svdvals` call; on a CPU that saves only the call "
-        "overhead (LAPACK loops over the batch), on a GPU it batches the kernels.",
+    lines = ["What the package does about it:", ""]
+    if sketch_map and sketch_nuc:
+        lines.append(
+            "- **Sketched nuclear norm and polar factor.** A layer fed `N` input rows per step (counted by the "
+            "forward hook; × the data-parallel ranks) has a gradient of rank ≤ `N`. With `k = N + 8`, "
+            "`Q = qr((ΩG)ᵀ)` (`Ω` Gaussian, `n × k`) and `B = G Q` (`m × k`), the SVD of `B` gives the nuclear "
+            f"norm and the polar factor: {ms(sketch_nuc[0])} ms instead of {ms(svdvals)} ms for the score of one "
+            f"hidden block, {ms(sketch_map[0])} ms instead of {ms(svd)} ms for its direction (relative error of "
+            f"the nuclear norm {profile.sketch_error:.1e}). For any `Q` the direction `D = U_B (Q V_B)ᵀ` has "
+            "`‖D‖₂ = 1` and `⟨G, D⟩ = ‖B‖_*` exactly, so `‖B‖²_*/L` is the guaranteed decrease of the step "
+            "actually applied, and it equals `‖G‖²_*/L` when the rank bound holds. Blocks with `k` above 0.6 × "
+            "their smaller side keep the exact SVD (the sketch stops paying there)."
+        )
+    lines += [
+        f"- **σ_max of a moved weight** ({ms(sigma)} ms per `svdvals` here): after `W ← W + Δ`, "
+        "`‖W + Δ‖₂ ≤ ‖W‖₂ + ‖Δ‖₂` with `‖Δ‖₂` known from the step (inflated for rounding) keeps the "
+        "constants certified; the exact value is recomputed once the bound has grown 2% past it, or when the "
+        "weight changed from outside. Frobenius DSGD gains the same (its constants use the spectral operator "
+        "norm too).",
+        "- Same-shape blocks share one batched `svdvals` call; on a CPU that saves only the call overhead "
+        "(LAPACK loops over the batch), on a GPU it batches the kernels.",
     ]
+    return lines
 
 
 def quality_section(entries: list[TaskResult], suite: Suite, images: str, image) -> list[str]:  # type: ignore[no-untyped-def]

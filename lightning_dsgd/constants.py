@@ -12,19 +12,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dsgd.adaptive import AdaptiveConstants
 from lightning_dsgd.distributed import Reducer, full, version_key
 from lightning_dsgd.geometry import Geometry, reduction_dtype
 from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
+from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
 
 #: Input bound assumed for blocks whose input is not measured: an embedding reads one-hot rows
 #: (‖e_j‖ = 1), a normalisation affine reads standardised values (|x̂| ≲ 3, with the bias 1).
 UNMEASURED_INPUT_BOUND = {"embedding": 1.0, "norm": math.sqrt(10.0), "parameter": 1.0}
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """What the forward hooks recorded for the batch being stepped on, MAX-reduced over ranks:
+    ``input_bounds[i]`` bounds the norm of layer ``i``'s augmented input (``None``: not measured);
+    ``rank_bounds[i]`` bounds the rank of its gradient (``None``: unknown)."""
+
+    input_bounds: list[Tensor | None] | None
+    rank_bounds: list[int | None]
 
 
 class ConstantModel:
@@ -55,7 +68,9 @@ class ConstantModel:
             if watch_all or data_bound is None
             else None
         )
-        self._operator_norm_cache: list[tuple[tuple[int, int], Tensor] | None] = [None] * len(layers)
+        self.operator_norms = NormBounds(
+            lambda indices: self.geometry.operator_norms([full(layers[j].weight.detach()) for j in indices])
+        )
         self.adaptive = (
             AdaptiveConstants([chain is not None] * len(layers), **(adaptive_options or {}))
             if not self.certified
@@ -66,11 +81,16 @@ class ConstantModel:
             self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
 
     def compute(
-        self, dtype: torch.dtype, device: torch.device, observe: Callable[[Tensor], None] | None = None
+        self,
+        batch: BatchInputs,
+        dtype: torch.dtype,
+        device: torch.device,
+        observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
-        """This step's constants; ``observe(base)`` lets the adaptive model see the new
-        gradients against the current base constants before they are used."""
-        input_bounds = self._take_input_norms()
+        """This step's constants from the batch's inputs (:meth:`take_batch`); ``observe(base)``
+        lets the adaptive model see the new gradients against the current base constants before
+        they are used."""
+        input_bounds = batch.input_bounds
         if self.chain is not None:
             base = self._certified(input_bounds, dtype, device)
         else:
@@ -82,11 +102,25 @@ class ConstantModel:
         return self.adaptive.constants(base)
 
     # ------------------------------------------------------------------ input norms
-    def _take_input_norms(self) -> list[Tensor | None] | None:
+    def take_batch(self) -> BatchInputs:
         """The recorded input bounds of this step's batch (MAX-reduced over ranks), folding the
-        first into the running data bound in architecture mode; the recorder starts afresh."""
+        first into the running data bound in architecture mode, and the gradients' rank bounds
+        (the input rows, times the number of data-parallel ranks); the recorder starts afresh."""
         if self.recorder is None:
-            return None
+            return BatchInputs(None, [None] * len(self.layers))
+        rows = self.recorder.rows + [None] * (len(self.layers) - len(self.recorder.rows))  # a prefix is watched
+        counted = [i for i, r in enumerate(rows) if r is not None and self.layers[i].norm == "spectral"]
+        if self.reduce_max is not None and counted:
+            # Every rank must sketch alike: its rank bound is the largest local count × world size.
+            first = next(m for m in self.recorder.maxima if m is not None)
+            reduced = self.reduce_max(first.new_tensor([rows[i] for i in counted], dtype=torch.float64))
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            for i, r in zip(counted, reduced.tolist(), strict=True):
+                rows[i] = int(r) * world
+        return BatchInputs(self._take_input_norms(), [r if i in counted else None for i, r in enumerate(rows)])
+
+    def _take_input_norms(self) -> list[Tensor | None] | None:
+        assert self.recorder is not None
         maxima = list(self.recorder.maxima)
         watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
         missing = [i for i in watched if maxima[i] is None]
@@ -128,22 +162,30 @@ class ConstantModel:
         return mlp_constants(norms, bounds, norms.new_tensor(self._s1), norms.new_tensor(self._s2), self.g, self.h)
 
     def _operator_norms(self) -> Tensor:
-        """``a_j`` of every layer above the first (``a_0`` never enters a constant), reusing the
-        value of any weight that has not changed since (tracked by the tensor's version counter,
-        which every in-place write bumps)."""
-        keys = [version_key(layer.weight) for layer in self.layers]
-        stale = [
-            j
-            for j in range(1, len(self.layers))
-            if self._operator_norm_cache[j] is None or self._operator_norm_cache[j][0] != keys[j]  # type: ignore[index]
-        ]
-        if stale:
-            fresh = self.geometry.operator_norms([full(self.layers[j].weight.detach()) for j in stale])
-            for k, j in enumerate(stale):
-                self._operator_norm_cache[j] = (keys[j], fresh[k])
+        """``a_j`` of every layer above the first (``a_0`` never enters a constant): exact for a
+        weight changed from outside (its version counter moved), else followed across DSGD's own
+        steps by :meth:`note_step` (see :mod:`lightning_dsgd.norm_bounds`)."""
+        above = range(1, len(self.layers))
+        values = self.operator_norms.values(above, [version_key(self.layers[j].weight) for j in above])
         first = self.layers[0].weight
         zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
-        return torch.stack([zero] + [entry[1].to(zero.dtype) for entry in self._operator_norm_cache[1:]])  # type: ignore[index]
+        return torch.stack([zero] + [v.to(zero.dtype) for v in values])
+
+    def note_step(self, index: int, before: tuple[int, int], step_norm: Tensor) -> None:
+        """Layer ``index`` moved by a block step with ``‖Δ‖_(i) ≤ step_norm`` from weight version
+        ``before``: its operator norm (never above the layer norm) follows by the triangle
+        inequality where recomputing it would take an SVD."""
+        if self.chain is None or not self.geometry.expensive_operator_norm:
+            return
+        weight = self.layers[index].weight
+        self.operator_norms.advance(
+            index,
+            before,
+            version_key(weight),
+            step_norm,
+            weight.dtype,
+            min(self.layers[index].weight_matrix(weight).shape),
+        )
 
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self._fixed_data_bound is not None:

@@ -308,6 +308,9 @@ class InputNormRecorder:
 
     Only forwards with gradients enabled are recorded (evaluation passes do not count). The
     maximum runs over every forward since :meth:`reset`, so accumulated micro-batches are covered.
+
+    ``rows[i]`` counts the input rows a linear or attention block multiplied since the reset (a
+    Python int, from shapes alone): its gradient ``Σ_t δ_t [x_t; 1]ᵀ`` has rank at most that.
     """
 
     WATCHED = ("linear", "conv", "attention")
@@ -316,6 +319,7 @@ class InputNormRecorder:
         self._ord = 2 if norm == "l2" else float("inf")
         self._layers = list(layers)
         self.maxima: list[Tensor | None] = [None] * len(layers)
+        self.rows: list[int | None] = [None] * len(layers)
         self.enabled = True  # off: forwards are not recorded (e.g. between observed steps)
         self._handles = []
         by_module: dict[int, list[int]] = {}
@@ -335,9 +339,12 @@ class InputNormRecorder:
                 x = self._input_of(self._layers[i], args, kwargs)
                 if x is None:
                     continue
-                value = self._bound(self._layers[i], x.detach())
+                layer = self._layers[i]
+                value = self._bound(layer, x.detach())
                 current = self.maxima[i]
                 self.maxima[i] = value if current is None else torch.maximum(current, value)
+                if layer.kind != "conv":
+                    self.rows[i] = (self.rows[i] or 0) + x.numel() // max(x.shape[-1], 1)
 
         return hook
 
@@ -367,6 +374,7 @@ class InputNormRecorder:
 
     def reset(self) -> None:
         self.maxima = [None] * len(self.maxima)
+        self.rows = [None] * len(self.rows)
 
     def remove(self) -> None:
         for handle in self._handles:

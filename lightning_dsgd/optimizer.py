@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
+from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 ConstantsMode = Literal["data", "architecture", "adaptive"]
@@ -67,6 +68,7 @@ class _Scored:
 
     etas: list[float]
     grads: list[BlockGrad]
+    bases: list[Tensor | None]  # per layer, the basis its duality map must use (sketched spectral)
     dual_norms: Tensor
     constants: Tensor
     scores: Tensor
@@ -199,8 +201,9 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self._momentum: dict[int, Tensor] = {}
-        self._weight_norm_cache: dict[int, tuple[tuple[int, int], Tensor]] = {}
+        self._weight_norms = NormBounds(self._exact_weight_norms)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
+        self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = 0
         self.steps_taken = 0
@@ -280,7 +283,8 @@ class DSGD(torch.optim.Optimizer):
         for eta in etas:
             _check_eta(eta)
         grads = [self._block_grad(layer) for layer in self.layers]
-        dual_norms = self._dual_norms(grads)
+        batch = self.constant_model.take_batch()
+        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
         adaptive = self.constant_model.adaptive
 
         def observe(base: Tensor) -> None:
@@ -288,7 +292,8 @@ class DSGD(torch.optim.Optimizer):
             blocks = {i: augment(*grads[i]) for i in adaptive.pending if grads[i] is not None}  # type: ignore[misc]
             adaptive.observe(blocks, base)
 
-        constants = self.constant_model.compute(dual_norms.dtype, dual_norms.device, observe).to(dual_norms.dtype)
+        constants = self.constant_model.compute(batch, dual_norms.dtype, dual_norms.device, observe)
+        constants = constants.to(dual_norms.dtype)
         if adaptive is not None:
             constants = self._cap_steps(constants, dual_norms, etas)
         scores = dual_norms.square() / constants
@@ -303,7 +308,9 @@ class DSGD(torch.optim.Optimizer):
             skip_reason = self._nonfinite_reason(dual_norms, constants)
         elif self.selection == "greedy" and best_score <= 0.0:
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
-        return _Scored(etas, grads, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason)
+        return _Scored(
+            etas, grads, bases, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason
+        )
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
         """Uncertified constants are estimates: until a layer's curvature has been measured once,
@@ -316,37 +323,38 @@ class DSGD(torch.optim.Optimizer):
             return constants
         eta = dual_norms.new_tensor(etas)
         floor = (
-            eta * dual_norms / (adaptive.max_relative_step * self._weight_norms().to(dual_norms.dtype).clamp(min=1.0))
+            eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
         )
         unmeasured = torch.tensor([not m for m in adaptive.measured], device=constants.device)
         return torch.where(unmeasured, torch.maximum(constants, floor), constants)
 
-    def _weight_norms(self) -> Tensor:
-        """``‖[W_i, b_i]‖_(i)`` of every layer, recomputed only for layers that changed."""
+    def _block_norms(self) -> Tensor:
+        """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
+        keys = [_block_key(layer) for layer in self.layers]
+        return torch.stack(self._weight_norms.values(range(len(self.layers)), keys))
+
+    def _exact_weight_norms(self, indices: list[int]) -> Tensor:
         values = []
-        for i, layer in enumerate(self.layers):
-            key = version_key(layer.weight)
-            cached = self._weight_norm_cache.get(i)
-            if cached is None or cached[0] != key:
-                weight = layer.weight_matrix(full(layer.weight.detach()))
-                bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
-                cached = (key, self.geometry_of(layer).norm(augment(weight, bias)))
-                self._weight_norm_cache[i] = cached
-            values.append(cached[1])
+        for i in indices:
+            layer = self.layers[i]
+            weight = layer.weight_matrix(full(layer.weight.detach()))
+            bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
+            values.append(self.geometry_of(layer).norm(augment(weight, bias)))
         return torch.stack(values)
 
-    def _dual_norms(self, grads: list[BlockGrad]) -> Tensor:
-        """Batched per geometry: layers sharing a norm are reduced together."""
-        if len(self.geometries) == 1:
-            return self.geometry_of(self.layers[0]).dual_norms(grads)
+    def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
+        """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
+        depends only on the seed and the step count, so every rank and a resumed run draw alike."""
+        seed = (self._seed * 1_000_003 + self.steps_taken) % 2**63
         out: list[Tensor | None] = [None] * len(grads)
+        bases: list[Tensor | None] = [None] * len(grads)
         for name, geometry in self.geometries.items():
             idx = [i for i, layer in enumerate(self.layers) if layer.norm == name]
-            values = geometry.dual_norms([grads[i] for i in idx])
+            values, found = geometry.dual_norms_and_bases([grads[i] for i in idx], [rank_bounds[i] for i in idx], seed)
             for k, i in enumerate(idx):
-                out[i] = values[k]
+                out[i], bases[i] = values[k], found[k]
         dtype = max((t.dtype for t in out if t is not None), key=lambda d: torch.finfo(d).bits)
-        return torch.stack([t.to(dtype) for t in out])  # type: ignore[union-attr]
+        return torch.stack([t.to(dtype) for t in out]), bases  # type: ignore[union-attr]
 
     def geometry_of(self, layer: Layer) -> Geometry:
         return self.geometries[layer.norm]
@@ -383,7 +391,7 @@ class DSGD(torch.optim.Optimizer):
         layer = self.layers[index]
         geometry = self.geometry_of(layer)
         block_grad = augment(*grad)
-        direction = geometry.duality_map(block_grad)
+        direction = geometry.duality_map(block_grad, scored.bases[index])
         if self.momentum > 0.0:
             buffer = self._momentum.get(index)
             if buffer is not None:
@@ -394,10 +402,15 @@ class DSGD(torch.optim.Optimizer):
             self._momentum[index] = direction
         scale = scored.etas[index] / scored.constants[index]
         step = direction * (-scale)
+        step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
+        before, block_before = version_key(layer.weight), _block_key(layer)
         self._apply(layer, step)
+        # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
+        bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
+        self.constant_model.note_step(index, before, bound)
+        self._weight_norms.advance(index, block_before, _block_key(layer), bound, layer.weight.dtype, min(step.shape))
         adaptive = self.constant_model.adaptive
         if adaptive is not None:
-            step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
             adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
         return layer, step
 
@@ -465,7 +478,7 @@ class DSGD(torch.optim.Optimizer):
         self.discard_input_norms()
         nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
         etas = [group["lr"] for group in self.param_groups]
-        scored = _Scored(etas, [], nan, nan, nan, nan, 0, False, reason)
+        scored = _Scored(etas, [], [], nan, nan, nan, nan, 0, False, reason)
         self.last_step = self._record(scored, [], None, None)
         self.skipped_steps += 1
         self.steps_taken += 1
@@ -555,6 +568,11 @@ class DSGD(torch.optim.Optimizer):
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""
         if self.constant_model.recorder is not None:
             self.constant_model.recorder.remove()
+
+
+def _block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """Changes whenever the layer's weight or bias is written."""
+    return version_key(layer.weight), None if layer.bias is None else version_key(layer.bias)
 
 
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -415,33 +415,37 @@ def test_load_state_dict_refuses_other_settings():
 
 
 # ---------------------------------------------------------------------------- efficiency contracts
-def test_operator_norms_of_unmoved_layers_are_reused(monkeypatch):
+def test_operator_norms_are_computed_only_for_layers_changed_from_outside(monkeypatch):
+    """DSGD's own steps move the ``a_j`` by the triangle inequality (tests/test_norm_bounds.py);
+    an SVD runs for a weight changed from outside, noticed through its version counter."""
     model = mlp([4, 6, 6, 6, 3], seed=0)
     x, y = classification_data(32, 4, 3)
     opt = DSGD(model, norm="spectral")
+    opt.constant_model.operator_norms.tolerance = float("inf")  # never refresh for growth here
     computed: list[int] = []
     original = opt.geometry.operator_norms
     monkeypatch.setattr(opt.geometry, "operator_norms", lambda ws: computed.append(len(ws)) or original(ws))
     closure = make_closure(model, opt, x, y)
     opt.step(closure)
     assert computed == [3]  # a_0 never enters a constant
-    for _ in range(5):
+    moved = set()
+    for _ in range(8):
         computed.clear()
-        moved = opt.last_step.layer
+        moved.add(opt.last_step.layer)
         opt.step(closure)
-        assert computed == ([] if moved == 0 else [1])
-    # An outside in-place change is noticed through the tensor's version counter: the constants
-    # then equal those of a fresh optimizer on a copy (whose forward must not reach `opt`).
+        assert computed == []
+    assert moved - {0}, "some layer above the first must have moved"
+    # An outside in-place change is noticed: that a_j is recomputed, and the constants are those
+    # of a fresh optimizer except where a moved layer's bound is (conservatively) larger.
     with torch.no_grad():
         model[6].weight.mul_(3.0)
     twin = copy.deepcopy(model)
     fresh = DSGD(twin, norm="spectral")
     fresh.step(make_closure(twin, fresh, x, y))
     computed.clear()
-    stale = {opt.last_step.layer, 3} - {0}  # the layer moved by the last step, and the one changed here
     opt.step(closure)
-    assert computed == [len(stale)]
-    torch.testing.assert_close(opt.last_step.constants, fresh.last_step.constants, rtol=0, atol=0)
+    assert computed == [1]
+    assert (opt.last_step.constants >= fresh.last_step.constants * (1 - 1e-12)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

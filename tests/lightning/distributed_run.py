@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=None, help="train whole epochs instead of --steps")
     parser.add_argument("--norm", default="spectral")
+    parser.add_argument("--hidden", type=int, default=8, help="hidden width (48: the spectral blocks are sketched)")
     parser.add_argument("--constants", default="data")
     parser.add_argument("--selection", default="greedy")
     parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
@@ -50,19 +51,20 @@ def main() -> None:
         callbacks.append(
             ModelCheckpoint(args.checkpoints, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
         )
+    ddp = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1)
     if args.case == "dsgd_ddp":  # registered name, module with the mixin
-        strategy, model = "dsgd_ddp", DSGDClassifier(batch_size=4, dsgd=settings)
+        strategy, model = "dsgd_ddp", DSGDClassifier(batch_size=4, hidden=args.hidden, dsgd=settings)
     elif args.case == "ddp_with_mixin":  # Lightning's own DDP strategy: the mixin suffices
-        strategy, model = "ddp", DSGDClassifier(batch_size=4, dsgd=settings)
+        strategy, model = "ddp", DSGDClassifier(batch_size=4, hidden=args.hidden, dsgd=settings)
     elif args.case == "mixinless":  # an unmodified automatic-optimization module
-        strategy, model = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1), Classifier(batch_size=4)
+        strategy, model = ddp, Classifier(batch_size=4, hidden=args.hidden)
     elif args.case == "model_parallel":
         strategy = DSGDModelParallelStrategy(
             dsgd=settings, data_parallel_size=2, tensor_parallel_size=1, verify_every_n_steps=1
         )
-        model = ShardedDSGDClassifier(batch_size=4)
+        model = ShardedDSGDClassifier(batch_size=4, hidden=args.hidden)
     else:
-        strategy, model = DSGDDDPStrategy(dsgd=settings, verify_every_n_steps=1), Classifier(batch_size=4)
+        strategy, model = ddp, Classifier(batch_size=4, hidden=args.hidden)
         callbacks.append(PerturbRankOne())
     trainer = Trainer(
         accelerator="cpu",

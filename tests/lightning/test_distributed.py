@@ -36,24 +36,27 @@ def results(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(
-    ("case", "norm", "constants"),
+    ("case", "norm", "constants", "hidden"),
     [
-        ("dsgd_ddp", "spectral", "data"),
-        ("ddp_with_mixin", "linf", "architecture"),
-        ("mixinless", "frobenius", "data"),
-        ("model_parallel", "spectral", "data"),
-        ("model_parallel", "linf", "data"),
+        ("dsgd_ddp", "spectral", "data", 8),
+        ("ddp_with_mixin", "linf", "architecture", 8),
+        ("mixinless", "frobenius", "data", 8),
+        ("model_parallel", "spectral", "data", 8),
+        ("model_parallel", "linf", "data", 8),
+        # Hidden 48 × 49 blocks, 8 rows per global batch: scored through the sketch (k = 16).
+        ("dsgd_ddp", "spectral", "data", 48),
+        ("model_parallel", "spectral", "adaptive", 48),
     ],
 )
-def test_ranks_agree_and_match_the_single_process_run(tmp_path, case, norm, constants):
-    run = launch(case, tmp_path, "--norm", norm, "--constants", constants, "--steps", "10")
+def test_ranks_agree_and_match_the_single_process_run(tmp_path, case, norm, constants, hidden):
+    run = launch(case, tmp_path, "--norm", norm, "--constants", constants, "--steps", "10", "--hidden", str(hidden))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rank0, rank1 = results(tmp_path)
     assert rank0["optimizer"] == rank1["optimizer"] == "DSGD"
     assert rank0["layers"] == rank1["layers"] and len(rank0["layers"]) == 10
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name
-    reference, layers = reference_run(DSGDSettings(norm=norm, constants=constants), 10)
+    reference, layers = reference_run(DSGDSettings(norm=norm, constants=constants, seed=3), 10, hidden=hidden)
     assert rank0["layers"] == layers
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(rank0["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -32,9 +32,11 @@ def trainer(tmp_path, **kwargs) -> Trainer:
     return Trainer(**defaults)
 
 
-def reference_run(settings: DSGDSettings, steps: int, *, seed: int = 0, window: int = 1) -> tuple[nn.Module, list]:
+def reference_run(
+    settings: DSGDSettings, steps: int, *, seed: int = 0, window: int = 1, hidden: int = 8
+) -> tuple[nn.Module, list]:
     """The same training in plain PyTorch: the batches of Classifier's loader, in order."""
-    module = Classifier(seed=seed)
+    module = Classifier(seed=seed, hidden=hidden)
     opt = DSGD(module, **settings.optimizer_kwargs())
     batches = list(module.train_dataloader())
     layers, t = [], 0

@@ -77,6 +77,7 @@ class ConstantModel:
             else None
         )
         if chain is not None:
+            self._s_tensors: tuple[tuple[torch.dtype, torch.device], Tensor, Tensor] | None = None
             self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
             self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
 
@@ -159,7 +160,15 @@ class ConstantModel:
             )
         else:
             bounds = torch.stack([b.to(device=device, dtype=dtype) for b in input_bounds])  # type: ignore[union-attr]
-        return mlp_constants(norms, bounds, norms.new_tensor(self._s1), norms.new_tensor(self._s2), self.g, self.h)
+        s1, s2 = self._activation_bounds(norms)
+        return mlp_constants(norms, bounds, s1, s2, self.g, self.h)
+
+    def _activation_bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``s1``, ``s2`` of the chain as tensors like ``like`` (made once per dtype and device)."""
+        key = (like.dtype, like.device)
+        if self._s_tensors is None or self._s_tensors[0] != key:
+            self._s_tensors = (key, like.new_tensor(self._s1), like.new_tensor(self._s2))
+        return self._s_tensors[1], self._s_tensors[2]
 
     def _operator_norms(self) -> Tensor:
         """``a_j`` of every layer above the first (``a_0`` never enters a constant): exact for a

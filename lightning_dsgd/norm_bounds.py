@@ -44,9 +44,8 @@ class NormBounds:
     def values(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[Tensor]:
         """The bounds of ``indices`` whose weights now have version ``keys``; recomputes the stale
         ones (changed from outside, or grown past the tolerance) in one ``compute`` call."""
-        stale = [
-            i for i, key in zip(indices, keys, strict=True) if i not in self._entries or self._entries[i].key != key
-        ]
+        key_of = dict(zip(indices, keys, strict=True))
+        stale = [i for i, key in key_of.items() if i not in self._entries or self._entries[i].key != key]
         advanced = [i for i in indices if i not in stale and self._entries[i].advanced]
         if advanced:  # one host sync for all layers moved by the triangle inequality
             growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced]).tolist()
@@ -55,8 +54,7 @@ class NormBounds:
             fresh = self._compute(stale)
             self.exact_computations += len(stale)
             for k, i in enumerate(stale):
-                key = keys[list(indices).index(i)]
-                self._entries[i] = _Entry(key, fresh[k], fresh[k])
+                self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
         return [self._entries[i].value for i in indices]
 
     def advance(

@@ -408,8 +408,10 @@ class DSGD(torch.optim.Optimizer):
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
         self.constant_model.note_step(index, before, bound)
-        self._weight_norms.advance(index, block_before, _block_key(layer), bound, layer.weight.dtype, min(step.shape))
         adaptive = self.constant_model.adaptive
+        if adaptive is not None and not all(adaptive.measured):  # the weight norms serve _cap_steps only
+            after = _block_key(layer)
+            self._weight_norms.advance(index, block_before, after, bound, layer.weight.dtype, min(step.shape))
         if adaptive is not None:
             adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
         return layer, step

@@ -62,12 +62,9 @@ class ConstantModel:
         self._fixed_data_bound = data_bound
         self._measured_data_bound: Tensor | None = None
         self.reduce_max: Reducer | None = None
-        watch_all = mode != "architecture"
-        self.recorder = (
-            InputNormRecorder(layers if watch_all else layers[:1], geometry.activation_norm)
-            if watch_all or data_bound is None
-            else None
-        )
+        # Architecture mode measures the first layer only: its input norms (without data_bound) and
+        # the rows of the batch, which every layer of a chain sees alike (the spectral rank bounds).
+        self.recorder = InputNormRecorder(layers if mode != "architecture" else layers[:1], geometry.activation_norm)
         self.operator_norms = NormBounds(
             lambda indices: self.geometry.operator_norms([full(layers[j].weight.detach()) for j in indices])
         )
@@ -107,9 +104,9 @@ class ConstantModel:
         """The recorded input bounds of this step's batch (MAX-reduced over ranks), folding the
         first into the running data bound in architecture mode, and the gradients' rank bounds
         (the input rows, times the number of data-parallel ranks); the recorder starts afresh."""
-        if self.recorder is None:
-            return BatchInputs(None, [None] * len(self.layers))
-        rows = self.recorder.rows + [None] * (len(self.layers) - len(self.recorder.rows))  # a prefix is watched
+        rows = self.recorder.rows
+        if self.mode == "architecture":  # a chain: the batch's rows reach every layer
+            rows = rows[:1] * len(self.layers)
         counted = [i for i, r in enumerate(rows) if r is not None and self.layers[i].norm == "spectral"]
         if self.reduce_max is not None and counted:
             # Every rank must sketch alike: its rank bound is the largest local count × world size.
@@ -121,7 +118,9 @@ class ConstantModel:
         return BatchInputs(self._take_input_norms(), [r if i in counted else None for i, r in enumerate(rows)])
 
     def _take_input_norms(self) -> list[Tensor | None] | None:
-        assert self.recorder is not None
+        if self.mode == "architecture" and self._fixed_data_bound is not None:
+            self.recorder.reset()
+            return None
         maxima = list(self.recorder.maxima)
         watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
         missing = [i for i in watched if maxima[i] is None]

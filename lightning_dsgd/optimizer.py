@@ -557,19 +557,16 @@ class DSGD(torch.optim.Optimizer):
 
     def discard_input_norms(self) -> None:
         """Forget the input norms recorded since the last step (they belong to no scored step)."""
-        if self.constant_model.recorder is not None:
-            self.constant_model.recorder.reset()
+        self.constant_model.recorder.reset()
 
     def record_input_norms(self, enabled: bool) -> None:
         """Switch the input-norm forward hooks on or off (off saves their cost on forwards that
         will not be scored, e.g. between observed steps of another optimizer)."""
-        if self.constant_model.recorder is not None:
-            self.constant_model.recorder.enabled = enabled
+        self.constant_model.recorder.enabled = enabled
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks that record input norms (after training, if the model lives on)."""
-        if self.constant_model.recorder is not None:
-            self.constant_model.recorder.remove()
+        self.constant_model.recorder.remove()
 
 
 def _block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:

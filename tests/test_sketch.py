@@ -176,3 +176,16 @@ def test_rank_bounds_agree_across_ranks_through_the_max_reducer():
     batch = opt.constant_model.take_batch()
     assert batch.rank_bounds == [20, 20, 20]
     assert any(t.tolist() == [16.0, 16.0, 16.0] for t in reduced)
+
+
+@pytest.mark.parametrize("data_bound", [None, 10.0])
+def test_architecture_mode_takes_the_rank_bounds_from_the_first_layer(data_bound):
+    """A chain passes every row of the batch through every layer: one hook suffices."""
+    model = wide_model()
+    x, y = classification_data(16, 12, 4)
+    opt = DSGD(model, norm="spectral", constants="architecture", data_bound=data_bound)
+    opt.zero_grad()
+    full_batch_loss(model, x, y).backward()
+    assert opt.constant_model.take_batch().rank_bounds == [16, 16, 16]
+    opt.step(make_closure(model, opt, x, y))
+    assert not opt.last_step.skipped and opt.last_step.certified

@@ -104,18 +104,17 @@ class ConstantModel:
         """The recorded input bounds of this step's batch (MAX-reduced over ranks), folding the
         first into the running data bound in architecture mode, and the gradients' rank bounds
         (the input rows, times the number of data-parallel ranks); the recorder starts afresh."""
-        rows = self.recorder.rows
-        if self.mode == "architecture":  # a chain: the batch's rows reach every layer
-            rows = rows[:1] * len(self.layers)
-        counted = [i for i, r in enumerate(rows) if r is not None and self.layers[i].norm == "spectral"]
+        recorded = self.recorder.rows[:1] * len(self.layers) if self.mode == "architecture" else self.recorder.rows
+        # Only the spectral geometry uses rank bounds (a chain passes the batch's rows to every layer).
+        rows = [r if layer.norm == "spectral" else None for layer, r in zip(self.layers, recorded, strict=True)]
+        counted = [i for i, r in enumerate(rows) if r is not None]
         if self.reduce_max is not None and counted:
             # Every rank must sketch alike: its rank bound is the largest local count × world size.
-            first = next(m for m in self.recorder.maxima if m is not None)
-            reduced = self.reduce_max(first.new_tensor([rows[i] for i in counted], dtype=torch.float64))
+            local = torch.tensor([rows[i] for i in counted], dtype=torch.float64, device=self.layers[0].weight.device)
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            for i, r in zip(counted, reduced.tolist(), strict=True):
+            for i, r in zip(counted, self.reduce_max(local).tolist(), strict=True):
                 rows[i] = int(r) * world
-        return BatchInputs(self._take_input_norms(), [r if i in counted else None for i, r in enumerate(rows)])
+        return BatchInputs(self._take_input_norms(), rows)
 
     def _take_input_norms(self) -> list[Tensor | None] | None:
         if self.mode == "architecture" and self._fixed_data_bound is not None:

@@ -74,6 +74,3 @@ class NormBounds:
         entry.value = (entry.value + (1.0 + rounding) * step_norm.to(entry.value.dtype)) / (1.0 - rounding)
         entry.key = after
         entry.advanced = True
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -403,13 +403,14 @@ class DSGD(torch.optim.Optimizer):
         scale = scored.etas[index] / scored.constants[index]
         step = direction * (-scale)
         step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
-        before, block_before = version_key(layer.weight), _block_key(layer)
+        adaptive = self.constant_model.adaptive
+        track_block = adaptive is not None and not all(adaptive.measured)  # block norms serve _cap_steps only
+        before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
         self.constant_model.note_step(index, before, bound)
-        adaptive = self.constant_model.adaptive
-        if adaptive is not None and not all(adaptive.measured):  # the weight norms serve _cap_steps only
+        if track_block:
             after = _block_key(layer)
             self._weight_norms.advance(index, block_before, after, bound, layer.weight.dtype, min(step.shape))
         if adaptive is not None:

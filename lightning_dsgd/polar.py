@@ -164,8 +164,9 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
     with torch.autocast(stack.device.type, enabled=False):
         wide = stack.shape[-2] <= stack.shape[-1]
         x = stack if wide else stack.mT.contiguous()
-        norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-        x = x / norm.clamp(min=torch.finfo(dtype).tiny)
+        tiny = torch.finfo(dtype).tiny
+        x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=tiny)  # no overflow in ‖·‖_F
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=tiny)
         for k, (a, b, c) in enumerate(coefficients):
             x = _stage(x.to(torch.bfloat16 if k < FAST_STAGES else dtype), a, b, c)
         x = x.to(dtype) / (polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN))

@@ -1,0 +1,208 @@
+"""The certified matmul path of spectral DSGD (``lightning_dsgd.polar``).
+
+What must hold, and fails on a wrong polynomial bound, a direction of norm above 1, a score above the
+exact dual norm or a certificate that accepts too much: ``‖D‖₂ ≤ 1`` (float64 SVD of the stored
+``D``), ``c ≤ ⟨G, D⟩`` (exactly rounded sum) and so ``c ≤ ‖G‖_*``, ``c ≥ 0.95 ‖G‖_*`` on
+ill-conditioned, rank-deficient, low-rank, tall, wide and bfloat16-stored gradients; full-batch
+certified runs on the matmul path with no step below its promise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers.models import classification_data, full_batch_loss, make_closure, mlp
+
+from lightning_dsgd import DSGD
+from lightning_dsgd import polar as P
+from lightning_dsgd.geometry import SpectralGeometry
+
+
+def composed(coefficients: P.Coefficients, x: np.ndarray) -> np.ndarray:
+    y = x.copy()
+    for a, b, c in coefficients:
+        y = a * y + b * y**3 + c * y**5
+    return y
+
+
+def with_spectrum(singular: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``U diag(s) Vᵀ`` in float64 with random orthonormal ``U`` (``m × r``), ``V`` (``n × r``)."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(singular)
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    return (u * singular.to(torch.float64)) @ v.T
+
+
+def spectral_norm(t: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(t.to(torch.float64), ord=2).max().item()
+
+
+# ---------------------------------------------------------------------------------------------- the bound
+def test_polynomial_bound_is_the_max_of_the_composed_polynomial_on_the_unit_interval():
+    x = np.linspace(0.0, 1.0, 2_000_001)
+    sampled = np.abs(composed(P.POLAR_EXPRESS, x)).max()
+    bound = P.polynomial_bound(P.POLAR_EXPRESS)
+    assert sampled <= bound <= sampled + 1e-9
+    assert bound <= 1.0  # the safety factor and the final cubic keep p below 1
+
+
+@pytest.mark.parametrize(
+    ("coefficients", "interval"),
+    [(((1.5, -0.5, 0.0),), 1.5), (P.POLAR_EXPRESS[:1], 1.0), (P.POLAR_EXPRESS[:3], 1.0), (((3.0, -16.0, 20.0),), 1.0)],
+)
+def test_interval_images_include_the_interior_critical_points(coefficients, interval):
+    """``q(x) = 1.5x − 0.5x³`` on ``[0, 1.5]``: the ends give 0.5625, the maximum 1 is inside; a
+    bound from the ends alone (or a wrong critical point) is caught here."""
+    lo, hi = 0.0, interval
+    for a, b, c in coefficients:
+        lo, hi = P._quintic_range(a, b, c, lo, hi)
+    x = np.linspace(0.0, interval, 1_000_001)
+    y = composed(coefficients, x)
+    assert lo <= y.min() and y.max() <= hi
+    assert hi - y.max() <= 1e-9 * max(1.0, abs(hi)) and y.min() - lo <= 1e-9 * max(1.0, abs(lo))
+
+
+def test_a_bound_too_small_is_caught_by_the_certificate(monkeypatch):
+    """Claiming ``max |p| = 0.5`` scales ``D`` up to ``‖D‖₂ ≈ 2``: the Cholesky certificate must
+    refuse it and the Gershgorin fallback bring it back to ``‖D‖₂ ≤ 1``."""
+    monkeypatch.setattr(P, "polynomial_bound", lambda coefficients=P.POLAR_EXPRESS: 0.5)
+    g = torch.randn(2, 40, 60, generator=torch.Generator().manual_seed(0))
+    direction, inner = P.polar_directions(g)
+    assert spectral_norm(direction) <= 1.0
+    assert (inner.double() <= torch.linalg.svdvals(g.double()).sum(-1)).all()
+
+
+# ---------------------------------------------------------------------------------------------- the certificate
+@pytest.mark.parametrize("rank", [1, 7, 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_certificate_accepts_norm_just_below_one_and_refuses_just_above(rank, dtype):
+    # float64: 3·10⁻¹⁴ above 1 is below the certificate's own slack (~10⁻¹²) had it been added.
+    below, above = (1e-6, 1e-6) if dtype == torch.float32 else (1e-11, 3e-14)
+    for top, expected in ((1.0 - below, True), (1.0 + above, False)):
+        s = torch.linspace(top, 0.5, rank, dtype=torch.float64)
+        d = with_spectrum(s, 30, 45, seed=rank).to(dtype)
+        exact = spectral_norm(d)
+        assert (exact <= 1.0) == expected  # the stored matrix, after the cast
+        assert bool(P.certify_unit_norm(d[None])[0]) == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (30, 30), (17, 300)])
+def test_gershgorin_scale_is_an_upper_bound_even_where_it_is_tight(shape):
+    m, n = shape
+    flat = torch.full((1, m, n), 1.0 / math.sqrt(m * n))  # rank one, ‖D‖₂ = 1: Gershgorin is exact
+    g = torch.Generator().manual_seed(1)
+    rand = torch.randn(3, m, n, generator=g)
+    for d in (flat, rand, rand * 1e-30, rand * 1e30):
+        scaled = d / P.gershgorin_scale(d).to(d.dtype)[:, None, None]
+        assert spectral_norm(scaled) <= 1.0
+    assert P.gershgorin_scale(flat).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_certified_inner_product_is_below_the_exactly_rounded_one():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 64, 65, generator=g) * torch.logspace(0, -6, 65)
+    b = torch.randn(3, 64, 65, generator=g)
+    c = P.certified_inner(a, b)
+    for k in range(3):
+        exact = math.fsum(float(p) for p in (a[k].double() * b[k].double()).flatten().tolist())
+        assert c[k].item() <= max(exact, 0.0)
+        assert c[k].item() == pytest.approx(max(exact, 0.0), rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- tightness
+def families() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ce = torch.randn(10, 97, generator=g, dtype=torch.float64)
+    ce -= ce.mean(0)  # a cross-entropy output gradient: rows sum to zero, rank 9
+    return {
+        "gaussian square": torch.randn(128, 129, generator=g, dtype=torch.float64),
+        "ill-conditioned": with_spectrum(torch.logspace(0, -6, 100), 120, 101),
+        "tail of tiny values": with_spectrum(torch.cat([torch.ones(1), torch.full((199,), 1e-4)]), 200, 257),
+        "rank-deficient": with_spectrum(torch.rand(20, generator=g) + 0.1, 150, 97),
+        "low rank": with_spectrum(torch.ones(1), 64, 300),
+        "tall": torch.randn(400, 65, generator=g, dtype=torch.float64),
+        "wide": torch.randn(33, 500, generator=g, dtype=torch.float64),
+        "cross-entropy": ce,
+        "bfloat16-stored": torch.randn(96, 129, generator=g).to(torch.bfloat16).double(),
+        "large entries": torch.randn(40, 41, generator=g, dtype=torch.float64) * 1e25,
+        "tiny entries": torch.randn(40, 41, generator=g, dtype=torch.float64) * 1e-30,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(families()))
+def test_direction_is_certified_and_the_score_is_tight(name, dtype):
+    block = families()[name].to(dtype)
+    direction, inner = P.polar_directions(block[None])
+    exact = torch.linalg.svdvals(block.double()).sum().item()  # of the block as stored
+    c = inner[0].item()
+    assert spectral_norm(direction) <= 1.0
+    dot = math.fsum((block.double() * direction[0].double()).flatten().tolist())
+    assert c <= dot and c <= exact
+    assert c >= 0.95 * exact, f"{name}: c / ‖G‖_* = {c / exact:.4f}"
+
+
+def test_zero_gradient_scores_zero_with_a_zero_direction():
+    direction, inner = P.polar_directions(torch.zeros(2, 8, 9))
+    assert inner.tolist() == [0.0, 0.0] and direction.abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the geometry hook
+def test_geometry_hands_the_certified_direction_from_score_to_step():
+    g = torch.Generator().manual_seed(4)
+    blocks = [torch.randn(40, 31, generator=g, dtype=torch.float64) for _ in range(2)]
+    blocks.append(torch.full((40, 31), float("nan"), dtype=torch.float64))
+    grads = [(b[:, :-1], b[:, -1]) for b in blocks] + [None]
+    geometry = SpectralGeometry(polar="always")
+    norms, bases = geometry.dual_norms_and_bases(grads)
+    exact = SpectralGeometry(polar="never").dual_norms(grads[:2])
+    assert torch.isnan(norms[2]) and norms[3] == 0 and bases[3] is None
+    for k in range(2):
+        basis = bases[k]
+        assert isinstance(basis, P.PolarDirection) and basis.inner == norms[k]
+        assert 0.95 * exact[k] <= norms[k] <= exact[k]
+        step = geometry.duality_map(blocks[k], basis)
+        assert spectral_norm(step) <= norms[k].item()  # ‖ρ‖₂ ≤ c: the step-norm bound DSGD records
+        assert (blocks[k] * step).sum().item() >= norms[k].item() ** 2 * (1 - 1e-12)
+
+
+def test_sketch_takes_precedence_and_auto_follows_the_measured_crossover():
+    geometry = SpectralGeometry()
+    cpu = torch.device("cpu")
+    assert geometry.uses_polar((1024, 1025), cpu) and not geometry.uses_polar((512, 513), cpu)
+    assert not SpectralGeometry(polar="never").uses_polar((4096, 4097), cpu)
+    assert "cuda" in P.UNMEASURED and P.POLAR_MIN_SIDE["cuda"] is not None
+    block = torch.randn(96, 97, dtype=torch.float64) @ torch.diag(torch.rand(97, dtype=torch.float64))
+    _, bases = SpectralGeometry(polar="always").dual_norms_and_bases([(block[:, :-1], block[:, -1])], [8])
+    assert isinstance(bases[0], torch.Tensor)  # a sketch basis: the rank bound makes the sketch cheaper
+
+
+# ---------------------------------------------------------------------------------------------- certified runs
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["float64", "float32"]
+)
+def test_full_batch_certified_run_on_the_matmul_path_never_misses_its_promise(dtype, tolerance):
+    model = mlp([12, 64, 64, 4], seed=2, dtype=dtype)
+    x, y = classification_data(80, 12, 4, seed=5, scale=5.0, dtype=dtype)  # 80 rows: no sketch
+    opt = DSGD(model, norm="spectral", eta=1.0, full_batch=True)
+    opt.geometries["spectral"].polar = "always"
+    assert opt.certified
+    loss = full_batch_loss(model, x, y).item()
+    misses, picked = 0, set()
+    for _ in range(40):
+        opt.step(make_closure(model, opt, x, y))
+        rec = opt.last_step
+        assert rec.certified and not rec.skipped
+        new = full_batch_loss(model, x, y).item()
+        misses += loss - new < rec.guaranteed_decrease.item() * (1 - tolerance) - tolerance * abs(loss) * 1e-3
+        picked.add(rec.layer)
+        loss = new
+        grads = [(m.weight.grad, m.bias.grad) for m in model if isinstance(m, torch.nn.Linear)]
+        exact = SpectralGeometry(polar="never").dual_norms(grads)
+        assert (rec.dual_norms <= exact).all() and (rec.dual_norms >= 0.95 * exact).all()
+    assert misses == 0
+    assert picked & {1}, "the hidden layer must be moved along a certified polar direction"

@@ -168,6 +168,45 @@ def tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block: causal self-attention (separate q, k, v, o projections) and a
+    GELU MLP of 4× the width, each on a residual branch."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    """GPT-shaped language model: token and position embeddings, ``depth`` pre-norm blocks, a final
+    LayerNorm and a linear head over the vocabulary."""
+
+    def __init__(self, vocab: int, width: int, depth: int, length: int, heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(GPTBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 def mlp_widths(in_features: int, width: int, depth: int, classes: int) -> list[int]:
     """``depth`` Linear layers: ``in → width → … → width → classes``."""
     return [in_features] + [width] * (depth - 1) + [classes]

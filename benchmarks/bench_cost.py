@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from bench_common import (
+    GPT,
     Device,
     interleaved,
     make_adam,
@@ -160,6 +161,82 @@ def measure(
         timing.step[arm] = median(s)
         timing.whole[arm] = median(w)
         timing.samples[arm] = min(len(s), len(w))
+    return timing
+
+
+# ---------------------------------------------------------------------------------------------- GPT-shaped
+#: Spectral DSGD with its automatic choice of path per block, and forced onto each path.
+GPT_PATHS = {"DSGD spectral": "auto", "DSGD spectral exact": "never", "DSGD spectral matmul": "always"}
+GPT_ARMS = ["Muon", *GPT_PATHS]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    width: int
+    depth: int = 4
+    vocab: int = 512
+    length: int = 256
+    batch: int = 4
+    head_width: int = 64
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+    def describe(self) -> str:
+        return (
+            f"GPT-shaped, {self.depth} pre-norm blocks of width {self.width} ({self.width // self.head_width} heads, "
+            f"MLP {4 * self.width}), vocabulary {self.vocab}, {self.batch} × {self.length} = {self.tokens} tokens"
+        )
+
+
+def build_gpt_arm(arm: str, model: nn.Module) -> torch.optim.Optimizer:
+    """``Muon`` (Muon on the hidden matrices, AdamW on embeddings, norms, biases and head) or a
+    spectral DSGD arm of ``GPT_PATHS`` (data constants: outside the rigorous class they adapt)."""
+    if arm == "Muon":
+        return make_muon(model, LR["Muon"], LR["Adam"])
+    optimizer = make_dsgd(model, norm="spectral", constants="data")
+    optimizer.geometries["spectral"].polar = GPT_PATHS[arm]  # type: ignore[attr-defined]
+    return optimizer
+
+
+def measure_gpt(
+    config: GPTConfig, arms: list[str], device: Device, warmup: int, repeats: int, budget_s: float = 0.0, seed: int = 0
+) -> Timing:
+    """Median seconds of ``optimizer.step()`` alone on one fixed batch's gradients (each arm's
+    forward, which DSGD's data constants need, runs untimed before each step), arms interleaved."""
+    torch.manual_seed(seed)
+    dev = device.torch_device
+    tokens = torch.randint(config.vocab, (config.batch, config.length), device=dev)
+    base = GPT(config.vocab, config.width, config.depth, config.length, config.width // config.head_width).to(dev)
+    models = {arm: copy.deepcopy(base) for arm in arms}
+    optimizers = {arm: build_gpt_arm(arm, models[arm]) for arm in arms}
+
+    def loss(arm: str) -> torch.Tensor:
+        logits = models[arm](tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+    def forward(arm: str) -> Callable[[], None]:
+        def run() -> None:
+            with torch.enable_grad():
+                models[arm](tokens[:, :-1])
+
+        return run
+
+    for arm in arms:  # gradients once; one untimed step (first exact σ_max, Muon's buffers)
+        optimizers[arm].zero_grad()
+        loss(arm).backward()
+        optimizers[arm].step()
+    steps = interleaved(
+        [optimizers[a].step for a in arms], [forward(a) for a in arms], device, warmup, repeats, budget_s=budget_s
+    )
+    timing = Timing()
+    for arm, samples in zip(arms, steps, strict=True):
+        timing.step[arm] = median(samples)
+        timing.samples[arm] = len(samples)
+        optimizer = optimizers[arm]
+        if isinstance(optimizer, DSGD):
+            timing.picks[arm] = list(optimizer.selection_counts)
     return timing
 
 

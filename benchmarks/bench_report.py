@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench_cost import Config, Scaling, Timing
+from bench_cost import GPT_PATHS, Config, GPTConfig, Scaling, Timing
 from bench_profile import Profile
 from bench_quality import ArmResult, Run, mean_std, run_length, selection_fractions
 from bench_tasks import Task
@@ -57,6 +57,40 @@ def cost_table(config: Config, timing: Timing, lightning: dict[str, float]) -> l
             f"{ratio(timing.step[arm], muon_step)} | {ms(timing.whole[arm])} | {ratio(timing.whole[arm], sgd_whole)} | "
             f"{ms(light)} | {ratio(light, sgd_light)} |"
         )
+    return lines
+
+
+def gpt_table(timings: dict[int, Timing]) -> list[str]:
+    """One row per width: Muon+AdamW's step, then each spectral DSGD arm's step and its ratio."""
+    arms = list(GPT_PATHS)
+    lines = [
+        "| width | Muon+AdamW step (ms) | " + " | ".join(f"{arm} (ms) | × Muon" for arm in arms) + " |",
+        "|---:|---:|" + "---:|---:|" * len(arms),
+    ]
+    for width, timing in timings.items():
+        muon = timing.step.get("Muon", math.nan)
+        cells = [f"{ms(timing.step.get(a, math.nan))} | {ratio(timing.step.get(a, math.nan), muon)}" for a in arms]
+        lines.append(f"| {width} | {ms(muon)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gpt_section(config: GPTConfig, timings: dict[int, Timing], device: str, threads: int) -> list[str]:
+    """The GPT-shaped cost section of the page."""
+    lines = [
+        "## GPT-shaped model: the optimizer step against Muon",
+        "",
+        f"{config.describe()} (widths {', '.join(map(str, timings))}), {device}, {threads} thread(s). "
+        "`optimizer.step()` alone on one batch's gradients, arms interleaved call by call (the forward that "
+        "DSGD's data constants need runs untimed before each step). Muon+AdamW: `torch.optim.Muon` (5 bfloat16 "
+        "Newton–Schulz steps) on the hidden matrices, AdamW on embeddings, LayerNorms, biases and head. Spectral "
+        "DSGD scores every block (Linear layers spectral, embeddings by rows, LayerNorms ℓ∞) and moves one: "
+        "*DSGD spectral* takes each block's path from the measured crossover (`lightning_dsgd.polar.use_polar`), "
+        "*exact* forces the SVD path (`svdvals` for every score, `svd` for the block moved), *matmul* forces the "
+        'certified Polar-Express path (`SpectralGeometry(polar="always")`, theory page).',
+        "",
+        *gpt_table(timings),
+        "",
+    ]
     return lines
 
 

@@ -37,13 +37,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from bench_common import ROOT, Device, environment, make_device
-from bench_cost import CONSTANTS, NORMS, PEERS, Config, Scaling, Timing, dsgd_arm, lightning_step_costs, measure, scale
+from bench_cost import (
+    CONSTANTS,
+    GPT_ARMS,
+    NORMS,
+    PEERS,
+    Config,
+    GPTConfig,
+    Scaling,
+    Timing,
+    dsgd_arm,
+    lightning_step_costs,
+    measure,
+    measure_gpt,
+    scale,
+)
 from bench_profile import Profile, profile_spectral
 from bench_quality import PARTS, ArmResult, Plan, run_part
 from bench_report import (
     TaskResult,
     cost_headlines,
     cost_table,
+    gpt_section,
     ms,
     picks_text,
     plot_quality,
@@ -58,7 +73,7 @@ from bench_report import (
 )
 from bench_tasks import ALL_TASKS, Task, make_tasks
 
-SECTIONS = ("cost", "scaling", "lightning", "profile", "quality")
+SECTIONS = ("cost", "scaling", "lightning", "profile", "gpt", "quality")
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,9 @@ class Suite:
     profile_width: int
     profile_depth: int
     profile_steps: int
+    gpt: GPTConfig
+    gpt_widths: list[int]
+    gpt_repeats: int
     tasks: tuple[str, ...]
     step_scale: float
     plan: Plan
@@ -105,6 +123,9 @@ DEFAULT = Suite(
     profile_width=1024,
     profile_depth=4,
     profile_steps=4,
+    gpt=GPTConfig(width=256),
+    gpt_widths=[256, 512, 1024],
+    gpt_repeats=3,
     tasks=ALL_TASKS,
     step_scale=1.0,
     plan=Plan(
@@ -138,6 +159,9 @@ QUICK = Suite(
     profile_width=64,
     profile_depth=3,
     profile_steps=2,
+    gpt=GPTConfig(width=32, depth=2, vocab=64, length=16, batch=2, head_width=16),
+    gpt_widths=[32],
+    gpt_repeats=1,
     tasks=("digits-full", "transformer"),
     step_scale=0.06,
     plan=Plan(
@@ -213,6 +237,7 @@ class Outcome:
     lightning_picks: dict[str, list[int]] = field(default_factory=dict)
     scalings: list[Scaling] = field(default_factory=list)
     profile: Profile | None = None
+    gpt: dict[int, Timing] = field(default_factory=dict)
     quality: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -311,6 +336,8 @@ def write_page(outcome: Outcome, suite: Suite, out: str, images: str, device: De
             *profile_reading(outcome.profile),
             "",
         ]
+    if outcome.gpt:
+        lines += gpt_section(suite.gpt, outcome.gpt, device.describe(), int(env.get("threads", "1")))
     if outcome.quality:
         lines += quality_section(outcome.quality, suite, images, image)
     lines += ["## Reading the numbers", ""]
@@ -528,6 +555,17 @@ def main(argv: list[str] | None = None) -> Outcome:
                 device, suite.profile_width, suite.profile_depth, 128 if not args.quick else 32, suite.profile_steps, 3
             ),
         )
+    if "gpt" in sections:
+
+        def gpt() -> dict[int, Timing]:
+            timings = {}
+            for width in suite.gpt_widths:
+                config = dataclasses.replace(suite.gpt, width=width)
+                timings[width] = measure_gpt(config, GPT_ARMS, device, 1, suite.gpt_repeats)
+                log(f"  width {width}: " + ", ".join(f"{a} {t * 1e3:.0f} ms" for a, t in timings[width].step.items()))
+            return timings
+
+        outcome.gpt = timed("gpt", gpt)
     if "quality" in sections:
         tasks, notes = make_tasks(list(suite.tasks), device, suite.step_scale, args.mnist_dir)
         outcome.notes += notes
@@ -551,6 +589,7 @@ def _jsonable(outcome: Outcome) -> dict:
         "lightning_picks": outcome.lightning_picks,
         "scalings": [dataclasses.asdict(s) for s in outcome.scalings],
         "profile": None if outcome.profile is None else dataclasses.asdict(outcome.profile),
+        "gpt": {width: dataclasses.asdict(t) for width, t in outcome.gpt.items()},
         "quality": [
             {"task": e.task.name, "results": [dataclasses.asdict(r) for r in e.results]} for e in outcome.quality
         ],

@@ -40,6 +40,7 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
         "## Cost per step",
         "## How the cost grows",
         "## Profile of spectral DSGD's step",
+        "## GPT-shaped model: the optimizer step against Muon",
         "## What it buys: optimization quality",
         "## Reading the numbers",
     ):

@@ -57,7 +57,7 @@ def crossover(device_name: str, layers: int, warmup: int, repeats: int) -> list[
         ]
         times = interleaved(calls, [lambda: None] * 3, device, warmup, repeats)
         t_polar, t_exact = median(times[0]), median(times[1]) + median(times[2]) * count / layers
-        _, inner = polar_directions(stack)
+        _, inner, _ = polar_directions(stack)
         tight = (inner.double() / torch.linalg.svdvals(stack.double()).sum(-1)).min().item()
         lines.append(
             f"| {m} × {n} | {count} | {t_polar * 1e3:.2f} | {t_exact * 1e3:.2f} | {t_polar / t_exact:.2f} "

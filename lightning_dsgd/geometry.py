@@ -186,6 +186,9 @@ class SpectralGeometry(Geometry):
 
     def __init__(self, polar: Literal["auto", "always", "never"] = "auto") -> None:
         self.polar = polar
+        #: Blocks whose matmul-path direction needed the Gershgorin fallback (looser, still
+        #: certified scores), counted on the device without a host sync; expected to stay 0.
+        self.polar_fallbacks: Tensor | int = 0
 
     def uses_polar(self, shape: Sequence[int], device: torch.device) -> bool:
         """Whether a block that is not sketched takes the matmul path."""
@@ -223,7 +226,8 @@ class SpectralGeometry(Geometry):
         for (shape, _, k), idx in groups.items():
             stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
             if k == "polar":
-                directions, inner = polar_directions(stack)
+                directions, inner, fell_back = polar_directions(stack)
+                self.polar_fallbacks = self.polar_fallbacks + fell_back.sum()
                 for j, i in enumerate(idx):
                     bases[i] = PolarDirection(directions[j], inner[j])
                 out[torch.tensor(idx, device=device)] = _nan_where_not(finite, inner).to(out.dtype)

@@ -157,10 +157,12 @@ def certified_inner(grads: Tensor, direction: Tensor, direction_trace: Tensor | 
     return (torch.linalg.vecdot(g, d) - error).clamp(min=0.0)
 
 
-def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> tuple[Tensor, Tensor]:
+def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> tuple[Tensor, Tensor, Tensor]:
     """For a finite ``(batch, m, n)`` stack of float32/float64 blocks: directions ``D`` with
-    ``‖D_j‖₂ ≤ 1`` proved, and ``c_j ≤ ⟨G_j, D_j⟩`` (hence ``c_j ≤ ‖G_j‖_*``), both in the stack's dtype."""
+    ``‖D_j‖₂ ≤ 1`` proved, and ``c_j ≤ ⟨G_j, D_j⟩`` (hence ``c_j ≤ ‖G_j‖_*``), both in the stack's
+    dtype; and where the Gershgorin fallback was needed (bool: a looser, still certified ``c_j``)."""
     dtype = stack.dtype
+    clean = _cleanup_dtype(dtype, stack.device)
     with torch.autocast(stack.device.type, enabled=False):
         wide = stack.shape[-2] <= stack.shape[-1]
         x = stack if wide else stack.mT.contiguous()
@@ -168,14 +170,22 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
         x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=tiny)  # no overflow in ‖·‖_F
         x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=tiny)
         for k, (a, b, c) in enumerate(coefficients):
-            x = _stage(x.to(torch.bfloat16 if k < FAST_STAGES else dtype), a, b, c)
+            x = _stage(x.to(torch.bfloat16 if k < FAST_STAGES else clean), a, b, c)
         x = x.to(dtype) / (polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN))
-        x, trace = _certified(x)
+        x, trace, fell_back = _certified(x)
         direction = x if wide else x.mT
         inner = certified_inner(stack, direction, trace)
         rounded = inner.to(dtype)  # rounded toward zero, so that it stays ≤ ⟨G, D⟩
         above = rounded.to(torch.float64) > inner
-        return direction, torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
+        return direction, torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded), fell_back
+
+
+def _cleanup_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the final stage: the block's own, unless float32 products may run at reduced
+    precision (TF32 on CUDA, ``set_float32_matmul_precision`` below "highest") — then float64, so
+    that ``μ`` holds (on an H100/H200 float64 products run at the non-tensor float32 rate)."""
+    reduced = device.type == "cuda" or torch.get_float32_matmul_precision() != "highest"
+    return torch.float64 if dtype == torch.float32 and reduced else dtype
 
 
 def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
@@ -185,14 +195,15 @@ def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
     return torch.baddbmm(x, poly, x, beta=a, alpha=1.0 if c != 0.0 else b)
 
 
-def _certified(x: Tensor) -> tuple[Tensor, Tensor]:
+def _certified(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` where ``‖x_j‖₂ ≤ 1`` is proved by :func:`certify_unit_norm`, else ``x_j`` divided by its
-    Gershgorin scale (no host synchronisation); and an upper bound on ``‖x_j‖²_F`` (float64)."""
+    Gershgorin scale (no host synchronisation); an upper bound on ``‖x_j‖²_F`` (float64); and
+    where the fallback was taken."""
     gram = _gram(x)
     ok = certify_unit_norm(x, gram)
     scale = torch.where(ok, torch.ones_like(gram[1]), gershgorin_scale(x, gram))
     trace = (gram[1] + gram[2]) / scale.square() * (1 + 8 * torch.finfo(x.dtype).eps)
-    return x / scale.to(x.dtype)[:, None, None], trace
+    return x / scale.to(x.dtype)[:, None, None], trace, ~ok
 
 
 # ---------------------------------------------------------------------------------------------- when to use it

@@ -71,8 +71,8 @@ def test_a_bound_too_small_is_caught_by_the_certificate(monkeypatch):
     refuse it and the Gershgorin fallback bring it back to ``‖D‖₂ ≤ 1``."""
     monkeypatch.setattr(P, "polynomial_bound", lambda coefficients=P.POLAR_EXPRESS: 0.5)
     g = torch.randn(2, 40, 60, generator=torch.Generator().manual_seed(0))
-    direction, inner = P.polar_directions(g)
-    assert spectral_norm(direction) <= 1.0
+    direction, inner, fell_back = P.polar_directions(g)
+    assert spectral_norm(direction) <= 1.0 and fell_back.all()
     assert (inner.double() <= torch.linalg.svdvals(g.double()).sum(-1)).all()
 
 
@@ -137,7 +137,8 @@ def families() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", list(families()))
 def test_direction_is_certified_and_the_score_is_tight(name, dtype):
     block = families()[name].to(dtype)
-    direction, inner = P.polar_directions(block[None])
+    direction, inner, fell_back = P.polar_directions(block[None])
+    assert not fell_back.any()
     exact = torch.linalg.svdvals(block.double()).sum().item()  # of the block as stored
     c = inner[0].item()
     assert spectral_norm(direction) <= 1.0
@@ -147,7 +148,7 @@ def test_direction_is_certified_and_the_score_is_tight(name, dtype):
 
 
 def test_zero_gradient_scores_zero_with_a_zero_direction():
-    direction, inner = P.polar_directions(torch.zeros(2, 8, 9))
+    direction, inner, _ = P.polar_directions(torch.zeros(2, 8, 9))
     assert inner.tolist() == [0.0, 0.0] and direction.abs().max().item() == 0.0
 
 
@@ -161,6 +162,7 @@ def test_geometry_hands_the_certified_direction_from_score_to_step():
     norms, bases = geometry.dual_norms_and_bases(grads)
     exact = SpectralGeometry(polar="never").dual_norms(grads[:2])
     assert torch.isnan(norms[2]) and norms[3] == 0 and bases[3] is None
+    assert int(geometry.polar_fallbacks) == 0
     for k in range(2):
         basis = bases[k]
         assert isinstance(basis, P.PolarDirection) and basis.inner == norms[k]
@@ -204,5 +206,5 @@ def test_full_batch_certified_run_on_the_matmul_path_never_misses_its_promise(dt
         grads = [(m.weight.grad, m.bias.grad) for m in model if isinstance(m, torch.nn.Linear)]
         exact = SpectralGeometry(polar="never").dual_norms(grads)
         assert (rec.dual_norms <= exact).all() and (rec.dual_norms >= 0.95 * exact).all()
-    assert misses == 0
+    assert misses == 0 and int(opt.geometries["spectral"].polar_fallbacks) == 0
     assert picked & {1}, "the hidden layer must be moved along a certified polar direction"

@@ -208,11 +208,12 @@ def _certified(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # ---------------------------------------------------------------------------------------------- when to use it
 #: Smallest ``min(m, n)`` from which the matmul path beats the exact path (``svdvals`` of every
-#: block on its tall orientation, plus one ``svd``), per device type; ``None``: never. CPU, 1 thread
-#: (``benchmarks/bench_polar.py``, docs/benchmarks.md): 1.2–2.0× slower up to 512 × 2049 (LAPACK's
-#: SVD is fast there, the float64 certificate is not free), 0.90× at 1024 × 1025. The CUDA value
-#: is unmeasured (no GPU run yet): an SVD per block is latency-bound there, matmuls are not.
-POLAR_MIN_SIDE: dict[str, int | None] = {"cpu": 1024, "cuda": 64}
+#: block on its tall orientation, plus one ``svd``), per device type; ``None``: never. CPU (2-core
+#: Xeon with AMX, 1 thread; ``benchmarks/bench_polar.py`` and the GPT section of docs/benchmarks.md):
+#: LAPACK's SVD is 1.2–2.7× faster from 128 × 129 to 2048 × 513, a tie at 1024 × 1025 (0.94×), and
+#: the GPT-shaped step at width 1024 took 1.6× longer with the matmul path on its ≥ 1024 blocks —
+#: so never. CUDA: unmeasured (no GPU run yet); an SVD per block is latency-bound there.
+POLAR_MIN_SIDE: dict[str, int | None] = {"cpu": None, "cuda": 64}
 #: Device types whose crossover has not been measured.
 UNMEASURED: frozenset[str] = frozenset({"cuda"})
 

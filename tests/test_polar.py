@@ -174,10 +174,12 @@ def test_geometry_hands_the_certified_direction_from_score_to_step():
 
 def test_sketch_takes_precedence_and_auto_follows_the_measured_crossover():
     geometry = SpectralGeometry()
-    cpu = torch.device("cpu")
-    assert geometry.uses_polar((1024, 1025), cpu) and not geometry.uses_polar((512, 513), cpu)
-    assert not SpectralGeometry(polar="never").uses_polar((4096, 4097), cpu)
-    assert "cuda" in P.UNMEASURED and P.POLAR_MIN_SIDE["cuda"] is not None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not geometry.uses_polar((4096, 4097), cpu)  # measured: LAPACK wins on this CPU
+    assert geometry.uses_polar((256, 257), cuda) and not geometry.uses_polar((16, 17), cuda)
+    assert SpectralGeometry(polar="always").uses_polar((4, 5), cpu)
+    assert not SpectralGeometry(polar="never").uses_polar((4096, 4097), cuda)
+    assert "cuda" in P.UNMEASURED and "cpu" not in P.UNMEASURED
     block = torch.randn(96, 97, dtype=torch.float64) @ torch.diag(torch.rand(97, dtype=torch.float64))
     _, bases = SpectralGeometry(polar="always").dual_norms_and_bases([(block[:, :-1], block[:, -1])], [8])
     assert isinstance(bases[0], torch.Tensor)  # a sketch basis: the rank bound makes the sketch cheaper

@@ -185,8 +185,8 @@ class GPTConfig:
 
     def describe(self) -> str:
         return (
-            f"GPT-shaped, {self.depth} pre-norm blocks of width {self.width} ({self.width // self.head_width} heads, "
-            f"MLP {4 * self.width}), vocabulary {self.vocab}, {self.batch} × {self.length} = {self.tokens} tokens"
+            f"GPT-shaped, {self.depth} pre-norm blocks of width w (w/{self.head_width} heads, MLP 4w), "
+            f"vocabulary {self.vocab}, {self.batch} × {self.length} = {self.tokens} tokens"
         )
 
 

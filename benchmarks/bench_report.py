@@ -79,7 +79,7 @@ def gpt_section(config: GPTConfig, timings: dict[int, Timing], device: str, thre
     lines = [
         "## GPT-shaped model: the optimizer step against Muon",
         "",
-        f"{config.describe()} (widths {', '.join(map(str, timings))}), {device}, {threads} thread(s). "
+        f"{config.describe()}, w = {', '.join(map(str, timings))}; {device}, {threads} thread(s). "
         "`optimizer.step()` alone on one batch's gradients, arms interleaved call by call (the forward that "
         "DSGD's data constants need runs untimed before each step). Muon+AdamW: `torch.optim.Muon` (5 bfloat16 "
         "Newton–Schulz steps) on the hidden matrices, AdamW on embeddings, LayerNorms, biases and head. Spectral "

@@ -8,7 +8,8 @@ in as the last column, matching the augmented input ``[x; 1]``. Every geometry p
   in the reduction dtype (the caller casts the update to the parameter dtype);
 * ``dual_norms_and_bases(grads, rank_bounds, seed)``: the dual norms together with, per block,
   an optional basis that the same block's ``duality_map(G, basis)`` must then be given — the
-  spectral geometry's randomized range finder for low-rank gradients (:class:`SpectralGeometry`);
+  spectral geometry's randomized range finder for low-rank gradients, or its certified matmul-path
+  direction (:class:`SpectralGeometry`, :mod:`lightning_dsgd.polar`);
 * ``norm(M)``: the primal layer norm ``‖M‖_(i)``;
 * ``operator_norms(weights)``: the operator norm ``a(W)`` of the non-bias part of each weight,
   as a certified upper bound (never an under-estimate), used by the smoothness constants;

@@ -25,6 +25,7 @@ the guaranteed decrease of the direction actually applied; ``c ≤ ‖G‖_*`` s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -163,7 +164,8 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
     dtype; and where the Gershgorin fallback was needed (bool: a looser, still certified ``c_j``)."""
     dtype = stack.dtype
     clean = _cleanup_dtype(dtype, stack.device)
-    with torch.autocast(stack.device.type, enabled=False):
+    no_autocast = torch.autocast(stack.device.type, enabled=False) if stack.device.type in ("cpu", "cuda") else None
+    with no_autocast or contextlib.nullcontext():
         wide = stack.shape[-2] <= stack.shape[-1]
         x = stack if wide else stack.mT.contiguous()
         tiny = torch.finfo(dtype).tiny

@@ -210,3 +210,21 @@ def test_full_batch_certified_run_on_the_matmul_path_never_misses_its_promise(dt
         assert (rec.dual_norms <= exact).all() and (rec.dual_norms >= 0.95 * exact).all()
     assert misses == 0 and int(opt.geometries["spectral"].polar_fallbacks) == 0
     assert picked & {1}, "the hidden layer must be moved along a certified polar direction"
+
+
+def test_autocast_and_reduced_float32_matmul_precision_do_not_weaken_the_certificate():
+    g = torch.randn(2, 64, 80, generator=torch.Generator().manual_seed(6))
+    exact = torch.linalg.svdvals(g.double()).sum(-1)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # float32 products may run in bfloat16 (oneDNN)
+        assert P._cleanup_dtype(torch.float32, torch.device("cpu")) == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            direction, inner, fell_back = P.polar_directions(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert direction.dtype == torch.float32 and inner.dtype == torch.float32 and not fell_back.any()
+    assert spectral_norm(direction) <= 1.0
+    assert (inner.double() <= exact).all() and (inner.double() >= 0.95 * exact).all()
+    assert P._cleanup_dtype(torch.float32, torch.device("cuda")) == torch.float64  # TF32 may be on
+    assert P._cleanup_dtype(torch.float32, torch.device("cpu")) == torch.float32

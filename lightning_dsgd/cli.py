@@ -7,10 +7,10 @@
 
 * ``model`` and ``data`` are chosen by ``class_path``: any ``LightningModule`` (an ordinary
   automatic-optimization module is turned into a DSGD module; one that already mixes in
-  :class:`~lightning_dsgd.DSGDMixin` keeps its settings) and any ``LightningDataModule``. The
+  [DSGDMixin][lightning_dsgd.DSGDMixin] keeps its settings) and any ``LightningDataModule``. The
   current directory is importable, as with ``python -m``: run from the repository root,
   ``examples.digits.DigitsMLP`` resolves.
-* ``dsgd`` (optional) holds :class:`~lightning_dsgd.DSGDSettings` for the model; DSGD settings may
+* ``dsgd`` (optional) holds [DSGDSettings][lightning_dsgd.DSGDSettings] for the model; DSGD settings may
   come from exactly one place: this key, the model's own ``init_args.dsgd``, or the DSGD
   strategy's ``init_args.dsgd``.
 * There are no ``--optimizer``/``--lr_scheduler`` options: DSGD is the optimizer, and its step

@@ -1,10 +1,10 @@
 """Where each step's ``L_i(w)`` come from: the constant models behind ``constants=``.
 
 * ``"data"`` / ``"architecture"`` on a rigorous chain: the certified MLP constants of
-  :mod:`lightning_dsgd.smoothness`, with input bounds measured in the batch or worst case.
+  [lightning_dsgd.smoothness][], with input bounds measured in the batch or worst case.
 * Any other model, or ``"adaptive"``: a base constant (the certified one where it exists, else
   the estimate ``H · R_i²`` from the layer's measured input bound ``R_i``, as if the layer fed the
-  loss directly) times a multiplier corrected by the curvature met (:mod:`lightning_dsgd.adaptive`).
+  loss directly) times a multiplier corrected by the curvature met ([lightning_dsgd.adaptive][]).
   Such constants are not certified.
 """
 
@@ -85,7 +85,7 @@ class ConstantModel:
         device: torch.device,
         observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
-        """This step's constants from the batch's inputs (:meth:`take_batch`); ``observe(base)``
+        """This step's constants from the batch's inputs ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]); ``observe(base)``
         lets the adaptive model see the new gradients against the current base constants before
         they are used."""
         input_bounds = batch.input_bounds
@@ -171,7 +171,7 @@ class ConstantModel:
     def _operator_norms(self) -> Tensor:
         """``a_j`` of every layer above the first (``a_0`` never enters a constant): exact for a
         weight changed from outside (its version counter moved), else followed across DSGD's own
-        steps by :meth:`note_step` (see :mod:`lightning_dsgd.norm_bounds`)."""
+        steps by [note_step][lightning_dsgd.constants.ConstantModel.note_step] (see [lightning_dsgd.norm_bounds][])."""
         above = range(1, len(self.layers))
         values = self.operator_norms.values(above, [version_key(self.layers[j].weight) for j in above])
         first = self.layers[0].weight

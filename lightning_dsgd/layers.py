@@ -307,7 +307,7 @@ class InputNormRecorder:
     * other kinds are not watched (their entry stays ``None``).
 
     Only forwards with gradients enabled are recorded (evaluation passes do not count). The
-    maximum runs over every forward since :meth:`reset`, so accumulated micro-batches are covered.
+    maximum runs over every forward since `reset()`, so accumulated micro-batches are covered.
 
     ``rows[i]`` counts the input rows a linear or attention block multiplied since the reset (a
     Python int, from shapes alone): its gradient ``Σ_t δ_t [x_t; 1]ᵀ`` has rank at most that.

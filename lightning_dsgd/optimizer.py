@@ -99,13 +99,13 @@ class DSGD(torch.optim.Optimizer):
         selection: ``"greedy"`` (the best bound), ``"random"`` or ``"cyclic"`` layer choice;
             every choice uses the same step rule and keeps its guaranteed decrease.
         loss: the loss on the model's outputs (mean over the batch): ``"cross_entropy"``
-            (rigorous), ``"mse"`` (estimated), or :class:`LossBounds` for your own bounds.
+            (rigorous), ``"mse"`` (estimated), or [LossBounds][lightning_dsgd.LossBounds] for your own bounds.
         data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"``; ``None``
             measures the running maximum over every batch seen (rigorous for each batch's loss).
         chain: the model's layers and activations in forward order, when they are not inside an
             ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``): asserts the rigorous class.
         overrides: ``{pattern: {"norm": ..., "grouping": ...}}`` per module name (``fnmatch``),
-            see :func:`lightning_dsgd.layers.discover_layers`.
+            see [lightning_dsgd.layers.discover_layers][].
         nonfinite: on an inf/NaN gradient or constant, ``"skip"`` the step (no weight changes,
             recorded as skipped) or ``"raise"`` a ``FloatingPointError``.
         seed: seed of the random layer choice (the same on every rank, so ranks agree).
@@ -117,11 +117,11 @@ class DSGD(torch.optim.Optimizer):
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
-        adaptive_options: tuning of the adaptive constants (:class:`~lightning_dsgd.adaptive.AdaptiveConstants`):
+        adaptive_options: tuning of the adaptive constants ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]):
             ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
-            sets it; see :mod:`lightning_dsgd.distributed`).
+            sets it; see [lightning_dsgd.distributed][]).
     """
 
     def __init__(
@@ -495,13 +495,13 @@ class DSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus DSGD's own under ``"dsgd"`` (:meth:`extra_state_dict`)."""
+        """torch's optimizer state plus DSGD's own under ``"dsgd"`` ([extra_state_dict][lightning_dsgd.optimizer.DSGD.extra_state_dict])."""
         state = super().state_dict()
         state["dsgd"] = self.extra_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`. A state without the ``"dsgd"`` entry (distributed
+        """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry (distributed
         checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
         Lightning mixin then restores the rest from its own checkpoint entry."""
         state_dict = dict(state_dict)

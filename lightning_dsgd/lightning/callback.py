@@ -1,6 +1,6 @@
 """``DSGDMonitor``: DSGD's decisions in any Lightning logger, in W&B, and in a picture.
 
-It reads the optimizer's record of each step (:class:`~lightning_dsgd.StepRecord`) and never
+It reads the optimizer's record of each step ([StepRecord][lightning_dsgd.StepRecord]) and never
 recomputes it. At every step Lightning logs (``Trainer(log_every_n_steps=...)``), at the step the
 Lightning loggers use (``trainer/global_step`` in W&B):
 
@@ -18,13 +18,13 @@ Lightning loggers use (``trainer/global_step`` in W&B):
   constants) it counts how often the estimate was too optimistic.
 
 Per epoch (at the epoch's last step): ``dsgd_epoch/frequency/<layer>``, how many steps chose each
-layer (a :class:`LayerSelectionFrequency` summed over ranks); in W&B also a table (one media file
+layer (a [LayerSelectionFrequency][lightning_dsgd.LayerSelectionFrequency] summed over ranks); in W&B also a table (one media file
 per epoch) and a histogram of the choices. At the end of fit, rank 0 saves ``dsgd_layers.png``
-(matplotlib, optional; see :func:`~lightning_dsgd.lightning.plot.save_history_png`).
+(matplotlib, optional; see [save_history_png][lightning_dsgd.lightning.plot.save_history_png]).
 
 **Observe-only mode.** When the model is trained by another optimizer (SGD, Adam, …), at the
 logging interval the monitor computes what DSGD would choose on the gradients already there, with
-:meth:`DSGD.score` of a DSGD built on the same module (weights are never touched): a diagnostic of
+[DSGD.score][lightning_dsgd.optimizer.DSGD.score] of a DSGD built on the same module (weights are never touched): a diagnostic of
 which layer limits progress. It logs the same keys (counts are over logged steps only).
 """
 
@@ -59,7 +59,7 @@ class DSGDMonitor(Callback):
             record already carries ``realized_decrease`` (``DSGD(full_batch=True)`` given the
             loss): that value is used.
         observe: with an optimizer other than DSGD, compute what DSGD would choose (``True``:
-            default :class:`DSGDSettings`; or the settings to score with; ``False``: log nothing).
+            default [DSGDSettings][lightning_dsgd.DSGDSettings]; or the settings to score with; ``False``: log nothing).
         plot: save ``dsgd_layers.png`` at the end of fit: ``None`` when matplotlib is installed,
             ``True`` always (an ``ImportError`` at setup without matplotlib), ``False`` never.
         dirpath: folder of the PNG; default ``trainer.log_dir`` (or ``default_root_dir``).

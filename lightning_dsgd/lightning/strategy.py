@@ -2,14 +2,14 @@
 
 They add to their base strategy exactly what DSGD needs:
 
-* ``connect`` turns a module without :class:`DSGDMixin` into a DSGD module (so the mixin is
+* ``connect`` turns a module without [DSGDMixin][lightning_dsgd.DSGDMixin] into a DSGD module (so the mixin is
   optional) and applies the strategy's ``dsgd`` settings;
 * ``verify_every_n_steps``: every N optimizer steps all ranks compare the chosen layer and a
   checksum of their weights, and fail loudly naming the rank that diverged.
 
 Every rank scores identically without further help: DDP averages the gradients before the step,
 FSDP2 norms are computed on full tensors, and the measured input norms are MAX-reduced
-(:mod:`lightning_dsgd.distributed`). Registered names (after ``import lightning_dsgd``):
+([lightning_dsgd.distributed][]). Registered names (after ``import lightning_dsgd``):
 ``dsgd``, ``dsgd_ddp``, ``dsgd_ddp_spawn``, ``dsgd_model_parallel``.
 """
 

@@ -85,7 +85,8 @@ class ConstantModel:
         device: torch.device,
         observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
-        """This step's constants from the batch's inputs ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]); ``observe(base)``
+        """This step's constants from the batch's inputs
+        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]); ``observe(base)``
         lets the adaptive model see the new gradients against the current base constants before
         they are used."""
         input_bounds = batch.input_bounds

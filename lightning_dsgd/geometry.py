@@ -8,7 +8,8 @@ in as the last column, matching the augmented input ``[x; 1]``. Every geometry p
   in the reduction dtype (the caller casts the update to the parameter dtype);
 * ``dual_norms_and_bases(grads, rank_bounds, seed)``: the dual norms together with, per block,
   an optional basis that the same block's ``duality_map(G, basis)`` must then be given — the
-  spectral geometry's randomized range finder for low-rank gradients ([SpectralGeometry][lightning_dsgd.geometry.SpectralGeometry]);
+  spectral geometry's randomized range finder for low-rank gradients
+  ([SpectralGeometry][lightning_dsgd.geometry.SpectralGeometry]);
 * ``norm(M)``: the primal layer norm ``‖M‖_(i)``;
 * ``operator_norms(weights)``: the operator norm ``a(W)`` of the non-bias part of each weight,
   as a certified upper bound (never an under-estimate), used by the smoothness constants;
@@ -148,7 +149,8 @@ def signal_singular_values(s: Tensor, shape: tuple[int, ...]) -> Tensor:
 class SpectralGeometry(Geometry):
     """``‖W‖_{2→2}``: dual is the nuclear norm ``Σσ_k``; ``ρ(G) = ‖G‖_* · U Vᵀ`` from the reduced
     SVD ``G = U Σ Vᵀ``, both taken on the gradient without its rounding-noise singular values
-    ([signal_singular_values][lightning_dsgd.geometry.signal_singular_values]). Nuclear norms of same-shape layers share one batched SVD.
+    ([signal_singular_values][lightning_dsgd.geometry.signal_singular_values]). Nuclear norms of same-shape layers
+    share one batched SVD.
 
     **Low-rank gradients** (a layer fed ``N`` input rows per step has ``rank G ≤ N``): with a rank
     bound ``r`` and ``k = r + SKETCH_OVERSAMPLING ≤ SKETCH_MAX_FRACTION · min(m, n)``, a randomized

@@ -117,7 +117,8 @@ class DSGD(torch.optim.Optimizer):
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
-        adaptive_options: tuning of the adaptive constants ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]):
+        adaptive_options: tuning of the adaptive constants
+            ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]):
             ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
@@ -495,13 +496,15 @@ class DSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus DSGD's own under ``"dsgd"`` ([extra_state_dict][lightning_dsgd.optimizer.DSGD.extra_state_dict])."""
+        """torch's optimizer state plus DSGD's own under ``"dsgd"``
+        ([extra_state_dict][lightning_dsgd.optimizer.DSGD.extra_state_dict])."""
         state = super().state_dict()
         state["dsgd"] = self.extra_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry (distributed
+        """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry
+        (distributed
         checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
         Lightning mixin then restores the rest from its own checkpoint entry."""
         state_dict = dict(state_dict)

@@ -18,13 +18,15 @@ Lightning loggers use (``trainer/global_step`` in W&B):
   constants) it counts how often the estimate was too optimistic.
 
 Per epoch (at the epoch's last step): ``dsgd_epoch/frequency/<layer>``, how many steps chose each
-layer (a [LayerSelectionFrequency][lightning_dsgd.LayerSelectionFrequency] summed over ranks); in W&B also a table (one media file
+layer (a [LayerSelectionFrequency][lightning_dsgd.LayerSelectionFrequency] summed over ranks); in W&B also a table (one
+media file
 per epoch) and a histogram of the choices. At the end of fit, rank 0 saves ``dsgd_layers.png``
 (matplotlib, optional; see [save_history_png][lightning_dsgd.lightning.plot.save_history_png]).
 
 **Observe-only mode.** When the model is trained by another optimizer (SGD, Adam, …), at the
 logging interval the monitor computes what DSGD would choose on the gradients already there, with
-[DSGD.score][lightning_dsgd.optimizer.DSGD.score] of a DSGD built on the same module (weights are never touched): a diagnostic of
+[DSGD.score][lightning_dsgd.optimizer.DSGD.score] of a DSGD built on the same module (weights are never touched): a
+diagnostic of
 which layer limits progress. It logs the same keys (counts are over logged steps only).
 """
 

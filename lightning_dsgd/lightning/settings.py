@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 @dataclass
 class DSGDSettings:
-    """Everything the mixin needs to build and drive [DSGD][lightning_dsgd.DSGD].
+    """Everything the mixin needs to build and drive the DSGD optimizer.
 
     The first group is passed to the optimizer (see [DSGD][lightning_dsgd.DSGD] for each
     argument and its effect on the guarantee). The second replaces the

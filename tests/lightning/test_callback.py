@@ -30,7 +30,7 @@ from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
 
 NAMES = ["net.0", "net.2", "net.4"]
 STEP_KEYS = {"dsgd/layer", "dsgd/stationarity", "dsgd/guaranteed_decrease", "dsgd/certified", "dsgd/skipped"} | {
-    f"dsgd_layers/{quantity}/{name}" for quantity in ("score", "constant", "dual_norm") for name in NAMES
+    f"dsgd_layers/{quantity}/{name}" for quantity in ("chosen", "score", "constant", "dual_norm") for name in NAMES
 }
 EPOCH_KEYS = {f"dsgd_epoch/frequency/{name}" for name in NAMES}
 RANDOM = DSGDSettings(selection="random", seed=3)  # varied choices, so the counts say something
@@ -64,15 +64,20 @@ class RecordingLogger(Logger):
         return [(metrics, step) for metrics, step in self.calls if key in metrics]
 
 
+def dsgd_part(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metrics.items() if key.startswith("dsgd")}
+
+
 def expected_step_metrics(record) -> dict[str, Any]:
     metrics = {
-        "dsgd/layer": record.layer,
+        "dsgd/layer": -1 if record.layer is None else record.layer,
         "dsgd/stationarity": record.stationarity.item(),
         "dsgd/guaranteed_decrease": record.guaranteed_decrease.item(),
         "dsgd/certified": int(record.certified),
         "dsgd/skipped": int(record.skipped),
     }
     for i, name in enumerate(NAMES):
+        metrics[f"dsgd_layers/chosen/{name}"] = int(i == record.layer)
         metrics[f"dsgd_layers/score/{name}"] = record.scores[i].item()
         metrics[f"dsgd_layers/constant/{name}"] = record.constants[i].item()
         metrics[f"dsgd_layers/dual_norm/{name}"] = record.dual_norms[i].item()
@@ -94,19 +99,21 @@ def test_logs_exact_keys_values_and_steps(tmp_path, every, logged):
     steps = logger.steps_of("dsgd/stationarity")
     assert steps == logged == logger.steps_of("train_loss")  # the steps Lightning logs the user's metrics at
     for metrics, step in logger.calls_with("dsgd/stationarity"):
-        assert metrics == expected_step_metrics(record.records[step])  # one step per batch: record k is step k
-        assert isinstance(metrics["dsgd/layer"], int)
+        # In the same call (one CSV row) as training_step's metrics of that step, with the epoch:
+        assert "train_loss" in metrics and metrics["epoch"] == step // 8
+        assert dsgd_part(metrics) == expected_step_metrics(record.records[step])  # record k is step k
 
     # 8 batches per epoch: epoch 0 ends at step 7, the second (stopped by max_steps) at step 11.
     epoch_calls = logger.calls_with("dsgd_epoch/frequency/net.0")
     assert [step for _, step in epoch_calls] == [7, 11]
     expected = counts_per_epoch(record.layers, 8)
     assert len(set(record.layers)) > 1
-    for (metrics, _), counts in zip(epoch_calls, expected, strict=True):
-        assert metrics == {f"dsgd_epoch/frequency/{name}": c for name, c in zip(NAMES, counts, strict=True)}
+    for epoch, ((metrics, _), counts) in enumerate(zip(epoch_calls, expected, strict=True)):
+        frequencies = {f"dsgd_epoch/frequency/{name}": c for name, c in zip(NAMES, counts, strict=True)}
+        assert metrics == {**frequencies, "epoch": epoch}
     assert monitor.epoch_counts == expected
     # Nothing else: every DSGD call is one of these two kinds.
-    dsgd_calls = [m for m, _ in logger.calls if any(k.startswith("dsgd") for k in m)]
+    dsgd_calls = [dsgd_part(m) for m, _ in logger.calls if any(k.startswith("dsgd") for k in m)]
     assert all(set(m) in (STEP_KEYS, EPOCH_KEYS) for m in dsgd_calls)
     assert len(dsgd_calls) == len(logged) + 2
     assert t.callback_metrics["dsgd/stationarity"].item() == record.records[logged[-1]].stationarity.item()
@@ -127,7 +134,12 @@ def test_csv_logger(tmp_path):
     with open(Path(t.log_dir) / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["dsgd/layer"]]
     assert [int(row["step"]) for row in rows] == [1, 3, 5]
-    assert [int(row["dsgd/layer"]) for row in rows] == [record.layers[k] for k in (1, 3, 5)]
+    assert [float(row["dsgd/layer"]) for row in rows] == [record.layers[k] for k in (1, 3, 5)]
+    # The chosen layer by name, in the row of training_step's loss, with the epoch:
+    for row, k in zip(rows, (1, 3, 5), strict=True):
+        assert row["train_loss"] and row["epoch"] == str(k // 8)
+        chosen = [name for name in NAMES if float(row[f"dsgd_layers/chosen/{name}"]) == 1]
+        assert chosen == [NAMES[record.layers[k]]]
     if importlib.util.find_spec("matplotlib") is not None:  # the picture lands next to the metrics
         assert (Path(t.log_dir) / "dsgd_layers.png").is_file()
 
@@ -157,7 +169,8 @@ def test_a_skipped_step_is_logged_as_skipped_without_a_layer(tmp_path):
     calls = [metrics for metrics, _ in logger.calls_with("dsgd/skipped")]
     assert [m["dsgd/skipped"] for m in calls] == [0, 0, 1, 0]
     assert [m["dsgd/certified"] for m in calls] == [1, 1, 0, 1]
-    assert "dsgd/layer" not in calls[2] and all("dsgd/layer" in calls[k] for k in (0, 1, 3))
+    assert calls[2]["dsgd/layer"] == -1 and all(calls[k]["dsgd/layer"] >= 0 for k in (0, 1, 3))
+    assert not any(calls[2][f"dsgd_layers/chosen/{name}"] for name in NAMES)
     assert math.isnan(calls[2]["dsgd_layers/score/net.0"])
     assert sum(monitor.epoch_counts[0]) == 3 and monitor.history.layers[2] is None
 
@@ -177,7 +190,8 @@ def test_full_batch_realized_decrease_meets_the_guarantee(tmp_path):
     realized = logger.calls_with("dsgd/realized_decrease")
     assert [step for _, step in realized] == list(range(11))  # the last step's decrease is never known
     for metrics, step in realized:
-        assert set(metrics) == {"dsgd/realized_decrease", "dsgd/bound_violations"}
+        assert set(metrics) == {"dsgd/realized_decrease", "dsgd/bound_violations", "epoch"}
+        assert metrics["epoch"] == step  # one step per epoch
         assert metrics["dsgd/realized_decrease"] == pytest.approx(losses[step] - losses[step + 1], abs=1e-6)
         assert metrics["dsgd/realized_decrease"] >= record.records[step].guaranteed_decrease.item() > 0
         assert metrics["dsgd/bound_violations"] == 0
@@ -259,7 +273,7 @@ def test_observe_mode_scores_adam_training_without_changing_it(tmp_path):
     calls = logger.calls_with("dsgd/stationarity")
     assert [step for _, step in calls] == [1, 3, 5, 7, 9] == sorted(snapshot.snapshots)
     for metrics, step in calls:
-        assert set(metrics) == STEP_KEYS and metrics["dsgd/certified"] == 1
+        assert set(dsgd_part(metrics)) == STEP_KEYS and metrics["dsgd/certified"] == 1
         # What DSGD itself decides on a copy of the network, its gradients and the batch at that step:
         net, grads, (x, _) = snapshot.snapshots[step]
         dsgd = DSGD(net)
@@ -388,9 +402,12 @@ def test_wandb_offline_history_has_the_layer_and_bounds(tmp_path, monkeypatch):
     wait_until_closed(path)
     rows = [row for row in history(path) if "dsgd/stationarity" in row]
     assert [row["trainer/global_step"] for row in rows] == [1, 3, 5, 7, 9, 11, 13, 15]
+    # The name (a string) comes in a W&B-only call at the same trainer/global_step.
+    names = {row["trainer/global_step"]: row["dsgd/layer_name"] for row in history(path) if "dsgd/layer_name" in row}
     for row in rows:
         rec = record.records[row["trainer/global_step"]]
-        assert row["dsgd/layer"] == rec.layer and row["dsgd/layer_name"] == rec.layer_name
+        assert row["dsgd/layer"] == rec.layer and names[row["trainer/global_step"]] == rec.layer_name
+        assert row["epoch"] == row["trainer/global_step"] // 8 and "train_loss" in row
         assert row["dsgd/stationarity"] == rec.stationarity.item()
         assert row["dsgd/guaranteed_decrease"] == rec.guaranteed_decrease.item()
         for i, name in enumerate(NAMES):

@@ -98,11 +98,8 @@ def save_history_png(history: History, layer_names: list[str], path: str | Path,
     ax_layer.legend(loc="upper right", fontsize="small")
 
     ax_bounds.plot(steps, _positive(history.stationarity), label="stationarity  max_i ‖g_i‖*/√L_i", color="C1")
-    # A decrease is guaranteed only on certified steps; elsewhere it is an estimate, and says so.
-    for certified, label, style in ((True, "guaranteed decrease (certified)", "-"), (False, "estimated decrease", ":")):
-        values = [g if c == certified else None for g, c in zip(history.guaranteed, history.certified, strict=True)]
-        if any(v is not None for v in values):
-            ax_bounds.plot(steps, _positive(values), label=label, color="C2", ls=style)
+    for label, values in decrease_series(history):
+        ax_bounds.plot(steps, _positive(values), label=label, color="C2", ls="-" if label.startswith("guar") else ":")
     if any(r is not None for r in history.realized):
         ax_bounds.plot(steps, _positive(history.realized), label="realized decrease", color="C4", ls="--")
     ax_bounds.set_yscale("log")
@@ -117,6 +114,17 @@ def save_history_png(history: History, layer_names: list[str], path: str | Path,
     ax_constants.legend(loc="best", fontsize="small", ncols=min(n, 4))
     fig.savefig(path, format="png")
     return path
+
+
+def decrease_series(history: History) -> list[tuple[str, list[float | None]]]:
+    """The promised decrease as the chart draws it: "guaranteed" on certified steps only, and
+    "estimated" on the others (gaps elsewhere); a series with no step is left out."""
+    series = []
+    for certified, label in ((True, "guaranteed decrease (certified)"), (False, "estimated decrease (not certified)")):
+        values = [g if c == certified else None for g, c in zip(history.guaranteed, history.certified, strict=True)]
+        if any(v is not None for v in values):
+            series.append((label, values))
+    return series
 
 
 def _positive(values: list[float | None]) -> list[float]:

@@ -10,9 +10,11 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from torch import nn
 from lightning_dsgd import DSGD, DSGDSettings, LossBounds
 from lightning_dsgd.lightning.callback import DSGDMonitor
 from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
+from lightning_dsgd.lightning.plot import History, decrease_series
 
 NAMES = ["net.0", "net.2", "net.4"]
 STEP_KEYS = {"dsgd/layer", "dsgd/stationarity", "dsgd/guaranteed_decrease", "dsgd/certified", "dsgd/skipped"} | {
@@ -173,6 +176,113 @@ def test_a_skipped_step_is_logged_as_skipped_without_a_layer(tmp_path):
     assert not any(calls[2][f"dsgd_layers/chosen/{name}"] for name in NAMES)
     assert math.isnan(calls[2]["dsgd_layers/score/net.0"])
     assert sum(monitor.epoch_counts[0]) == 3 and monitor.history.layers[2] is None
+
+
+# ---------------------------------------------------------------------------- the key table of the guide
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide" / "callback.md"
+
+
+def documented_keys() -> dict[str, str]:
+    """``key -> "every logger" | "W&B only"`` from the one table of docs/guide/callback.md."""
+    rows = re.findall(r"^\| `([^`]+)` \| (every logger|W&B only) \|", GUIDE.read_text(), flags=re.M)
+    assert len(rows) == len(set(key for key, _ in rows)), "a key is in the table twice"
+    return dict(rows)
+
+
+def recording_wandb_logger() -> Logger:
+    """A ``WandbLogger`` (the monitor's W&B branch runs) that records its calls instead of a run."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Run:
+        config = SimpleNamespace(update=lambda *args, **kwargs: None)
+
+        def define_metric(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class RecordingWandbLogger(WandbLogger):
+        calls = RecordingLogger.calls_with
+
+        @property
+        def experiment(self) -> Any:
+            return Run()
+
+        def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+            self.calls.append((dict(metrics), step))
+
+    logger = RecordingWandbLogger(offline=True)
+    logger.calls = []
+    return logger
+
+
+def logged_keys(calls: list[tuple[dict[str, Any], int | None]]) -> set[str]:
+    keys = {key for metrics, _ in calls for key in metrics if key.startswith("dsgd")}
+    return {re.sub(r"/net\.\d+$", "/<layer>", key) for key in keys}
+
+
+def test_the_guide_documents_exactly_the_keys_the_monitor_logs(tmp_path):
+    """Every key logged (a full-batch DSGD run reaches every kind) is in the guide's table with
+    the loggers it goes to, and every key of the table is logged."""
+    plain, wandb_logger = RecordingLogger(), recording_wandb_logger()
+    monitor = DSGDMonitor(full_batch=True, plot=False)
+    t = trainer(tmp_path, max_epochs=3, logger=[plain, wandb_logger], log_every_n_steps=1, callbacks=[monitor])
+    t.fit(DSGDClassifier(batch_size=64))
+    everywhere, in_wandb = logged_keys(plain.calls), logged_keys(wandb_logger.calls)
+    table = documented_keys()
+    assert everywhere == {key for key, where in table.items() if where == "every logger"}
+    assert in_wandb - everywhere == {key for key, where in table.items() if where == "W&B only"}
+
+
+# ---------------------------------------------------------------------------- logging_interval
+def test_logging_interval_step_logs_no_epoch_keys(tmp_path):
+    logger = RecordingLogger()
+    t = trainer(tmp_path, max_steps=10, logger=logger, log_every_n_steps=2, callbacks=[DSGDMonitor("step", plot=False)])
+    t.fit(DSGDClassifier(dsgd=RANDOM))
+    assert logger.steps_of("dsgd/stationarity") == [1, 3, 5, 7, 9] and logger.steps_of(next(iter(EPOCH_KEYS))) == []
+
+
+@pytest.mark.parametrize("model", ["dsgd", "observe"])
+def test_logging_interval_epoch_logs_the_epochs_last_step_with_the_counts(tmp_path, model):
+    logger, record, monitor = RecordingLogger(), RecordChoices(), DSGDMonitor("epoch", plot=False)
+    callbacks = [record, monitor] if model == "dsgd" else [monitor]
+    t = trainer(tmp_path, max_steps=12, logger=logger, log_every_n_steps=1, callbacks=callbacks)
+    t.fit(DSGDClassifier(dsgd=RANDOM) if model == "dsgd" else Classifier())
+    dsgd_calls = [(m, step) for m, step in logger.calls if any(k.startswith("dsgd") for k in m)]
+    assert [step for _, step in dsgd_calls] == [7, 11]  # each epoch's last step (the second stopped at 11)
+    for epoch, (metrics, step) in enumerate(dsgd_calls):
+        assert set(dsgd_part(metrics)) == STEP_KEYS | EPOCH_KEYS and metrics["epoch"] == epoch
+        if model == "dsgd":
+            assert dsgd_part(metrics) == {**expected_step_metrics(record.records[step]), **dsgd_part(metrics)}
+    assert monitor.history.steps == [7, 11]
+    if model == "dsgd":
+        assert monitor.epoch_counts == counts_per_epoch(record.layers, 8)  # every step is still counted
+    else:
+        assert [sum(c) for c in monitor.epoch_counts] == [1, 1]  # only the scored steps
+
+
+def test_logging_interval_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"logging_interval='batch'\) is not an interval"):
+        DSGDMonitor(logging_interval="batch")
+
+
+def test_history_repr_is_one_short_line(tmp_path):
+    monitor = DSGDMonitor(plot=False)
+    trainer(tmp_path, max_steps=40, log_every_n_steps=1, callbacks=[monitor]).fit(DSGDClassifier())
+    text = repr(monitor.history)
+    assert text == "History(40 logged steps 0…39, 40 certified, 0 skipped, 0 with a realized decrease)"
+
+
+def test_the_chart_never_calls_an_uncertified_estimate_guaranteed():
+    history = History()
+    for step, certified in enumerate([True, False, True]):
+        history.append(step, 0, certified, 1.0, 0.1 * (step + 1), [1.0])
+    series = dict(decrease_series(history))
+    assert series == {
+        "guaranteed decrease (certified)": [0.1, None, pytest.approx(0.3)],
+        "estimated decrease (not certified)": [None, 0.2, None],
+    }
+    history.certified = [False, False, False]
+    assert [label for label, _ in decrease_series(history)] == ["estimated decrease (not certified)"]
 
 
 # ---------------------------------------------------------------------------- full batch

@@ -91,9 +91,21 @@ def test_before_and_after_adding_dsgd(workdir):
     from examples import add_dsgd
 
     results = add_dsgd.main(["--epochs", "1", "--max-steps", "3"])
-    assert len(results) == 4 and all(0.0 <= acc <= 1.0 for acc in results.values())
-    dsgd_runs = [acc for name, acc in results.items() if name.startswith("after")]
+    assert len(results) == 4 and all(0.0 <= r.accuracy <= 1.0 and r.steps == 3 for r in results.values())
+    adam, *dsgd_runs = results.values()
     assert dsgd_runs[0] == dsgd_runs[1] == dsgd_runs[2]  # the three ways are the same DSGD run
+    assert adam.choices is None and sum(dsgd_runs[0].choices.values()) == 3
+
+
+@pytest.mark.slow
+def test_adding_dsgd_prints_runs_that_visibly_differ_by_default(workdir, capsys):
+    """The default run must not read as if DSGD did nothing: Adam's line differs from DSGD's."""
+    from examples import add_dsgd
+
+    adam, *dsgd_runs = add_dsgd.main([]).values()
+    assert adam.accuracy != dsgd_runs[0].accuracy and adam.loss != dsgd_runs[0].loss
+    lines = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line]
+    assert len({line.split("accuracy")[1] for line in lines}) == 2  # Adam's, and the one DSGD run's
 
 
 def test_plain_pytorch_digits_script(workdir):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import EpochTable, quiet_lightning
+from examples.common import EpochTable, quiet_lightning, shuffled_batches
 from examples.models import TanhMLP
 from lightning_dsgd import DSGDMixin, DSGDMonitor, DSGDSettings
 
@@ -38,7 +38,8 @@ class DigitsDataModule(LightningDataModule):
     Args:
         batch_size: training batch size; ``0`` = full batch (the same whole split every step).
         val_fraction: share of the data held out for validation.
-        seed: the split and the shuffling order.
+        seed: the split and the shuffling order (epoch ``e`` is shuffled from ``seed + e``, so that a
+            run resumed from a checkpoint continues exactly).
     """
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> None:
@@ -68,10 +69,7 @@ class DigitsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None
-        if self.batch_size <= 0:  # full batch: one batch, always the same
-            return DataLoader(self.train, batch_size=len(self.train))
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return shuffled_batches(self.train, self.batch_size, self.seed)  # resumes exactly: seed + epoch
 
     def val_dataloader(self) -> DataLoader:
         assert self.val is not None

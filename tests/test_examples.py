@@ -77,6 +77,39 @@ def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
     assert any(f.stat().st_size > 0 for f in run.glob("run-*.wandb"))
 
 
+def test_digits_run_resumed_from_a_checkpoint_continues_exactly(workdir):
+    """2 epochs, a checkpoint, then on to 4: the same weights as 4 epochs straight (the data module
+    shuffles epoch e from seed + e, not from a generator that restarts on resume)."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from examples.digits import DigitsDataModule, DSGDTanhMLP
+    from lightning_dsgd import DSGDSettings
+
+    def fit(epochs: int, ckpt_path: Path | None = None, checkpoint: ModelCheckpoint | None = None) -> dict:
+        seed_everything(0, verbose=False)
+        model = DSGDTanhMLP(widths=[64, 32, 10], dsgd=DSGDSettings(selection="random", seed=1))
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            callbacks=[checkpoint] if checkpoint else [],
+            enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
+        return {key: value.clone() for key, value in model.state_dict().items()}
+
+    straight = fit(4)
+    fit(2, checkpoint=ModelCheckpoint(dirpath=workdir / "ckpt", filename="epoch2"))
+    resumed = fit(4, ckpt_path=workdir / "ckpt" / "epoch2.ckpt")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
 def test_digits_script_without_wandb_logs_to_csv_only(workdir, monkeypatch, capsys):
     from examples import digits
 

@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -75,6 +76,22 @@ def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
     run = result["wandb_dir"]
     assert run is not None and run.name.startswith("offline-run-")
     assert any(f.stat().st_size > 0 for f in run.glob("run-*.wandb"))
+
+
+def test_the_checkpoint_the_guide_cites_is_written_by_the_demo_and_resumes(workdir):
+    """docs/guide/checkpoints.md's path is where `make demo` (examples/digits.py) writes its last
+    checkpoint, and the guide's command continues that run."""
+    from examples import digits
+
+    guide = (ROOT / "docs" / "guide" / "checkpoints.md").read_text()
+    cited = set(re.findall(r"lightning_logs/digits/version_0/checkpoints/[\w.=-]+\.ckpt", guide))
+    assert len(cited) == 1
+    (path,) = cited
+    result = digits.main(["--epochs", "1", "--max-steps", "3", "--wandb", "off"])
+    assert result["checkpoint"] == Path(path) and (workdir / path).is_file()
+    assert f"--ckpt-path {path}" in guide  # the guide's command continues that run
+    resumed = digits.main(["--max-steps", "5", "--wandb", "off", "--ckpt-path", path])
+    assert resumed["steps"] == 5 and sum(resumed["choice_counts"].values()) == 5
 
 
 def test_digits_run_resumed_from_a_checkpoint_continues_exactly(workdir):

@@ -147,6 +147,20 @@ def test_csv_logger(tmp_path):
         assert (Path(t.log_dir) / "dsgd_layers.png").is_file()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_csv_rows_on_a_gpu(tmp_path):
+    """On CUDA the step keys (CPU tensors after one host sync) still join training_step's row."""
+    t = trainer(tmp_path, accelerator="gpu", max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    t.callbacks.append(DSGDMonitor(plot=False))
+    t.fit(DSGDClassifier(dsgd=RANDOM))
+    with open(Path(t.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["dsgd/stationarity"]]
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3]
+    assert all(row["train_loss"] and row["epoch"] == "0" for row in rows)
+    assert all(sum(float(row[f"dsgd_layers/chosen/{name}"]) for name in NAMES) == 1 for row in rows)
+
+
 def test_works_without_wandb_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     with pytest.raises(ImportError):

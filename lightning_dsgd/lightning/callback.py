@@ -315,6 +315,7 @@ class DSGDMonitor(Callback):
         if self.logging_interval == "epoch" and last is not None:  # the epoch's last step, in the same row
             record, step = last
             metrics.update(self._step_metrics(record, step))
+            trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
             if record.layer_name is not None:
                 wandb_extra["dsgd/layer_name"] = record.layer_name
             if not self._observing and self._previous is not None:  # its realized decrease is logged when known

@@ -268,6 +268,7 @@ def test_logging_interval_epoch_logs_the_epochs_last_step_with_the_counts(tmp_pa
         if model == "dsgd":
             assert dsgd_part(metrics) == {**expected_step_metrics(record.records[step]), **dsgd_part(metrics)}
     assert monitor.history.steps == [7, 11]
+    assert t.callback_metrics["dsgd/stationarity"].item() == monitor.history.stationarity[-1]
     if model == "dsgd":
         assert monitor.epoch_counts == counts_per_epoch(record.layers, 8)  # every step is still counted
     else:

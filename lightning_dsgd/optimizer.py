@@ -25,6 +25,7 @@ from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.norm_bounds import NormBounds
+from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 ConstantsMode = Literal["data", "architecture", "adaptive"]
@@ -60,6 +61,9 @@ class StepRecord:
     loss: Tensor | None
     layers: tuple[int, ...] = ()
     realized_decrease: Tensor | None = None
+    #: Why the arithmetic voids this step's certificate (autocast or TF32 in the forward,
+    #: low-precision parameters: see :mod:`lightning_dsgd.precision`); ``certified`` is then False.
+    precision_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class _Scored:
     best: int
     nonfinite: bool
     skip_reason: str | None
+    precision_reason: str | None = None
 
 
 class DSGD(torch.optim.Optimizer):
@@ -204,7 +209,7 @@ class DSGD(torch.optim.Optimizer):
         self._weight_norms = NormBounds(self._exact_weight_norms)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._cursor = 0
         self.steps_taken = 0
         self.skipped_steps = 0
@@ -243,6 +248,10 @@ class DSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 result = closure()
             loss = result if result is not None else loss  # Lightning's manual-mode closure returns None
+        with full_precision(self._device_types()):  # DSGD's own arithmetic: IEEE float32, no autocast
+            return self._step(loss)
+
+    def _step(self, loss: Tensor | None) -> Tensor | None:
         scored = self._score()
         if scored.nonfinite and self.nonfinite == "raise":
             raise FloatingPointError(
@@ -274,8 +283,12 @@ class DSGD(torch.optim.Optimizer):
         """What a greedy ``step()`` would decide on the current gradients, without changing any
         weight, counter or random state (for observing a model trained by another optimizer).
         Consumes the recorded input norms like ``step()`` does."""
-        scored = self._score()
-        return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
+        with full_precision(self._device_types()):
+            scored = self._score()
+            return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
+
+    def _device_types(self) -> set[str]:
+        return {layer.weight.device.type for layer in self.layers}
 
     def _score(self) -> _Scored:
         """Dual norms, constants and scores of every layer, and the greedy choice."""
@@ -283,6 +296,9 @@ class DSGD(torch.optim.Optimizer):
         for eta in etas:
             _check_eta(eta)
         grads = [self._block_grad(layer) for layer in self.layers]
+        precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
+            {p.dtype for layer in self.layers for p in layer.params}
+        )
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
         adaptive = self.constant_model.adaptive
@@ -308,9 +324,10 @@ class DSGD(torch.optim.Optimizer):
             skip_reason = self._nonfinite_reason(dual_norms, constants)
         elif self.selection == "greedy" and best_score <= 0.0:
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
-        return _Scored(
+        scored = _Scored(
             etas, grads, bases, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason
         )
+        return replace(scored, precision_reason=precision_reason)
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
         """Uncertified constants are estimates: until a layer's curvature has been measured once,
@@ -350,7 +367,13 @@ class DSGD(torch.optim.Optimizer):
         bases: list[Tensor | None] = [None] * len(grads)
         for name, geometry in self.geometries.items():
             idx = [i for i, layer in enumerate(self.layers) if layer.norm == name]
-            values, found = geometry.dual_norms_and_bases([grads[i] for i in idx], [rank_bounds[i] for i in idx], seed)
+            if all(grads[i] is None for i in idx):  # e.g. a frozen embedding, the only "rows" layer
+                device = self.layers[idx[0]].weight.device
+                values, found = torch.zeros(len(idx), device=device), [None] * len(idx)
+            else:
+                values, found = geometry.dual_norms_and_bases(
+                    [grads[i] for i in idx], [rank_bounds[i] for i in idx], seed
+                )
             for k, i in enumerate(idx):
                 out[i], bases[i] = values[k], found[k]
         dtype = max((t.dtype for t in out if t is not None), key=lambda d: torch.finfo(d).bits)
@@ -371,7 +394,7 @@ class DSGD(torch.optim.Optimizer):
 
     def _choose(self, scored: _Scored) -> list[int]:
         if self.selection == "random":
-            return [int(torch.randint(len(self.layers), (1,), generator=self._generator))]
+            return [int(torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu"))]
         if self.selection == "cyclic":
             index = self._cursor
             self._cursor = (self._cursor + 1) % len(self.layers)
@@ -467,12 +490,13 @@ class DSGD(torch.optim.Optimizer):
             guaranteed_decrease=decrease,  # type: ignore[arg-type]
             eta=eta,
             selection=self.selection,
-            certified=self.certified and not skipped,
+            certified=self.certified and not skipped and scored.precision_reason is None,
             skipped=skipped,
             skip_reason=scored.skip_reason if skipped else None,
             loss=None if loss is None else loss.detach(),
             layers=tuple(chosen),
             realized_decrease=realized,
+            precision_reason=scored.precision_reason,
         )
 
     def record_skip(self, reason: str) -> None:
@@ -538,7 +562,7 @@ class DSGD(torch.optim.Optimizer):
         self.skipped_steps = extra["skipped_steps"]
         self.selection_counts = list(extra["selection_counts"])
         self._cursor = extra["cursor"]
-        self._generator.set_state(extra["generator"])
+        self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}

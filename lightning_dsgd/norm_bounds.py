@@ -12,6 +12,11 @@ A value is recomputed exactly when the weight changed some other way (its versio
 when the bound has grown more than ``tolerance`` beyond the last exact value — so it is never an
 under-estimate and never looser than ``1 + tolerance`` times the last exact value plus the steps
 since.
+
+The growth check reads the bounds on the host without a synchronisation of its own: the ratios
+are copied to the host asynchronously at one call and read at the next (by then the step that
+followed has synchronised), so a bound past the tolerance is recomputed one call late — still an
+upper bound, looser by at most one more step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def _copy_to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    """Start copying ``values`` to the host without waiting (pinned memory on CUDA); the event
+    marks when the copy is done."""
+    if values.device.type == "cpu":
+        return values, None
+    if values.device.type != "cuda":
+        return values.cpu(), None
+    host = values.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _read_copied(host: Tensor, event: torch.cuda.Event | None) -> list[float]:
+    """The values of a copy made by :func:`_copy_to_host` (waits for it only if it is still running,
+    which a step's own synchronisation since then rules out)."""
+    if event is not None:
+        event.synchronize()
+    return host.tolist()
 
 
 @dataclass
@@ -39,6 +65,7 @@ class NormBounds:
         self._compute = compute
         self.tolerance = tolerance
         self._entries: dict[int, _Entry] = {}
+        self._growth: tuple[list[tuple[int, _Entry]], Tensor, torch.cuda.Event | None] | None = None
         self.exact_computations = 0  # how many values were computed exactly (for tests and profiles)
 
     def values(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[Tensor]:
@@ -46,16 +73,31 @@ class NormBounds:
         ones (changed from outside, or grown past the tolerance) in one ``compute`` call."""
         key_of = dict(zip(indices, keys, strict=True))
         stale = [i for i, key in key_of.items() if i not in self._entries or self._entries[i].key != key]
+        stale += [i for i in self._outgrown() if i in key_of and i not in stale]
         advanced = [i for i in indices if i not in stale and self._entries[i].advanced]
-        if advanced:  # one host sync for all layers moved by the triangle inequality
-            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced]).tolist()
-            stale += [i for i, g in zip(advanced, growth, strict=True) if not g <= 1.0 + self.tolerance]
+        if advanced:  # read at the next call, without a host synchronisation now
+            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced])
+            self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
         if stale:
             fresh = self._compute(stale)
             self.exact_computations += len(stale)
             for k, i in enumerate(stale):
                 self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
         return [self._entries[i].value for i in indices]
+
+    def _outgrown(self) -> list[int]:
+        """The layers whose bound had grown past the tolerance at the previous call (and whose
+        entry is still the one measured then)."""
+        if self._growth is None:
+            return []
+        measured, host, event = self._growth
+        self._growth = None
+        growth = _read_copied(host, event)
+        return [
+            i
+            for (i, entry), g in zip(measured, growth, strict=True)
+            if self._entries.get(i) is entry and not g <= 1.0 + self.tolerance
+        ]
 
     def advance(
         self, index: int, before: Hashable, after: Hashable, step_norm: Tensor, dtype: torch.dtype, size: int

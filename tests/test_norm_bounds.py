@@ -40,7 +40,8 @@ def test_bound_stays_above_the_true_norm_through_many_steps(dtype):
         w.add_(delta)
         bounds.advance(0, key, version_key(w), torch.linalg.matrix_norm(delta.double(), ord=2), dtype, 30)
     if dtype == torch.bfloat16:
-        assert computed >= 100  # u√r ≈ 0.02 per step: past the 5% tolerance within two steps
+        # u√r ≈ 0.02 per step: past the 5% tolerance within two steps, recomputed one call later
+        assert computed >= 60
     else:
         assert computed < 60
 

@@ -225,10 +225,12 @@ class ConstantModel:
         return {
             "measured_data_bound": self._measured_data_bound,
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
+            "operator_norms": self.operator_norms.state_dict(),
         }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         bound = state["measured_data_bound"]
         self._measured_data_bound = None if bound is None else bound.to(device)
+        self.operator_norms.load_state_dict(state.get("operator_norms", {}), device)
         if self.adaptive is not None and state.get("adaptive") is not None:
             self.adaptive.load_state_dict(state["adaptive"], device)

@@ -552,6 +552,7 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
+            "weight_norms": self._weight_norms.state_dict(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
 
@@ -564,6 +565,7 @@ class DSGD(torch.optim.Optimizer):
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
+        self._weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 

@@ -23,6 +23,7 @@ from lightning_dsgd.distributed import Reducer, full, version_key
 from lightning_dsgd.geometry import Geometry, reduction_dtype
 from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
 from lightning_dsgd.norm_bounds import NormBounds
+from lightning_dsgd.precision import device_constant
 from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
 
 #: Input bound assumed for blocks whose input is not measured: an embedding reads one-hot rows
@@ -196,7 +197,7 @@ class ConstantModel:
 
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self._fixed_data_bound is not None:
-            return torch.tensor(self._fixed_data_bound, dtype=dtype, device=device)
+            return device_constant(float(self._fixed_data_bound), dtype, device)
         if self._measured_data_bound is None:
             raise RuntimeError(
                 "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
@@ -216,7 +217,7 @@ class ConstantModel:
         for i, layer in enumerate(self.layers):
             measured = None if input_bounds is None else input_bounds[i]
             if measured is None:
-                measured = torch.tensor(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype=dtype, device=device)
+                measured = device_constant(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype, device)
             bounds.append(measured.to(device=device, dtype=dtype))
         return self.h * torch.stack(bounds).square()
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_dsgd.precision import device_constant
 
 NormName = Literal["frobenius", "spectral", "linf", "rows"]
 ActivationNorm = Literal["l2", "linf"]
@@ -120,7 +121,7 @@ class FrobeniusGeometry(Geometry):
             return out
         dtype = reduction_dtype(tensors[0].dtype)
         norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
-        out = out.to(dtype).index_add_(0, _index_tensor(tuple(owner), device), norms.square())
+        out = out.to(dtype).index_add_(0, device_constant(tuple(owner), torch.int64, device), norms.square())
         return out.sqrt()
 
     def duality_map(self, block: Tensor, basis: Tensor | None = None) -> Tensor:
@@ -347,12 +348,6 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 def _randn(size: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Gaussian draws on ``device``, made where ``generator`` lives (one copy if that is the CPU)."""
     return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
-
-
-@lru_cache(maxsize=256)
-def _index_tensor(indices: tuple[int, ...], device: torch.device) -> Tensor:
-    """``torch.tensor(indices)`` on ``device``, made once (a host-to-device copy synchronises)."""
-    return torch.tensor(indices, device=device)
 
 
 def _without_nonfinite(stack: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,13 +35,13 @@ from torch import Tensor
 
 
 def _copy_to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
-    """Start copying ``values`` to the host without waiting (pinned memory on CUDA); the event
-    marks when the copy is done."""
+    """Start copying ``values`` to the host without waiting (into pinned memory); on CUDA the
+    event marks when the copy is done (elsewhere the next step's own synchronisation does)."""
     if values.device.type == "cpu":
         return values, None
-    if values.device.type != "cuda":
-        return values.cpu(), None
     host = values.to("cpu", non_blocking=True)
+    if values.device.type != "cuda":
+        return host, None
     event = torch.cuda.Event()
     event.record()
     return host, event

@@ -25,7 +25,7 @@ from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.norm_bounds import NormBounds
-from lightning_dsgd.precision import full_precision, low_precision_reason
+from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 ConstantsMode = Literal["data", "architecture", "adaptive"]
@@ -338,11 +338,11 @@ class DSGD(torch.optim.Optimizer):
         assert adaptive is not None
         if all(adaptive.measured):
             return constants
-        eta = dual_norms.new_tensor(etas)
+        eta = device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
         floor = (
             eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
         )
-        unmeasured = torch.tensor([not m for m in adaptive.measured], device=constants.device)
+        unmeasured = device_constant(tuple(not m for m in adaptive.measured), torch.bool, constants.device)
         return torch.where(unmeasured, torch.maximum(constants, floor), constants)
 
     def _block_norms(self) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 import torch
 
@@ -63,6 +64,13 @@ def low_precision_reason(dtypes: Iterable[torch.dtype]) -> str | None:
         f"parameters are stored in {', '.join(low)}: rounding the update to that dtype changes the applied "
         "step by more than the certified bound allows"
     )
+
+
+@lru_cache(maxsize=1024)
+def device_constant(values: tuple[float, ...] | float, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, dtype, device): a copy of host
+    data to a GPU synchronises, so per-step constants are cached. Never write into the result."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager

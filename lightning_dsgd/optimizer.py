@@ -402,8 +402,9 @@ class DSGD(torch.optim.Optimizer):
         if self.layers_per_step == 1:
             return [scored.best]
         k = min(self.layers_per_step, len(self.layers))
-        top = torch.topk(scored.masked, k).indices.tolist()
-        return sorted(i for i in top if scored.masked[i] > 0) or [scored.best]
+        top = torch.topk(scored.masked, k)
+        indices, values = torch.stack([top.indices.to(top.values.dtype), top.values]).tolist()  # one host read
+        return sorted(int(i) for i, v in zip(indices, values, strict=True) if v > 0) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
         """``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the block, in place (on each
@@ -460,8 +461,10 @@ class DSGD(torch.optim.Optimizer):
         realized = before - loss.detach()
         if not self.undo_shortfalls:
             return realized, None
-        shortfall = bool(realized < promise * (1 - 1e-6) - 1e-7 * before.abs())  # host sync: undo is a branch
-        if not shortfall:
+        shortfall = realized < promise * (1 - 1e-6) - 1e-7 * before.abs()
+        # One host read: undo is a branch (and its message quotes the numbers).
+        short, realized_value, promise_value = torch.stack([shortfall.to(realized.dtype), realized, promise]).tolist()
+        if not short:
             return realized, None
         for layer, step in steps:
             self._apply(layer, -step)
@@ -470,8 +473,8 @@ class DSGD(torch.optim.Optimizer):
                 self.constant_model.adaptive.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]
         return realized, (
-            f"undid the previous step of {names}: it decreased the loss by {realized.item():.3e}, "
-            f"less than its promise {promise.item():.3e}; the constant was raised"
+            f"undid the previous step of {names}: it decreased the loss by {realized_value:.3e}, "
+            f"less than its promise {promise_value:.3e}; the constant was raised"
         )
 
     def _record(self, scored: _Scored, chosen: list[int], loss: Tensor | None, realized: Tensor | None) -> StepRecord:

@@ -68,7 +68,7 @@ class MetaHost(TorchFunctionMode):
         if isinstance(first, Tensor) and not first.is_meta and func in (Tensor.to, Tensor.cuda):
             if _target(args, kwargs) == "meta":
                 self.uploads["to(device)"] += 1
-        if func in _FROM_DATA and not isinstance(first, Tensor) or func is Tensor.new_tensor:
+        if (func in _FROM_DATA and not isinstance(first, Tensor)) or func is Tensor.new_tensor:
             device = kwargs.get("device", first.device if func is Tensor.new_tensor else None)
             if device is not None and torch.device(device).type == "meta":
                 self.uploads[getattr(func, "__name__", str(func))] += 1

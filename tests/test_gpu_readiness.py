@@ -224,3 +224,130 @@ def test_state_mapped_to_another_device_loads_and_continues_identically(settings
         resumed.step(resumed_closure)
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def cuda_like_linalg(monkeypatch):
+    """CUDA's linear algebra refuses half precision (``"geqrf_cuda" not implemented for 'BFloat16'``)
+    and autocast does not upcast it: make the CPU's refuse too."""
+    for name in ("qr", "svd", "svdvals", "matrix_norm", "eigvalsh"):
+        real = getattr(torch.linalg, name)
+
+        def refusing(a, *args, _real=real, _name=name, **kwargs):
+            if a.dtype in HALF:
+                raise RuntimeError(f'"linalg_{_name}_cuda" not implemented for {a.dtype} (emulated CUDA)')
+            return _real(a, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, refusing)
+
+
+def applied_over_certified(opt: DSGD, before: list[torch.Tensor]) -> tuple[float, float]:
+    """``‖applied step‖₂ / (η‖g‖_*/L)`` of the layer moved last, and the allowance: the float32
+    rounding margin of the direction plus the rounding of storing ``W + Δ`` (``u‖W'‖_F``)."""
+    record = opt.last_step
+    i = record.layer
+    layer = opt.layers[i]
+    params = layer.params
+    after = [p.detach().double() for p in params]
+    order = [id(p) for each in opt.layers for p in each.params]
+    old = [before[order.index(id(p))].double() for p in params]
+    step = after[0] - old[0]
+    if layer.bias is not None:
+        step = torch.cat([step, (after[1] - old[1]).unsqueeze(1)], dim=1)
+    applied = torch.linalg.matrix_norm(step, ord=2).item()
+    certified = (record.eta * record.dual_norms[i] / record.constants[i]).item()
+    weights = torch.cat([after[0], after[1].unsqueeze(1)], dim=1) if layer.bias is not None else after[0]
+    unit = torch.finfo(params[0].dtype).eps / 2
+    margin = geometry_module.rounding_margin(torch.float32, max(step.shape))
+    allowance = margin - 1.0 + unit * torch.linalg.matrix_norm(weights).item() / certified
+    return applied / certified - 1.0, allowance
+
+
+def _snapshot(opt: DSGD) -> list[torch.Tensor]:
+    return [p.detach().clone() for layer in opt.layers for p in layer.params]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("batch", [8, 128], ids=["sketched", "exact"])
+def test_autocast_step_runs_in_float32_and_claims_nothing(cuda_like_linalg, dtype, batch):
+    """Lightning steps DSGD inside training_step, under autocast: the step must neither crash on
+    CUDA's half-precision refusal nor compute its direction in half precision (on main the
+    applied step was 0.45–0.82 % above its bound under bf16)."""
+    x, y = classification_data(batch, 16, 4, dtype=torch.float32)
+    model = mlp([16, 96, 96, 4], dtype=torch.float32, seed=3)
+    opt = DSGD(model)
+    for _ in range(6):
+        before = _snapshot(opt)
+        with torch.autocast("cpu", dtype=dtype):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        record = opt.last_step
+        assert record.dual_norms.dtype == torch.float32 and record.constants.dtype == torch.float32
+        assert "autocast" in record.precision_reason and not record.certified
+        excess, allowance = applied_over_certified(opt, before)
+        assert excess <= allowance, (excess, allowance)
+
+
+def test_reduced_matmul_precision_keeps_dsgd_exact_and_claims_nothing():
+    """torch.set_float32_matmul_precision("medium") (Lightning suggests "high" to GPU users) makes
+    float32 matmuls bfloat16 on a CPU with AMX, as TF32 does on a GPU: DSGD's own direction stays
+    IEEE float32, the user's flag survives, and the record names why the step is not certified."""
+    x, y = classification_data(8, 16, 4, dtype=torch.float32)
+    model = mlp([16, 96, 96, 4], dtype=torch.float32, seed=3)
+    opt = DSGD(model)
+    closure = make_closure(model, opt, x, y)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        for _ in range(6):
+            before = _snapshot(opt)
+            opt.step(closure)
+            assert torch.get_float32_matmul_precision() == "medium"
+            excess, allowance = applied_over_certified(opt, before)
+            assert excess <= allowance, (excess, allowance)
+            assert "reduced float32 matmul precision" in opt.last_step.precision_reason
+            assert not opt.last_step.certified
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    opt.step(closure)  # back at "highest": certified again
+    assert opt.last_step.certified and opt.last_step.precision_reason is None
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_low_precision_parameters_are_not_certified(cuda_like_linalg, dtype):
+    x, y = classification_data(16, 6, 3, dtype=dtype)
+    model = mlp([6, 32, 3], dtype=dtype, seed=1)
+    opt = DSGD(model)
+    opt.step(make_closure(model, opt, x, y))
+    record = opt.last_step
+    assert record.dual_norms.dtype == torch.float32
+    assert not record.certified and str(dtype).removeprefix("torch.") in record.precision_reason
+
+
+def test_float16_nuclear_norms_do_not_overflow(cuda_like_linalg):
+    """Entries of 200 in a 64 × 65 float16 gradient: its nuclear norm (≈ 1e5) is past float16's
+    65504, and is reduced in float32 — on the exact and on the sketched path, under autocast too."""
+    g = torch.Generator().manual_seed(0)
+    weight = (200 * torch.randn(64, 64, generator=g).clamp(-3, 3)).half()
+    bias = (200 * torch.randn(64, generator=g).clamp(-3, 3)).half()
+    reference = torch.linalg.matrix_norm(torch.cat([weight, bias.unsqueeze(1)], 1).double(), ord="nuc").item()
+    assert reference > 65504
+    spectral = geometry_module.SpectralGeometry()
+    for rank_bound in (None, 56):
+        with torch.autocast("cpu", dtype=torch.float16):
+            from lightning_dsgd.precision import full_precision
+
+            with full_precision(["cpu"]):
+                value = spectral.dual_norms_and_bases([(weight, bias)], [rank_bound])[0][0]
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        if rank_bound is None:
+            assert value.item() == pytest.approx(reference, rel=1e-5)
+        else:  # a sketch of a full-rank block: a certified lower bound
+            assert value.item() <= reference * (1 + 1e-5)

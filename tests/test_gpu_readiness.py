@@ -16,6 +16,7 @@ import torch
 from helpers.architectures import ReluCNN, TinyTransformer
 from helpers.devices import MetaHost
 from helpers.models import classification_data, make_closure, mlp
+from helpers.precision import HALF, applied_over_certified, cuda_like_linalg  # noqa: F401  (fixture)
 from torch import nn
 
 import lightning_dsgd.geometry as geometry_module
@@ -229,53 +230,17 @@ def test_state_mapped_to_another_device_loads_and_continues_identically(settings
 # --------------------------------------------------------------------------- precision
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
-@pytest.fixture
-def cuda_like_linalg(monkeypatch):
-    """CUDA's linear algebra refuses half precision (``"geqrf_cuda" not implemented for 'BFloat16'``)
-    and autocast does not upcast it: make the CPU's refuse too."""
-    for name in ("qr", "svd", "svdvals", "matrix_norm", "eigvalsh"):
-        real = getattr(torch.linalg, name)
-
-        def refusing(a, *args, _real=real, _name=name, **kwargs):
-            if a.dtype in HALF:
-                raise RuntimeError(f'"linalg_{_name}_cuda" not implemented for {a.dtype} (emulated CUDA)')
-            return _real(a, *args, **kwargs)
-
-        monkeypatch.setattr(torch.linalg, name, refusing)
-
-
-def applied_over_certified(opt: DSGD, before: list[torch.Tensor]) -> tuple[float, float]:
-    """``‖applied step‖₂ / (η‖g‖_*/L)`` of the layer moved last, and the allowance: the float32
-    rounding margin of the direction plus the rounding of storing ``W + Δ`` (``u‖W'‖_F``)."""
-    record = opt.last_step
-    i = record.layer
-    layer = opt.layers[i]
-    params = layer.params
-    after = [p.detach().double() for p in params]
-    order = [id(p) for each in opt.layers for p in each.params]
-    old = [before[order.index(id(p))].double() for p in params]
-    step = after[0] - old[0]
-    if layer.bias is not None:
-        step = torch.cat([step, (after[1] - old[1]).unsqueeze(1)], dim=1)
-    applied = torch.linalg.matrix_norm(step, ord=2).item()
-    certified = (record.eta * record.dual_norms[i] / record.constants[i]).item()
-    weights = torch.cat([after[0], after[1].unsqueeze(1)], dim=1) if layer.bias is not None else after[0]
-    unit = torch.finfo(params[0].dtype).eps / 2
-    margin = geometry_module.rounding_margin(torch.float32, max(step.shape))
-    allowance = margin - 1.0 + unit * torch.linalg.matrix_norm(weights).item() / certified
-    return applied / certified - 1.0, allowance
-
-
 def _snapshot(opt: DSGD) -> list[torch.Tensor]:
     return [p.detach().clone() for layer in opt.layers for p in layer.params]
 
 
+@pytest.mark.usefixtures("cuda_like_linalg")
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [8, 128], ids=["sketched", "exact"])
-def test_autocast_step_runs_in_float32_and_claims_nothing(cuda_like_linalg, dtype, batch):
+def test_autocast_step_runs_in_float32_and_claims_nothing(
+    dtype,
+    batch,
+):
     """Lightning steps DSGD inside training_step, under autocast: the step must neither crash on
     CUDA's half-precision refusal nor compute its direction in half precision (on main the
     applied step was 0.45–0.82 % above its bound under bf16)."""
@@ -320,8 +285,9 @@ def test_reduced_matmul_precision_keeps_dsgd_exact_and_claims_nothing():
     assert opt.last_step.certified and opt.last_step.precision_reason is None
 
 
+@pytest.mark.usefixtures("cuda_like_linalg")
 @pytest.mark.parametrize("dtype", HALF)
-def test_low_precision_parameters_are_not_certified(cuda_like_linalg, dtype):
+def test_low_precision_parameters_are_not_certified(dtype):
     x, y = classification_data(16, 6, 3, dtype=dtype)
     model = mlp([6, 32, 3], dtype=dtype, seed=1)
     opt = DSGD(model)
@@ -331,7 +297,8 @@ def test_low_precision_parameters_are_not_certified(cuda_like_linalg, dtype):
     assert not record.certified and str(dtype).removeprefix("torch.") in record.precision_reason
 
 
-def test_float16_nuclear_norms_do_not_overflow(cuda_like_linalg):
+@pytest.mark.usefixtures("cuda_like_linalg")
+def test_float16_nuclear_norms_do_not_overflow():
     """Entries of 200 in a 64 × 65 float16 gradient: its nuclear norm (≈ 1e5) is past float16's
     65504, and is reduced in float32 — on the exact and on the sketched path, under autocast too."""
     g = torch.Generator().manual_seed(0)

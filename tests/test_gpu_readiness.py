@@ -237,10 +237,7 @@ def _snapshot(opt: DSGD) -> list[torch.Tensor]:
 @pytest.mark.usefixtures("cuda_like_linalg")
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("batch", [8, 128], ids=["sketched", "exact"])
-def test_autocast_step_runs_in_float32_and_claims_nothing(
-    dtype,
-    batch,
-):
+def test_autocast_step_runs_in_float32_and_claims_nothing(dtype, batch):
     """Lightning steps DSGD inside training_step, under autocast: the step must neither crash on
     CUDA's half-precision refusal nor compute its direction in half precision (on main the
     applied step was 0.45–0.82 % above its bound under bf16)."""

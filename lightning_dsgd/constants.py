@@ -111,7 +111,7 @@ class ConstantModel:
         counted = [i for i, r in enumerate(rows) if r is not None]
         if self.reduce_max is not None and counted:
             # Every rank must sketch alike: its rank bound is the largest local count × world size.
-            local = torch.tensor([rows[i] for i in counted], dtype=torch.float64, device=self.layers[0].weight.device)
+            local = device_constant(tuple(float(rows[i]) for i in counted), torch.float64, self.layers[0].weight.device)
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             for i, r in zip(counted, self.reduce_max(local).tolist(), strict=True):
                 rows[i] = int(r) * world

@@ -232,8 +232,14 @@ class DSGD(torch.optim.Optimizer):
     @property
     def certified(self) -> bool:
         """True when every step that is not skipped carries the guaranteed decrease: a rigorous
-        model, rigorous constants, one layer per step and no momentum."""
-        return self.constant_model.certified and self.layers_per_step == 1 and self.momentum == 0.0
+        model, rigorous constants, one layer per step, no momentum and parameters of 32 bits or
+        more (each step's record also checks the forward's precision: ``precision_reason``)."""
+        return (
+            self.constant_model.certified
+            and self.layers_per_step == 1
+            and self.momentum == 0.0
+            and low_precision_reason(p.dtype for layer in self.layers for p in layer.params) is None
+        )
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()

@@ -469,7 +469,8 @@ class DSGD(torch.optim.Optimizer):
             return realized, None
         shortfall = realized < promise * (1 - 1e-6) - 1e-7 * before.abs()
         # One host read: undo is a branch (and its message quotes the numbers).
-        short, realized_value, promise_value = torch.stack([shortfall.to(realized.dtype), realized, promise]).tolist()
+        values = torch.stack([shortfall.to(realized.dtype), realized, promise.to(realized.dtype)])
+        short, realized_value, promise_value = values.tolist()
         if not short:
             return realized, None
         for layer, step in steps:

@@ -315,3 +315,19 @@ def test_float16_nuclear_norms_do_not_overflow():
             assert value.item() == pytest.approx(reference, rel=1e-5)
         else:  # a sketch of a full-rank block: a certified lower bound
             assert value.item() <= reference * (1 + 1e-5)
+
+
+def test_autocast_forward_is_noticed_when_the_step_runs_outside_it():
+    """Plain PyTorch: ``with autocast(): loss = model(x)``, then ``backward`` and ``step`` outside."""
+    x, y = classification_data(16, 6, 3, dtype=torch.float32)
+    model = mlp([6, 32, 3], dtype=torch.float32, seed=1)
+    opt = DSGD(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert not opt.last_step.certified and "autocast" in opt.last_step.precision_reason
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.last_step.certified and opt.last_step.precision_reason is None

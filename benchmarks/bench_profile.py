@@ -102,7 +102,7 @@ def profile_spectral(
         totals: dict[str, list[float]] = defaultdict(list)
         geometry = optimizer.geometries["spectral"]
         if exact:
-            geometry.SKETCH_MAX_FRACTION = 0.0  # type: ignore[misc]
+            geometry.SKETCH_MAX_FRACTION = {"cpu": 0.0, "cuda": 0.0}  # type: ignore[misc]
             optimizer.constant_model.operator_norms.tolerance = 0.0
         geometry.dual_norms_and_bases = _timed(  # type: ignore[method-assign]
             device, geometry.dual_norms_and_bases, "scoring: nuclear norms", totals

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,32 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
+
+
+class EpochShuffle(RandomSampler):
+    """A new order each epoch, drawn from ``seed + epoch``: Lightning calls ``set_epoch`` at the start
+    of every epoch, with the epoch restored from a checkpoint on resume, so a resumed run sees the
+    same batches as an uninterrupted one. (A generator seeded once would restart its sequence on
+    resume.) Under DDP Lightning replaces it by a ``DistributedSampler``, which does the same."""
+
+    def __init__(self, data: Sized, seed: int) -> None:
+        super().__init__(data, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+def shuffled_batches(data: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Training batches: shuffled anew each epoch (``EpochShuffle``), or the whole set each step
+    (``batch_size <= 0``, full batch)."""
+    if batch_size <= 0:
+        return DataLoader(data, batch_size=len(data))  # type: ignore[arg-type]
+    return DataLoader(data, batch_size=batch_size, sampler=EpochShuffle(data, seed))  # type: ignore[arg-type]
 
 
 class TensorDataModule(LightningDataModule):
@@ -60,10 +82,7 @@ class TensorDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None
-        if self.batch_size <= 0:
-            return DataLoader(self.train, batch_size=len(self.train))
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return shuffled_batches(self.train, self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         assert self.test is not None

@@ -4,10 +4,11 @@ The model is an ordinary LightningModule (a tanh MLP 64-128-128-10 with cross-en
 Adam); ``DSGDMixin`` makes DSGD train it without touching its ``training_step``. ``DSGDMonitor``
 logs every step's chosen layer and bounds to every logger — a CSV file always, and W&B when wandb
 is installed (offline by default: no account needed) — and draws the layer-choice chart
-``dsgd_layers.png`` at the end.
+``dsgd_layers.png`` at the end. The last epoch's checkpoint is ``<log dir>/checkpoints/last.ckpt``.
 
     python examples/digits.py                          # what `make demo` runs
     python examples/digits.py --epochs 5 --norm linf --batch-size 0 --wandb off
+    python examples/digits.py --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
     lightning-dsgd fit --config examples/configs/digits.yaml      # the same with the CLI
 """
 
@@ -20,13 +21,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import EpochTable, quiet_lightning
+from examples.common import EpochTable, quiet_lightning, shuffled_batches
 from examples.models import TanhMLP
 from lightning_dsgd import DSGDMixin, DSGDMonitor, DSGDSettings
 
@@ -38,7 +40,8 @@ class DigitsDataModule(LightningDataModule):
     Args:
         batch_size: training batch size; ``0`` = full batch (the same whole split every step).
         val_fraction: share of the data held out for validation.
-        seed: the split and the shuffling order.
+        seed: the split and the shuffling order (epoch ``e`` is shuffled from ``seed + e``, so that a
+            run resumed from a checkpoint continues exactly).
     """
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> None:
@@ -68,10 +71,7 @@ class DigitsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None
-        if self.batch_size <= 0:  # full batch: one batch, always the same
-            return DataLoader(self.train, batch_size=len(self.train))
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return shuffled_batches(self.train, self.batch_size, self.seed)  # resumes exactly: seed + epoch
 
     def val_dataloader(self) -> DataLoader:
         assert self.val is not None
@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=1, help="log DSGD's decisions every n steps")
     parser.add_argument("--out", default="lightning_logs", help="folder for the logs and the chart")
     parser.add_argument(
+        "--ckpt-path", default=None, help="resume from this checkpoint (e.g. a previous run's last.ckpt)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -142,23 +145,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
     loggers = make_loggers(args.out, args.wandb)
     monitor = DSGDMonitor(full_batch=args.batch_size == 0)
+    checkpoint = ModelCheckpoint(save_top_k=0, save_last=True)  # <log dir>/checkpoints/last.ckpt, every epoch
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         logger=loggers,
-        callbacks=[monitor, EpochTable()],
+        callbacks=[monitor, EpochTable(), checkpoint],
         log_every_n_steps=args.log_every,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
     print(
         f"DSGD on scikit-learn digits: tanh MLP 64-128-128-10, norm={args.norm}, constants={args.constants}, "
         f"selection={args.selection}, eta={args.eta}, batch={args.batch_size or 'full'}"
     )
-    trainer.fit(model, data)
+    trainer.fit(model, data, ckpt_path=args.ckpt_path)
     opt = model.dsgd_optimizer
     val = trainer.validate(model, data, verbose=False)[0]
     wandb_dir = _finish_wandb(loggers)
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "spread over the layers, uncertified.)"
         )
     print(f"metrics (CSV):      {csv_dir / 'metrics.csv'}")
+    print(f"checkpoint:         {checkpoint.last_model_path}  (resume: see docs/guide/checkpoints.md)")
     if monitor.png_path is not None:
         print(f"layer-choice chart: {monitor.png_path}")
     if wandb_dir is not None:
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "val_loss": val["val/loss"],
         "val_accuracy": val["val/acc"],
         "metrics_csv": csv_dir / "metrics.csv",
+        "checkpoint": Path(checkpoint.last_model_path),
         "png": monitor.png_path,
         "wandb_dir": wandb_dir,
     }

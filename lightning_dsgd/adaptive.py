@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_dsgd.precision import device_constant
+
 
 @dataclass
 class _Pending:
@@ -77,7 +79,7 @@ class AdaptiveConstants:
         ``blocks[i]`` (as a block matrix); ``base`` are the current base constants."""
         if self.multipliers is None or not self.pending:
             return
-        ceiling = torch.tensor(self.ceiling, dtype=base.dtype, device=base.device)
+        ceiling = device_constant(tuple(self.ceiling), base.dtype, base.device)
         if self.anchors is None:
             self.anchors = torch.full_like(self.multipliers, self.floor / self.idle_reach)
         idle = [i for i in range(len(self.measured)) if i not in self.pending]

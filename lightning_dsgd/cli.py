@@ -7,10 +7,10 @@
 
 * ``model`` and ``data`` are chosen by ``class_path``: any ``LightningModule`` (an ordinary
   automatic-optimization module is turned into a DSGD module; one that already mixes in
-  :class:`~lightning_dsgd.DSGDMixin` keeps its settings) and any ``LightningDataModule``. The
+  [DSGDMixin][lightning_dsgd.DSGDMixin] keeps its settings) and any ``LightningDataModule``. The
   current directory is importable, as with ``python -m``: run from the repository root,
   ``examples.digits.DigitsMLP`` resolves.
-* ``dsgd`` (optional) holds :class:`~lightning_dsgd.DSGDSettings` for the model; DSGD settings may
+* ``dsgd`` (optional) holds [DSGDSettings][lightning_dsgd.DSGDSettings] for the model; DSGD settings may
   come from exactly one place: this key, the model's own ``init_args.dsgd``, or the DSGD
   strategy's ``init_args.dsgd``.
 * There are no ``--optimizer``/``--lr_scheduler`` options: DSGD is the optimizer, and its step
@@ -28,15 +28,39 @@ import os
 import sys
 from typing import Any
 
+import lightning
+import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-import lightning_dsgd  # noqa: F401  (registers the strategy names and makes short class names resolvable)
+import lightning_dsgd  # registers the strategy names and makes short class names resolvable
 from lightning_dsgd.lightning.mixin import DSGDMixin, with_dsgd
 from lightning_dsgd.lightning.settings import DSGDSettings
+
+DESCRIPTION = (
+    "lightning-dsgd: train a LightningModule with DSGD, duality structure gradient descent (Flynn, "
+    "arXiv 1708.00523), which updates one layer per step along its norm's duality map, certified for tanh/sigmoid "
+    "MLPs. Lightning's command line (LightningCLI) with DSGD as the optimizer: --dsgd.* sets the DSGD settings "
+    "('lightning-dsgd fit --dsgd.help' lists them), --model and --data take any LightningModule and "
+    "LightningDataModule. Example: lightning-dsgd fit --config examples/configs/digits.yaml"
+)
+
+
+def version_text() -> str:
+    """What ``lightning-dsgd --version`` prints: this package's version and Lightning's and torch's."""
+    return f"lightning-dsgd {lightning_dsgd.__version__} (lightning {lightning.__version__}, torch {torch.__version__})"
 
 
 class DSGDLightningCLI(LightningCLI):
     """``LightningCLI`` whose model is trained by DSGD (see the module docstring)."""
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Lightning's parsers, introduced as DSGD's, with ``--version``."""
+        super().setup_parser(
+            add_subcommands, {"prog": "lightning-dsgd", "description": DESCRIPTION, **main_kwargs}, subparser_kwargs
+        )
+        self.parser.add_argument("--version", action="version", version=version_text())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

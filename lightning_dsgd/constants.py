@@ -1,10 +1,10 @@
 """Where each step's ``L_i(w)`` come from: the constant models behind ``constants=``.
 
 * ``"data"`` / ``"architecture"`` on a rigorous chain: the certified MLP constants of
-  :mod:`lightning_dsgd.smoothness`, with input bounds measured in the batch or worst case.
+  [lightning_dsgd.smoothness][], with input bounds measured in the batch or worst case.
 * Any other model, or ``"adaptive"``: a base constant (the certified one where it exists, else
   the estimate ``H · R_i²`` from the layer's measured input bound ``R_i``, as if the layer fed the
-  loss directly) times a multiplier corrected by the curvature met (:mod:`lightning_dsgd.adaptive`).
+  loss directly) times a multiplier corrected by the curvature met ([lightning_dsgd.adaptive][]).
   Such constants are not certified.
 """
 
@@ -23,6 +23,7 @@ from lightning_dsgd.distributed import Reducer, full, version_key
 from lightning_dsgd.geometry import Geometry, reduction_dtype
 from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
 from lightning_dsgd.norm_bounds import NormBounds
+from lightning_dsgd.precision import device_constant
 from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
 
 #: Input bound assumed for blocks whose input is not measured: an embedding reads one-hot rows
@@ -85,7 +86,8 @@ class ConstantModel:
         device: torch.device,
         observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
-        """This step's constants from the batch's inputs (:meth:`take_batch`); ``observe(base)``
+        """This step's constants from the batch's inputs
+        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]); ``observe(base)``
         lets the adaptive model see the new gradients against the current base constants before
         they are used."""
         input_bounds = batch.input_bounds
@@ -110,7 +112,7 @@ class ConstantModel:
         counted = [i for i, r in enumerate(rows) if r is not None]
         if self.reduce_max is not None and counted:
             # Every rank must sketch alike: its rank bound is the largest local count × world size.
-            local = torch.tensor([rows[i] for i in counted], dtype=torch.float64, device=self.layers[0].weight.device)
+            local = device_constant(tuple(float(rows[i]) for i in counted), torch.float64, self.layers[0].weight.device)
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             for i, r in zip(counted, self.reduce_max(local).tolist(), strict=True):
                 rows[i] = int(r) * world
@@ -171,7 +173,7 @@ class ConstantModel:
     def _operator_norms(self) -> Tensor:
         """``a_j`` of every layer above the first (``a_0`` never enters a constant): exact for a
         weight changed from outside (its version counter moved), else followed across DSGD's own
-        steps by :meth:`note_step` (see :mod:`lightning_dsgd.norm_bounds`)."""
+        steps by [note_step][lightning_dsgd.constants.ConstantModel.note_step] (see [lightning_dsgd.norm_bounds][])."""
         above = range(1, len(self.layers))
         values = self.operator_norms.values(above, [version_key(self.layers[j].weight) for j in above])
         first = self.layers[0].weight
@@ -196,7 +198,7 @@ class ConstantModel:
 
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self._fixed_data_bound is not None:
-            return torch.tensor(self._fixed_data_bound, dtype=dtype, device=device)
+            return device_constant(float(self._fixed_data_bound), dtype, device)
         if self._measured_data_bound is None:
             raise RuntimeError(
                 "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
@@ -216,7 +218,7 @@ class ConstantModel:
         for i, layer in enumerate(self.layers):
             measured = None if input_bounds is None else input_bounds[i]
             if measured is None:
-                measured = torch.tensor(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype=dtype, device=device)
+                measured = device_constant(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype, device)
             bounds.append(measured.to(device=device, dtype=dtype))
         return self.h * torch.stack(bounds).square()
 
@@ -225,10 +227,12 @@ class ConstantModel:
         return {
             "measured_data_bound": self._measured_data_bound,
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
+            "operator_norms": self.operator_norms.state_dict(),
         }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         bound = state["measured_data_bound"]
         self._measured_data_bound = None if bound is None else bound.to(device)
+        self.operator_norms.load_state_dict(state.get("operator_norms", {}), device)
         if self.adaptive is not None and state.get("adaptive") is not None:
             self.adaptive.load_state_dict(state["adaptive"], device)

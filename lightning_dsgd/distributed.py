@@ -1,10 +1,11 @@
 """What DSGD needs to decide identically on every rank, in plain ``torch.distributed``.
 
 * Sharded parameters (FSDP2 / ``DTensor``): every norm is computed on the full tensor
-  (:func:`full`), and the update of the chosen layer is sliced back to each rank's shard
-  (:func:`shard_like`), so all ranks score the same numbers.
+  ([full][lightning_dsgd.distributed.full]), and the update of the chosen layer is sliced back to each rank's shard
+  ([shard_like][lightning_dsgd.distributed.shard_like]), so all ranks score the same numbers.
 * Data-parallel ranks see different batches: the input-norm maxima behind the ``data``
-  constants are reduced with a MAX all-reduce (:func:`all_reduce_max`), so the constants are those
+  constants are reduced with a MAX all-reduce ([all_reduce_max][lightning_dsgd.distributed.all_reduce_max]), so the
+  constants are those
   of the global batch.
 """
 

@@ -8,27 +8,31 @@ in as the last column, matching the augmented input ``[x; 1]``. Every geometry p
   in the reduction dtype (the caller casts the update to the parameter dtype);
 * ``dual_norms_and_bases(grads, rank_bounds, seed)``: the dual norms together with, per block,
   an optional basis that the same block's ``duality_map(G, basis)`` must then be given — the
-  spectral geometry's randomized range finder for low-rank gradients, or its certified matmul-path
-  direction (:class:`SpectralGeometry`, :mod:`lightning_dsgd.polar`);
+  spectral geometry's randomized range finder for low-rank gradients, or its certified
+  matmul-path direction ([SpectralGeometry][lightning_dsgd.geometry.SpectralGeometry],
+  [lightning_dsgd.polar][lightning_dsgd.polar]);
 * ``norm(M)``: the primal layer norm ``‖M‖_(i)``;
 * ``operator_norms(weights)``: the operator norm ``a(W)`` of the non-bias part of each weight,
   as a certified upper bound (never an under-estimate), used by the smoothness constants;
 * ``activation_norm``: the vector norm on activations in which the constants are derived
   (ℓ2 for Frobenius and spectral, ℓ∞ for the ℓ∞→ℓ∞ operator norm).
 
-Reductions are computed in at least float32, whatever the parameter dtype.
+Reductions are computed in at least float32, whatever the parameter dtype (``DSGD`` calls these
+inside [full_precision][lightning_dsgd.precision.full_precision]: no autocast, IEEE float32 matmuls). Every
+tensor made here lives on the gradients' device, and no value is read back to the host.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_dsgd.polar import PolarDirection, polar_directions, use_polar
+from lightning_dsgd.precision import device_constant
 
 NormName = Literal["frobenius", "spectral", "linf", "rows"]
 ActivationNorm = Literal["l2", "linf"]
@@ -122,7 +126,7 @@ class FrobeniusGeometry(Geometry):
             return out
         dtype = reduction_dtype(tensors[0].dtype)
         norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
-        out = out.to(dtype).index_add_(0, torch.tensor(owner, device=device), norms.square())
+        out = out.to(dtype).index_add_(0, device_constant(tuple(owner), torch.int64, device), norms.square())
         return out.sqrt()
 
     def duality_map(self, block: Tensor, basis: Basis = None) -> Tensor:
@@ -153,7 +157,8 @@ def signal_singular_values(s: Tensor, shape: tuple[int, ...]) -> Tensor:
 class SpectralGeometry(Geometry):
     """``‖W‖_{2→2}``: dual is the nuclear norm ``Σσ_k``; ``ρ(G) = ‖G‖_* · U Vᵀ`` from the reduced
     SVD ``G = U Σ Vᵀ``, both taken on the gradient without its rounding-noise singular values
-    (:func:`signal_singular_values`). Nuclear norms of same-shape layers share one batched SVD.
+    ([signal_singular_values][lightning_dsgd.geometry.signal_singular_values]). Nuclear norms of same-shape layers
+    share one batched SVD.
 
     **Low-rank gradients** (a layer fed ``N`` input rows per step has ``rank G ≤ N``): with a rank
     bound ``r`` and ``k = r + SKETCH_OVERSAMPLING ≤ SKETCH_MAX_FRACTION · min(m, n)``, a randomized
@@ -168,7 +173,7 @@ class SpectralGeometry(Geometry):
     space (almost surely, if ``rank G ≤ k``), ``‖B‖_* = ‖G‖_*`` up to rounding. The score and the
     step use the same ``Q`` (the basis handed from ``dual_norms_and_bases`` to ``duality_map``).
 
-    **Matmul path** (:mod:`lightning_dsgd.polar`), for the shapes where it beats the SVD on the
+    **Matmul path** ([lightning_dsgd.polar][lightning_dsgd.polar]), for the shapes where it beats the SVD on the
     device (``use_polar``, measured; ``polar="always"``/``"never"`` overrides): a Polar-Express
     direction ``D`` with ``‖D‖₂ ≤ 1`` proved and ``c ≤ ⟨G, D⟩`` computed in float64; the dual norm
     recorded is ``c ≤ ‖G‖_*`` and the step ``ρ = c·D`` (handed over as the block's basis), so
@@ -181,9 +186,15 @@ class SpectralGeometry(Geometry):
 
     #: Extra sketch columns beyond the rank bound (robustness of the QR to rounding).
     SKETCH_OVERSAMPLING = 8
-    #: Sketch only when ``k`` is at most this fraction of the block's smaller side (else the exact
-    #: SVD is as fast: measured on one CPU core, the sketch wins 1.3× at k/min = 0.53 and loses at 0.8).
-    SKETCH_MAX_FRACTION = 0.6
+    #: Per device type, sketch only when ``k`` is at most this fraction of the block's smaller side
+    #: (else the exact SVD is as fast); other device types use the CPU value.
+    #: cpu: measured on one core, the sketch wins 1.3× at k/min = 0.53 and loses at 0.8.
+    #: cuda: NOT MEASURED — the CPU value until a GPU run of ``benchmarks/bench_profile.py`` sets it.
+    #: cuSOLVER's SVD runs per matrix even for a batch (gesvdj, and a host sync for its convergence
+    #: check), while the sketch is matmuls, a QR and an ``m × k`` SVD, so the GPU crossover is
+    #: expected at or above the CPU one: 0.6 errs towards the exact SVD, never towards a worse bound
+    #: (the sketched step is rigorous for any basis; only the speed depends on this number).
+    SKETCH_MAX_FRACTION: ClassVar[Mapping[str, float]] = {"cpu": 0.6, "cuda": 0.6}
 
     def __init__(self, polar: Literal["auto", "always", "never"] = "auto") -> None:
         self.polar = polar
@@ -198,12 +209,14 @@ class SpectralGeometry(Geometry):
     def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
         return self.dual_norms_and_bases(grads)[0]
 
-    def sketch_size(self, shape: Sequence[int], rank_bound: int | None) -> int | None:
-        """Columns ``k`` of the range finder for a block of this shape, or ``None`` (exact SVD)."""
+    def sketch_size(self, shape: Sequence[int], rank_bound: int | None, device_type: str = "cpu") -> int | None:
+        """Columns ``k`` of the range finder for a block of this shape on this device type, or
+        ``None`` (exact SVD)."""
         if rank_bound is None:
             return None
         k = rank_bound + self.SKETCH_OVERSAMPLING
-        return k if k <= self.SKETCH_MAX_FRACTION * min(shape[-2:]) else None
+        fraction = self.SKETCH_MAX_FRACTION.get(device_type, self.SKETCH_MAX_FRACTION["cpu"])
+        return k if k <= fraction * min(shape[-2:]) else None
 
     def dual_norms_and_bases(
         self, grads: Sequence[BlockGrad], rank_bounds: Sequence[int | None] | None = None, seed: int = 0
@@ -216,34 +229,39 @@ class SpectralGeometry(Geometry):
                 continue
             block = augment(*g)
             blocks[i] = block.to(reduction_dtype(block.dtype))
-            k: int | str | None = self.sketch_size(block.shape, None if rank_bounds is None else rank_bounds[i])
+            k: int | str | None = self.sketch_size(
+                block.shape, None if rank_bounds is None else rank_bounds[i], device.type
+            )
             if k is None and self.uses_polar(block.shape, device):
                 k = "polar"
             groups[(tuple(block.shape), blocks[i].dtype, k)].append(i)
         dtype = next(iter(blocks.values())).dtype if blocks else torch.float32
-        out = torch.zeros(len(grads), device=device, dtype=dtype)
+        values: list[Tensor | None] = [None] * len(grads)
         bases: list[Basis] = [None] * len(grads)
-        generator = torch.Generator().manual_seed(seed)
+        generator = _generator(device, seed)
         for (shape, _, k), idx in groups.items():
             stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
             if k == "polar":
                 directions, inner, fell_back = polar_directions(stack)
                 self.polar_fallbacks = self.polar_fallbacks + fell_back.sum()
+                inner = _nan_where_not(finite, inner).to(dtype)
                 for j, i in enumerate(idx):
                     bases[i] = PolarDirection(directions[j], inner[j])
-                out[torch.tensor(idx, device=device)] = _nan_where_not(finite, inner).to(out.dtype)
+                    values[i] = inner[j]
                 continue
             if isinstance(k, int):
-                omega = torch.randn(k, shape[0], generator=generator).to(device=device, dtype=stack.dtype)
+                omega = _randn((k, shape[0]), generator, device, stack.dtype)
                 basis = torch.linalg.qr((omega @ stack).mT).Q  # (batch, n, k), orthonormal columns
                 for j, i in enumerate(idx):
                     bases[i] = basis[j]
                 stack = stack @ basis
             # LAPACK is faster on tall matrices (2.8× on a 256 × 1025 block, 1 CPU thread).
             singular = signal_singular_values(torch.linalg.svdvals(stack.mT if shape[0] < shape[1] else stack), shape)
-            nuclear = _nan_where_not(finite, singular.sum(-1))
-            out[torch.tensor(idx, device=device)] = nuclear.to(out.dtype)
-        return out, bases
+            nuclear = _nan_where_not(finite, singular.sum(-1)).to(dtype)
+            for j, i in enumerate(idx):
+                values[i] = nuclear[j]
+        zero = torch.zeros((), device=device, dtype=dtype)
+        return torch.stack([zero if v is None else v for v in values]), bases
 
     def duality_map(self, block: Tensor, basis: Basis = None) -> Tensor:
         g = block.to(reduction_dtype(block.dtype))
@@ -355,6 +373,18 @@ def spectral_norms(weights: Sequence[Tensor]) -> Tensor:
         for k, i in enumerate(idx):
             values[i] = sigma[k]
     return torch.stack([v for v in values if v is not None])
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` that draws on ``device`` (on the CPU where the device
+    type has no generator of its own): the same draws on every rank with the same device type."""
+    where = device if device.type in ("cpu", "cuda", "xpu", "mps") else torch.device("cpu")
+    return torch.Generator(device=where).manual_seed(seed)
+
+
+def _randn(size: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Gaussian draws on ``device``, made where ``generator`` lives (one copy if that is the CPU)."""
+    return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def _without_nonfinite(stack: Tensor) -> tuple[Tensor, Tensor]:

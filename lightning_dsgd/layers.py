@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dsgd.geometry import reduction_dtype
+from lightning_dsgd.precision import reduced_precision_reason
 from lightning_dsgd.smoothness import ACTIVATION_BOUNDS, ActivationBounds
 
 #: Modules that may stand anywhere in a chain without changing the maths.
@@ -307,10 +308,12 @@ class InputNormRecorder:
     * other kinds are not watched (their entry stays ``None``).
 
     Only forwards with gradients enabled are recorded (evaluation passes do not count). The
-    maximum runs over every forward since :meth:`reset`, so accumulated micro-batches are covered.
+    maximum runs over every forward since `reset()`, so accumulated micro-batches are covered.
 
     ``rows[i]`` counts the input rows a linear or attention block multiplied since the reset (a
     Python int, from shapes alone): its gradient ``Σ_t δ_t [x_t; 1]ᵀ`` has rank at most that.
+    ``precision_reason`` says why a recorded forward computed a perturbed gradient (autocast,
+    TF32: :func:`~lightning_dsgd.precision.reduced_precision_reason`), ``None`` if none did.
     """
 
     WATCHED = ("linear", "conv", "attention")
@@ -320,6 +323,7 @@ class InputNormRecorder:
         self._layers = list(layers)
         self.maxima: list[Tensor | None] = [None] * len(layers)
         self.rows: list[int | None] = [None] * len(layers)
+        self.precision_reason: str | None = None
         self.enabled = True  # off: forwards are not recorded (e.g. between observed steps)
         self._handles = []
         by_module: dict[int, list[int]] = {}
@@ -345,6 +349,8 @@ class InputNormRecorder:
                 self.maxima[i] = value if current is None else torch.maximum(current, value)
                 if layer.kind != "conv":
                     self.rows[i] = (self.rows[i] or 0) + x.numel() // max(x.shape[-1], 1)
+                if self.precision_reason is None:
+                    self.precision_reason = reduced_precision_reason(x.device.type)
 
         return hook
 
@@ -375,6 +381,7 @@ class InputNormRecorder:
     def reset(self) -> None:
         self.maxima = [None] * len(self.maxima)
         self.rows = [None] * len(self.rows)
+        self.precision_reason = None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -12,6 +12,16 @@ A value is recomputed exactly when the weight changed some other way (its versio
 when the bound has grown more than ``tolerance`` beyond the last exact value — so it is never an
 under-estimate and never looser than ``1 + tolerance`` times the last exact value plus the steps
 since.
+
+The growth check reads the bounds on the host without a synchronisation of its own: the ratios
+are copied to the host asynchronously at one call and read at the next (by then the step that
+followed has synchronised), so a bound past the tolerance is recomputed one call late — still an
+upper bound, looser by at most one more step.
+
+A checkpoint carries the bounds (:meth:`NormBounds.state_dict`), so that a resumed run uses the
+same constants as an uninterrupted one; a loaded bound is adopted at its first use as
+``max(saved ν, exact value)`` — the saved one for the checkpoint's own weights, and still an upper
+bound for any other weights.
 """
 
 from __future__ import annotations
@@ -22,6 +32,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def _copy_to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    """Start copying ``values`` to the host without waiting (into pinned memory); on CUDA the
+    event marks when the copy is done (elsewhere the next step's own synchronisation does)."""
+    if values.device.type == "cpu":
+        return values, None
+    host = values.to("cpu", non_blocking=True)
+    if values.device.type != "cuda":
+        return host, None
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _read_copied(host: Tensor, event: torch.cuda.Event | None) -> list[float]:
+    """The values of a copy made by :func:`_copy_to_host` (waits for it only if it is still running,
+    which a step's own synchronisation since then rules out)."""
+    if event is not None:
+        event.synchronize()
+    return host.tolist()
 
 
 @dataclass
@@ -39,6 +70,8 @@ class NormBounds:
         self._compute = compute
         self.tolerance = tolerance
         self._entries: dict[int, _Entry] = {}
+        self._growth: tuple[list[tuple[int, _Entry]], Tensor, torch.cuda.Event | None] | None = None
+        self._loaded: dict[int, _Entry] = {}  # from a checkpoint, until first use
         self.exact_computations = 0  # how many values were computed exactly (for tests and profiles)
 
     def values(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[Tensor]:
@@ -46,16 +79,59 @@ class NormBounds:
         ones (changed from outside, or grown past the tolerance) in one ``compute`` call."""
         key_of = dict(zip(indices, keys, strict=True))
         stale = [i for i, key in key_of.items() if i not in self._entries or self._entries[i].key != key]
-        advanced = [i for i in indices if i not in stale and self._entries[i].advanced]
-        if advanced:  # one host sync for all layers moved by the triangle inequality
-            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced]).tolist()
-            stale += [i for i, g in zip(advanced, growth, strict=True) if not g <= 1.0 + self.tolerance]
+        stale += [i for i in self._outgrown() if i in key_of and i not in stale]
         if stale:
             fresh = self._compute(stale)
             self.exact_computations += len(stale)
             for k, i in enumerate(stale):
-                self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
+                entry = self._loaded.pop(i, None)
+                if entry is None:
+                    self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
+                    continue
+                # max(saved ν, exact), on the device: the saved bound for the checkpoint's own weights
+                saved = entry.value.to(fresh.dtype) >= fresh[k]
+                value = torch.where(saved, entry.value.to(fresh.dtype), fresh[k])
+                exact = torch.where(saved, entry.exact.to(fresh.dtype), fresh[k])
+                self._entries[i] = _Entry(key_of[i], value, exact, entry.advanced)
+        advanced = [i for i in indices if self._entries[i].advanced]
+        if advanced:  # read at the next call, without a host synchronisation now
+            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced])
+            self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
         return [self._entries[i].value for i in indices]
+
+    def _outgrown(self, consume: bool = True) -> list[int]:
+        """The layers whose bound had grown past the tolerance at the previous call (and whose
+        entry is still the one measured then)."""
+        if self._growth is None:
+            return []
+        measured, host, event = self._growth
+        if consume:
+            self._growth = None
+        growth = _read_copied(host, event)
+        return [
+            i
+            for (i, entry), g in zip(measured, growth, strict=True)
+            if self._entries.get(i) is entry and not g <= 1.0 + self.tolerance
+        ]
+
+    def state_dict(self) -> dict[int, dict]:
+        """Every bound with its last exact value, and whether it is due for recomputation."""
+        outgrown = set(self._outgrown(consume=False))
+        state = {
+            i: {"value": e.value, "exact": e.exact, "advanced": e.advanced, "outgrown": i in outgrown}
+            for i, e in self._entries.items()
+        }
+        state.update({i: vars(e) | {"outgrown": False} for i, e in self._loaded.items() if i not in state})
+        return state
+
+    def load_state_dict(self, state: dict[int, dict], device: torch.device) -> None:
+        """The bounds of :meth:`state_dict`, each adopted at its first use (see the module docstring)."""
+        self._entries, self._growth = {}, None
+        self._loaded = {
+            int(i): _Entry(None, s["value"].to(device), s["exact"].to(device), s["advanced"])
+            for i, s in state.items()
+            if not s["outgrown"]
+        }
 
     def advance(
         self, index: int, before: Hashable, after: Hashable, step_norm: Tensor, dtype: torch.dtype, size: int

@@ -25,6 +25,7 @@ from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.norm_bounds import NormBounds
+from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 ConstantsMode = Literal["data", "architecture", "adaptive"]
@@ -60,6 +61,9 @@ class StepRecord:
     loss: Tensor | None
     layers: tuple[int, ...] = ()
     realized_decrease: Tensor | None = None
+    #: Why the arithmetic voids this step's certificate (autocast or TF32 in the forward,
+    #: low-precision parameters: see :mod:`lightning_dsgd.precision`); ``certified`` is then False.
+    precision_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class _Scored:
     best: int
     nonfinite: bool
     skip_reason: str | None
+    precision_reason: str | None = None
 
 
 class DSGD(torch.optim.Optimizer):
@@ -99,13 +104,13 @@ class DSGD(torch.optim.Optimizer):
         selection: ``"greedy"`` (the best bound), ``"random"`` or ``"cyclic"`` layer choice;
             every choice uses the same step rule and keeps its guaranteed decrease.
         loss: the loss on the model's outputs (mean over the batch): ``"cross_entropy"``
-            (rigorous), ``"mse"`` (estimated), or :class:`LossBounds` for your own bounds.
+            (rigorous), ``"mse"`` (estimated), or [LossBounds][lightning_dsgd.LossBounds] for your own bounds.
         data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"``; ``None``
             measures the running maximum over every batch seen (rigorous for each batch's loss).
         chain: the model's layers and activations in forward order, when they are not inside an
             ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``): asserts the rigorous class.
         overrides: ``{pattern: {"norm": ..., "grouping": ...}}`` per module name (``fnmatch``),
-            see :func:`lightning_dsgd.layers.discover_layers`.
+            see [lightning_dsgd.layers.discover_layers][].
         nonfinite: on an inf/NaN gradient or constant, ``"skip"`` the step (no weight changes,
             recorded as skipped) or ``"raise"`` a ``FloatingPointError``.
         seed: seed of the random layer choice (the same on every rank, so ranks agree).
@@ -117,11 +122,12 @@ class DSGD(torch.optim.Optimizer):
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
-        adaptive_options: tuning of the adaptive constants (:class:`~lightning_dsgd.adaptive.AdaptiveConstants`):
+        adaptive_options: tuning of the adaptive constants
+            ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]):
             ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
-            sets it; see :mod:`lightning_dsgd.distributed`).
+            sets it; see [lightning_dsgd.distributed][]).
     """
 
     def __init__(
@@ -204,7 +210,7 @@ class DSGD(torch.optim.Optimizer):
         self._weight_norms = NormBounds(self._exact_weight_norms)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._cursor = 0
         self.steps_taken = 0
         self.skipped_steps = 0
@@ -227,8 +233,14 @@ class DSGD(torch.optim.Optimizer):
     @property
     def certified(self) -> bool:
         """True when every step that is not skipped carries the guaranteed decrease: a rigorous
-        model, rigorous constants, one layer per step and no momentum."""
-        return self.constant_model.certified and self.layers_per_step == 1 and self.momentum == 0.0
+        model, rigorous constants, one layer per step, no momentum and parameters of 32 bits or
+        more (each step's record also checks the forward's precision: ``precision_reason``)."""
+        return (
+            self.constant_model.certified
+            and self.layers_per_step == 1
+            and self.momentum == 0.0
+            and low_precision_reason(p.dtype for layer in self.layers for p in layer.params) is None
+        )
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -243,6 +255,10 @@ class DSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 result = closure()
             loss = result if result is not None else loss  # Lightning's manual-mode closure returns None
+        with full_precision(self._device_types()):  # DSGD's own arithmetic: IEEE float32, no autocast
+            return self._step(loss)
+
+    def _step(self, loss: Tensor | None) -> Tensor | None:
         scored = self._score()
         if scored.nonfinite and self.nonfinite == "raise":
             raise FloatingPointError(
@@ -274,8 +290,12 @@ class DSGD(torch.optim.Optimizer):
         """What a greedy ``step()`` would decide on the current gradients, without changing any
         weight, counter or random state (for observing a model trained by another optimizer).
         Consumes the recorded input norms like ``step()`` does."""
-        scored = self._score()
-        return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
+        with full_precision(self._device_types()):
+            scored = self._score()
+            return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
+
+    def _device_types(self) -> set[str]:
+        return {layer.weight.device.type for layer in self.layers}
 
     def _score(self) -> _Scored:
         """Dual norms, constants and scores of every layer, and the greedy choice."""
@@ -283,6 +303,9 @@ class DSGD(torch.optim.Optimizer):
         for eta in etas:
             _check_eta(eta)
         grads = [self._block_grad(layer) for layer in self.layers]
+        precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
+            {p.dtype for layer in self.layers for p in layer.params}
+        )
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
         adaptive = self.constant_model.adaptive
@@ -308,9 +331,10 @@ class DSGD(torch.optim.Optimizer):
             skip_reason = self._nonfinite_reason(dual_norms, constants)
         elif self.selection == "greedy" and best_score <= 0.0:
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
-        return _Scored(
+        scored = _Scored(
             etas, grads, bases, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason
         )
+        return replace(scored, precision_reason=precision_reason)
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
         """Uncertified constants are estimates: until a layer's curvature has been measured once,
@@ -321,11 +345,11 @@ class DSGD(torch.optim.Optimizer):
         assert adaptive is not None
         if all(adaptive.measured):
             return constants
-        eta = dual_norms.new_tensor(etas)
+        eta = device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
         floor = (
             eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
         )
-        unmeasured = torch.tensor([not m for m in adaptive.measured], device=constants.device)
+        unmeasured = device_constant(tuple(not m for m in adaptive.measured), torch.bool, constants.device)
         return torch.where(unmeasured, torch.maximum(constants, floor), constants)
 
     def _block_norms(self) -> Tensor:
@@ -350,7 +374,13 @@ class DSGD(torch.optim.Optimizer):
         bases: list[Tensor | None] = [None] * len(grads)
         for name, geometry in self.geometries.items():
             idx = [i for i, layer in enumerate(self.layers) if layer.norm == name]
-            values, found = geometry.dual_norms_and_bases([grads[i] for i in idx], [rank_bounds[i] for i in idx], seed)
+            if all(grads[i] is None for i in idx):  # e.g. a frozen embedding, the only "rows" layer
+                device = self.layers[idx[0]].weight.device
+                values, found = torch.zeros(len(idx), device=device), [None] * len(idx)
+            else:
+                values, found = geometry.dual_norms_and_bases(
+                    [grads[i] for i in idx], [rank_bounds[i] for i in idx], seed
+                )
             for k, i in enumerate(idx):
                 out[i], bases[i] = values[k], found[k]
         dtype = max((t.dtype for t in out if t is not None), key=lambda d: torch.finfo(d).bits)
@@ -371,7 +401,7 @@ class DSGD(torch.optim.Optimizer):
 
     def _choose(self, scored: _Scored) -> list[int]:
         if self.selection == "random":
-            return [int(torch.randint(len(self.layers), (1,), generator=self._generator))]
+            return [int(torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu"))]
         if self.selection == "cyclic":
             index = self._cursor
             self._cursor = (self._cursor + 1) % len(self.layers)
@@ -379,8 +409,9 @@ class DSGD(torch.optim.Optimizer):
         if self.layers_per_step == 1:
             return [scored.best]
         k = min(self.layers_per_step, len(self.layers))
-        top = torch.topk(scored.masked, k).indices.tolist()
-        return sorted(i for i in top if scored.masked[i] > 0) or [scored.best]
+        top = torch.topk(scored.masked, k)
+        indices, values = torch.stack([top.indices.to(top.values.dtype), top.values]).tolist()  # one host read
+        return sorted(int(i) for i, v in zip(indices, values, strict=True) if v > 0) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
         """``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the block, in place (on each
@@ -437,8 +468,11 @@ class DSGD(torch.optim.Optimizer):
         realized = before - loss.detach()
         if not self.undo_shortfalls:
             return realized, None
-        shortfall = bool(realized < promise * (1 - 1e-6) - 1e-7 * before.abs())  # host sync: undo is a branch
-        if not shortfall:
+        shortfall = realized < promise * (1 - 1e-6) - 1e-7 * before.abs()
+        # One host read: undo is a branch (and its message quotes the numbers).
+        values = torch.stack([shortfall.to(realized.dtype), realized, promise.to(realized.dtype)])
+        short, realized_value, promise_value = values.tolist()
+        if not short:
             return realized, None
         for layer, step in steps:
             self._apply(layer, -step)
@@ -447,8 +481,8 @@ class DSGD(torch.optim.Optimizer):
                 self.constant_model.adaptive.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]
         return realized, (
-            f"undid the previous step of {names}: it decreased the loss by {realized.item():.3e}, "
-            f"less than its promise {promise.item():.3e}; the constant was raised"
+            f"undid the previous step of {names}: it decreased the loss by {realized_value:.3e}, "
+            f"less than its promise {promise_value:.3e}; the constant was raised"
         )
 
     def _record(self, scored: _Scored, chosen: list[int], loss: Tensor | None, realized: Tensor | None) -> StepRecord:
@@ -467,12 +501,13 @@ class DSGD(torch.optim.Optimizer):
             guaranteed_decrease=decrease,  # type: ignore[arg-type]
             eta=eta,
             selection=self.selection,
-            certified=self.certified and not skipped,
+            certified=self.certified and not skipped and scored.precision_reason is None,
             skipped=skipped,
             skip_reason=scored.skip_reason if skipped else None,
             loss=None if loss is None else loss.detach(),
             layers=tuple(chosen),
             realized_decrease=realized,
+            precision_reason=scored.precision_reason,
         )
 
     def record_skip(self, reason: str) -> None:
@@ -495,13 +530,15 @@ class DSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus DSGD's own under ``"dsgd"`` (:meth:`extra_state_dict`)."""
+        """torch's optimizer state plus DSGD's own under ``"dsgd"``
+        ([extra_state_dict][lightning_dsgd.optimizer.DSGD.extra_state_dict])."""
         state = super().state_dict()
         state["dsgd"] = self.extra_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`. A state without the ``"dsgd"`` entry (distributed
+        """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry
+        (distributed
         checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
         Lightning mixin then restores the rest from its own checkpoint entry."""
         state_dict = dict(state_dict)
@@ -528,6 +565,7 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
+            "weight_norms": self._weight_norms.state_dict(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
 
@@ -538,8 +576,9 @@ class DSGD(torch.optim.Optimizer):
         self.skipped_steps = extra["skipped_steps"]
         self.selection_counts = list(extra["selection_counts"])
         self._cursor = extra["cursor"]
-        self._generator.set_state(extra["generator"])
+        self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
+        self._weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 

@@ -10,10 +10,11 @@ every singular value: ``X_K = U p(Σ/‖G‖_F) Vᵀ ≈ U Vᵀ`` (Polar Express
 only has to be roughly followed), the last in the block's reduction dtype.
 
 **Certificate.** The result is scaled to ``D = X_K / (B (1 + μ))`` with ``B`` the proved maximum
-of ``|p|`` on ``[0, 1]`` (:func:`polynomial_bound`, exact interval images stage by stage) and ``μ``
-a margin for rounding; then ``‖D‖₂ ≤ 1`` is *proved for the stored D*, whatever the rounding of
-the iteration: a float64 Cholesky factorisation of ``(1 − s) I − fl(D Dᵀ)`` that runs to
-completion shows ``λ_max(D Dᵀ) ≤ 1`` (:func:`certify_unit_norm`, ``s`` covers the rounding of the
+of ``|p|`` on ``[0, 1]`` ([polynomial_bound][lightning_dsgd.polar.polynomial_bound], exact interval
+images stage by stage) and ``μ`` a margin for rounding; then ``‖D‖₂ ≤ 1`` is *proved for the
+stored D*, whatever the rounding of the iteration: a float64 Cholesky factorisation of
+``(1 − s) I − fl(D Dᵀ)`` that runs to completion shows ``λ_max(D Dᵀ) ≤ 1``
+([certify_unit_norm][lightning_dsgd.polar.certify_unit_norm], ``s`` covers the rounding of the
 Gram and of the factorisation). Where it fails (rounding beyond ``μ``), ``D`` is divided by a
 Gershgorin bound instead — looser, still certified. The score is ``c = ⟨G, D⟩`` accumulated in
 float64 minus its rounding bound, so ``c ≤ ⟨G, D⟩`` exactly, and the step ``ρ = c · D`` has
@@ -25,7 +26,6 @@ the guaranteed decrease of the direction actually applied; ``c ≤ ‖G‖_*`` s
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightning_dsgd.precision import full_precision
 
 Coefficients = tuple[tuple[float, float, float], ...]
 
@@ -122,7 +124,7 @@ def _gram(direction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def certify_unit_norm(direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: True where ``‖D‖₂ ≤ 1`` is proved.
 
-    With ``Ŝ`` from :func:`_gram`, a float64 Cholesky of the symmetric ``M = fl(t I − Ŝ)`` that
+    With ``Ŝ`` from ``_gram``, a float64 Cholesky of the symmetric ``M = fl(t I − Ŝ)`` that
     completes proves ``λ_min(M) ≥ −γ_{m+1} tr(M)/(1 − γ_{m+1})`` (Demmel's backward error
     ``|ΔM| ≤ γ_{m+1} |R|ᵀ|R|`` and ``‖|R|ᵀ|R|‖₂ ≤ tr(|R|ᵀ|R|) = tr(M + ΔM)``, ``tr M ≤ m``); the
     diagonal subtraction errs by ``u (t + max Ŝ_ii)``. With ``t = 1 −`` twice the sum of these and
@@ -163,16 +165,14 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
     ``‖D_j‖₂ ≤ 1`` proved, and ``c_j ≤ ⟨G_j, D_j⟩`` (hence ``c_j ≤ ‖G_j‖_*``), both in the stack's
     dtype; and where the Gershgorin fallback was needed (bool: a looser, still certified ``c_j``)."""
     dtype = stack.dtype
-    clean = _cleanup_dtype(dtype, stack.device)
-    no_autocast = torch.autocast(stack.device.type, enabled=False) if stack.device.type in ("cpu", "cuda") else None
-    with no_autocast or contextlib.nullcontext():
+    with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (μ assumes them)
         wide = stack.shape[-2] <= stack.shape[-1]
         x = stack if wide else stack.mT.contiguous()
         tiny = torch.finfo(dtype).tiny
         x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=tiny)  # no overflow in ‖·‖_F
         x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=tiny)
         for k, (a, b, c) in enumerate(coefficients):
-            x = _stage(x.to(torch.bfloat16 if k < FAST_STAGES else clean), a, b, c)
+            x = _stage(x.to(torch.bfloat16 if k < FAST_STAGES else dtype), a, b, c)
         x = x.to(dtype) / (polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN))
         x, trace, fell_back = _certified(x)
         direction = x if wide else x.mT
@@ -180,14 +180,6 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
         rounded = inner.to(dtype)  # rounded toward zero, so that it stays ≤ ⟨G, D⟩
         above = rounded.to(torch.float64) > inner
         return direction, torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded), fell_back
-
-
-def _cleanup_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the final stage: the block's own, unless float32 products may run at reduced
-    precision (TF32 on CUDA, ``set_float32_matmul_precision`` below "highest") — then float64, so
-    that ``μ`` holds (on an H100/H200 float64 products run at the non-tensor float32 rate)."""
-    reduced = device.type == "cuda" or torch.get_float32_matmul_precision() != "highest"
-    return torch.float64 if dtype == torch.float32 and reduced else dtype
 
 
 def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
@@ -198,7 +190,7 @@ def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
 
 
 def _certified(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` where ``‖x_j‖₂ ≤ 1`` is proved by :func:`certify_unit_norm`, else ``x_j`` divided by its
+    """``x`` where ``‖x_j‖₂ ≤ 1`` is proved by ``certify_unit_norm``, else ``x_j`` divided by its
     Gershgorin scale (no host synchronisation); an upper bound on ``‖x_j‖²_F`` (float64); and
     where the fallback was taken."""
     gram = _gram(x)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_dsgd.precision import device_constant
+
 
 @dataclass(frozen=True)
 class ActivationBounds:
@@ -106,4 +108,4 @@ def architecture_input_bounds(
     for width, act in zip(widths[1:], activations[1:], strict=True):
         assert act is not None
         rest.append(math.sqrt(width * act.s0**2 + 1.0) if activation_norm == "l2" else max(act.s0, 1.0))
-    return torch.cat([first.reshape(1), first.new_tensor(rest)])
+    return torch.cat([first.reshape(1), device_constant(tuple(rest), first.dtype, first.device)])

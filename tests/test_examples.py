@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -77,6 +78,55 @@ def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
     assert any(f.stat().st_size > 0 for f in run.glob("run-*.wandb"))
 
 
+def test_the_checkpoint_the_guide_cites_is_written_by_the_demo_and_resumes(workdir):
+    """docs/guide/checkpoints.md's path is where `make demo` (examples/digits.py) writes its last
+    checkpoint, and the guide's command continues that run."""
+    from examples import digits
+
+    guide = (ROOT / "docs" / "guide" / "checkpoints.md").read_text()
+    cited = set(re.findall(r"lightning_logs/digits/version_0/checkpoints/[\w.=-]+\.ckpt", guide))
+    assert len(cited) == 1
+    (path,) = cited
+    result = digits.main(["--epochs", "1", "--max-steps", "3", "--wandb", "off"])
+    assert result["checkpoint"] == Path(path) and (workdir / path).is_file()
+    assert f"--ckpt-path {path}" in guide  # the guide's command continues that run
+    resumed = digits.main(["--max-steps", "5", "--wandb", "off", "--ckpt-path", path])
+    assert resumed["steps"] == 5 and sum(resumed["choice_counts"].values()) == 5
+
+
+def test_digits_run_resumed_from_a_checkpoint_continues_exactly(workdir):
+    """2 epochs, a checkpoint, then on to 4: the same weights as 4 epochs straight (the data module
+    shuffles epoch e from seed + e, not from a generator that restarts on resume)."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from examples.digits import DigitsDataModule, DSGDTanhMLP
+    from lightning_dsgd import DSGDSettings
+
+    def fit(epochs: int, ckpt_path: Path | None = None, checkpoint: ModelCheckpoint | None = None) -> dict:
+        seed_everything(0, verbose=False)
+        model = DSGDTanhMLP(widths=[64, 32, 10], dsgd=DSGDSettings(selection="random", seed=1))
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            callbacks=[checkpoint] if checkpoint else [],
+            enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
+        return {key: value.clone() for key, value in model.state_dict().items()}
+
+    straight = fit(4)
+    fit(2, checkpoint=ModelCheckpoint(dirpath=workdir / "ckpt", filename="epoch2"))
+    resumed = fit(4, ckpt_path=workdir / "ckpt" / "epoch2.ckpt")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
 def test_digits_script_without_wandb_logs_to_csv_only(workdir, monkeypatch, capsys):
     from examples import digits
 
@@ -91,9 +141,21 @@ def test_before_and_after_adding_dsgd(workdir):
     from examples import add_dsgd
 
     results = add_dsgd.main(["--epochs", "1", "--max-steps", "3"])
-    assert len(results) == 4 and all(0.0 <= acc <= 1.0 for acc in results.values())
-    dsgd_runs = [acc for name, acc in results.items() if name.startswith("after")]
+    assert len(results) == 4 and all(0.0 <= r.accuracy <= 1.0 and r.steps == 3 for r in results.values())
+    adam, *dsgd_runs = results.values()
     assert dsgd_runs[0] == dsgd_runs[1] == dsgd_runs[2]  # the three ways are the same DSGD run
+    assert adam.choices is None and sum(dsgd_runs[0].choices.values()) == 3
+
+
+@pytest.mark.slow
+def test_adding_dsgd_prints_runs_that_visibly_differ_by_default(workdir, capsys):
+    """The default run must not read as if DSGD did nothing: Adam's line differs from DSGD's."""
+    from examples import add_dsgd
+
+    adam, *dsgd_runs = add_dsgd.main([]).values()
+    assert adam.accuracy != dsgd_runs[0].accuracy and adam.loss != dsgd_runs[0].loss
+    lines = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line]
+    assert len({line.split("accuracy")[1] for line in lines}) == 2  # Adam's, and the one DSGD run's
 
 
 def test_plain_pytorch_digits_script(workdir):

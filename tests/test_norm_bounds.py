@@ -40,7 +40,8 @@ def test_bound_stays_above_the_true_norm_through_many_steps(dtype):
         w.add_(delta)
         bounds.advance(0, key, version_key(w), torch.linalg.matrix_norm(delta.double(), ord=2), dtype, 30)
     if dtype == torch.bfloat16:
-        assert computed >= 100  # u√r ≈ 0.02 per step: past the 5% tolerance within two steps
+        # u√r ≈ 0.02 per step: past the 5% tolerance within two steps, recomputed one call later
+        assert computed >= 60
     else:
         assert computed < 60
 
@@ -74,3 +75,48 @@ def test_dsgd_constants_stay_certified_with_followed_operator_norms():
         assert (followed[1:] >= exact).all()
     assert moved_above_first > 10
     assert opt.constant_model.operator_norms.exact_computations < 3 + moved_above_first
+
+
+def test_resumed_run_follows_the_same_bounds():
+    """Small steps keep the followed bounds within the tolerance, so an uninterrupted run uses
+    them for many steps: a resume must carry them (main recomputed them and drifted apart)."""
+    import io
+
+    from torch import nn
+
+    x, y = classification_data(128, 20, 5, seed=8)
+    batches = [(x[i], y[i]) for i in torch.randperm(128, generator=torch.Generator().manual_seed(0)).split(32)]
+
+    def train(model, opt, steps, start):
+        for t in range(start, start + steps):
+            xb, yb = batches[t % len(batches)]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+    model = mlp([20, 64, 64, 5], seed=8)
+    opt = DSGD(model, selection="random", seed=3, eta=0.05)
+    train(model, opt, 5, 0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, 9, 5)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed_model = mlp([20, 64, 64, 5], seed=99)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = DSGD(resumed_model, selection="random", seed=3, eta=0.05)
+    resumed.load_state_dict(saved["opt"])
+    train(resumed_model, resumed, 9, 5)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loaded_bound_on_other_weights_is_still_an_upper_bound():
+    w = torch.eye(4)
+    bounds = NormBounds(spectral([w]))
+    bounds.values([0], [version_key(w)])
+    state = bounds.state_dict()
+    other = torch.eye(4) * 3.0  # not the checkpoint's weight: the saved 1.0 would under-estimate
+    restored = NormBounds(spectral([other]))
+    restored.load_state_dict(state, torch.device("cpu"))
+    assert restored.values([0], [version_key(other)])[0].item() >= 3.0

@@ -71,6 +71,13 @@ def test_sketch_only_where_it_pays_and_batched_like_the_exact_path():
     assert geometry.sketch_size((256, 257), 150) is None  # 158 > 0.6 · 256
     assert geometry.sketch_size((10, 257), 1) is None
     assert geometry.sketch_size((256, 257), None) is None
+    # per device type; a device type without its own value uses the CPU's
+    geometry.SKETCH_MAX_FRACTION = {"cpu": 0.6, "cuda": 0.9}  # type: ignore[misc]
+    assert geometry.sketch_size((256, 257), 200, "cuda") == 208
+    assert geometry.sketch_size((256, 257), 200, "cpu") is None
+    assert geometry.sketch_size((256, 257), 128, "xpu") == 136
+    assert geometry.sketch_size((256, 257), 200, "xpu") is None
+    geometry = SpectralGeometry()
     blocks = [low_rank(100, 101, 10, seed=s) for s in range(3)] + [low_rank(10, 101, 3)]
     grads = [(b[:, :-1], b[:, -1]) for b in blocks]
     norms, bases = geometry.dual_norms_and_bases(grads, [10, 10, 10, 3])

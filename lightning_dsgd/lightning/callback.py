@@ -1,37 +1,39 @@
 """``DSGDMonitor``: DSGD's decisions in any Lightning logger, in W&B, and in a picture.
 
-It reads the optimizer's record of each step (:class:`~lightning_dsgd.StepRecord`) and never
-recomputes it. At every step Lightning logs (``Trainer(log_every_n_steps=...)``), at the step the
-Lightning loggers use (``trainer/global_step`` in W&B):
+It reads the optimizer's record of each step ([StepRecord][lightning_dsgd.StepRecord]) and never
+recomputes it. Every key it logs is in the table of the monitor guide (``docs/guide/callback.md``,
+tested against this module). In short, with the default ``logging_interval=None``:
 
-* ``dsgd/layer`` (index of the chosen layer; absent on a skipped step), ``dsgd/stationarity``
-  (``max_i ‖g_i‖_* / √L_i``), ``dsgd/guaranteed_decrease``, ``dsgd/certified``, ``dsgd/skipped``
-  (0 or 1); W&B also gets the layer's name as ``dsgd/layer_name``;
-* per layer: ``dsgd_layers/score/<layer>``, ``dsgd_layers/constant/<layer>`` (``L_i``),
-  ``dsgd_layers/dual_norm/<layer>`` — W&B groups panels by the prefix before the last ``/``, so
-  each quantity gets one section with every layer's curve side by side;
-* in full-batch training (``full_batch=True``, or a DSGD whose record carries the realized
-  decrease): ``dsgd/realized_decrease`` ``f(w_t) − f(w_{t+1})`` of the logged step ``t`` (sent one
-  step later, at step ``t``, beside that step's guaranteed decrease) and ``dsgd/bound_violations``,
-  the number of steps so far whose realized decrease fell short of the guaranteed one. On
-  certified steps any violation falsifies the bound; on uncertified ones (estimated or adaptive
-  constants) it counts how often the estimate was too optimistic.
+* at every step Lightning logs (``Trainer(log_every_n_steps=...)``), with ``LightningModule.log``, so
+  in the same row as ``training_step``'s metrics of that step, with ``epoch``: ``dsgd/layer`` (index
+  of the chosen layer, ``-1`` on a skipped step), ``dsgd/stationarity`` (``max_i ‖g_i‖_* / √L_i``),
+  ``dsgd/guaranteed_decrease`` (a guarantee only where ``dsgd/certified`` is 1, else an estimate),
+  ``dsgd/certified``, ``dsgd/skipped``, and per layer, by name, ``dsgd_layers/chosen/<layer>`` (1 for
+  the chosen layer), ``dsgd_layers/score/<layer>``, ``dsgd_layers/constant/<layer>`` (``L_i``),
+  ``dsgd_layers/dual_norm/<layer>``; W&B also gets the chosen layer's name, ``dsgd/layer_name``;
+* in full-batch training: ``dsgd/realized_decrease`` ``f(w_t) − f(w_{t+1})`` of the logged step
+  ``t`` and ``dsgd/bound_violations``, known one step later and sent then at step ``t`` (a row of
+  their own, with ``epoch``);
+* at each epoch's last step: ``dsgd_epoch/frequency/<layer>``, how many steps chose each layer (a
+  [LayerSelectionFrequency][lightning_dsgd.LayerSelectionFrequency] summed over ranks); in W&B also
+  a table and a histogram of the choices.
 
-Per epoch (at the epoch's last step): ``dsgd_epoch/frequency/<layer>``, how many steps chose each
-layer (a :class:`LayerSelectionFrequency` summed over ranks); in W&B also a table (one media file
-per epoch) and a histogram of the choices. At the end of fit, rank 0 saves ``dsgd_layers.png``
-(matplotlib, optional; see :func:`~lightning_dsgd.lightning.plot.save_history_png`).
+``logging_interval="step"`` logs only the per-step keys; ``"epoch"`` only, at each epoch's end, the
+per-epoch keys and the per-step keys of the epoch's last step (one row, with ``epoch``). At the end
+of fit, rank 0 saves ``dsgd_layers.png`` (matplotlib, optional; see
+[save_history_png][lightning_dsgd.lightning.plot.save_history_png]).
 
 **Observe-only mode.** When the model is trained by another optimizer (SGD, Adam, …), at the
 logging interval the monitor computes what DSGD would choose on the gradients already there, with
-:meth:`DSGD.score` of a DSGD built on the same module (weights are never touched): a diagnostic of
-which layer limits progress. It logs the same keys (counts are over logged steps only).
+[DSGD.score][lightning_dsgd.optimizer.DSGD.score] of a DSGD built on the same module (weights are
+never touched): a diagnostic of which layer limits progress. It logs the same keys (counts are over
+scored steps only).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -49,9 +51,12 @@ PNG_NAME = "dsgd_layers.png"
 
 
 class DSGDMonitor(Callback):
-    """Log DSGD's chosen layer and bounds (see the module docstring for every key).
+    """Log DSGD's chosen layer and bounds (the module docstring lists every key).
 
     Args:
+        logging_interval: as ``LearningRateMonitor``'s: ``"step"``: the per-step keys at the steps
+            Lightning logs; ``"epoch"``: at each epoch's end, the per-epoch keys and the per-step
+            keys of the epoch's last step; ``None`` (default): both, each at its own interval.
         full_batch: every batch is the same full data set, so ``loss_t − loss_{t+1}`` (the losses
             ``training_step`` returns, averaged over ranks) is the realized decrease of step
             ``t``: log it and count the steps where it is below the guaranteed decrease. Only
@@ -59,7 +64,7 @@ class DSGDMonitor(Callback):
             record already carries ``realized_decrease`` (``DSGD(full_batch=True)`` given the
             loss): that value is used.
         observe: with an optimizer other than DSGD, compute what DSGD would choose (``True``:
-            default :class:`DSGDSettings`; or the settings to score with; ``False``: log nothing).
+            default [DSGDSettings][lightning_dsgd.DSGDSettings]; or the settings to score with; ``False``: log nothing).
         plot: save ``dsgd_layers.png`` at the end of fit: ``None`` when matplotlib is installed,
             ``True`` always (an ``ImportError`` at setup without matplotlib), ``False`` never.
         dirpath: folder of the PNG; default ``trainer.log_dir`` (or ``default_root_dir``).
@@ -69,6 +74,7 @@ class DSGDMonitor(Callback):
 
     def __init__(
         self,
+        logging_interval: Literal["step", "epoch"] | None = None,
         full_batch: bool = False,
         observe: bool | DSGDSettings = True,
         plot: bool | None = None,
@@ -76,6 +82,12 @@ class DSGDMonitor(Callback):
         decrease_rtol: float = 1e-4,
         decrease_atol: float = 1e-6,
     ) -> None:
+        if logging_interval not in (None, "step", "epoch"):
+            raise ValueError(
+                f"DSGDMonitor(logging_interval={logging_interval!r}) is not an interval: use 'step' (every step "
+                "Lightning logs), 'epoch' (each epoch's end) or None (both, the default)."
+            )
+        self.logging_interval = logging_interval
         self.full_batch = full_batch
         self.observe = DSGDSettings() if observe is True else (observe or None)
         self.plot = plot
@@ -94,9 +106,11 @@ class DSGDMonitor(Callback):
         self._observed: StepRecord | None = None
         self._observed_batch = -1
         self._score_this_batch = False
+        self._last: tuple[StepRecord, int] | None = None  # this epoch's latest record and its step
         self._violations: Tensor | None = None
         # The last step's (loss, guaranteed decrease, logger step if logged, history index if logged).
         self._previous: tuple[Tensor | None, Tensor, int | None, int | None] | None = None
+        self._previous_epoch = 0  # the epoch of that step
         self._loaded: dict[str, Any] = {}
         self._plot_enabled = False
 
@@ -153,10 +167,12 @@ class DSGDMonitor(Callback):
 
     # ------------------------------------------------------------------ every step
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Observe-only mode: decide now whether this step is scored (Lightning logs it), so that
+        """Observe-only mode: decide now whether this step is scored (it will be logged), so that
         the input norms are recorded in its forward passes only."""
         if self._observing:
-            self._score_this_batch = _should_log(trainer)
+            self._score_this_batch = self._logs_step(trainer) or (
+                self.logging_interval == "epoch" and _last_step_of_epoch(trainer)
+            )
             self._optimizer.record_input_norms(self._score_this_batch)  # type: ignore[union-attr]
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -181,27 +197,32 @@ class DSGDMonitor(Callback):
             record, self._observed = self._observed, None
             if record is None:
                 return
-            logged = True
         else:
             record = self._optimizer.last_step
             if record is None or record is self._seen:  # no step on this batch (accumulation)
                 return
             self._seen = record
-            logged = _should_log(trainer)
+        logged = self.logging_interval != "epoch" if self._observing else self._logs_step(trainer)
         if trainer.is_global_zero:  # every rank chose the same: count once
             for layer in record.layers or ((record.layer,) if record.layer is not None else ()):
                 self.selection.update(layer)  # type: ignore[union-attr]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._last = (record, step)
         loss = self._full_batch_loss(trainer, outputs) if self.full_batch and not self._observing else None
         if not self._observing:
             self._realized_decrease(trainer, record, loss)
         if logged:
-            self._log_step(trainer, record, step)
+            self._log_step(trainer, pl_module, record, step)
         if not self._observing:
             index = len(self.history.steps) - 1 if logged else None
             self._previous = (loss, record.guaranteed_decrease.detach(), step if logged else None, index)
+            self._previous_epoch = trainer.current_epoch
 
-    def _log_step(self, trainer: Trainer, record: StepRecord, step: int) -> None:
+    def _logs_step(self, trainer: Trainer) -> bool:
+        return self.logging_interval != "epoch" and _should_log(trainer)
+
+    def _step_metrics(self, record: StepRecord, step: int) -> dict[str, float]:
+        """The per-step keys of ``record`` (one host synchronisation), and its entry in the history."""
         n = len(self.layer_names)
         values = torch.cat(
             [
@@ -214,23 +235,33 @@ class DSGDMonitor(Callback):
         ).tolist()  # one host synchronisation for everything
         stationarity, guaranteed = values[0], values[1]
         scores, constants, dual_norms = values[2 : 2 + n], values[2 + n : 2 + 2 * n], values[2 + 2 * n :]
-        metrics: dict[str, Any] = {} if record.layer is None else {"dsgd/layer": record.layer}
-        metrics.update(
-            {
-                "dsgd/stationarity": stationarity,
-                "dsgd/guaranteed_decrease": guaranteed,
-                "dsgd/certified": int(record.certified),
-                "dsgd/skipped": int(record.skipped),
-            }
-        )
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
-        for name, score, constant, dual_norm in zip(self.layer_names, scores, constants, dual_norms, strict=True):
+        chosen = set(record.layers or ((record.layer,) if record.layer is not None else ()))
+        metrics = {
+            "dsgd/layer": float(-1 if record.layer is None else record.layer),
+            "dsgd/stationarity": stationarity,
+            "dsgd/guaranteed_decrease": guaranteed,
+            "dsgd/certified": float(record.certified),
+            "dsgd/skipped": float(record.skipped),
+        }
+        for i, (name, score, constant, dual_norm) in enumerate(
+            zip(self.layer_names, scores, constants, dual_norms, strict=True)
+        ):
+            metrics[f"dsgd_layers/chosen/{name}"] = float(i in chosen)
             metrics[f"dsgd_layers/score/{name}"] = score
             metrics[f"dsgd_layers/constant/{name}"] = constant
             metrics[f"dsgd_layers/dual_norm/{name}"] = dual_norm
         self.history.append(step, record.layer, record.certified, stationarity, guaranteed, constants)
-        wandb_extra = {} if record.layer_name is None else {"dsgd/layer_name": record.layer_name}
-        _send(trainer, metrics, step, wandb_extra)
+        return metrics
+
+    def _log_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord, step: int) -> None:
+        """Through ``LightningModule.log``: Lightning sends them with ``training_step``'s metrics of
+        this step, in one row with ``epoch``. CPU tensors: no device copies, no further syncs."""
+        metrics = self._step_metrics(record, step)
+        values = {key: torch.tensor(value) for key, value in metrics.items()}
+        pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, sync_dist=False)
+        if record.layer_name is not None:  # W&B's history also takes strings
+            for logger in _wandb_loggers(trainer):
+                logger.log_metrics({"dsgd/layer_name": record.layer_name}, step=step)
 
     # ------------------------------------------------------------------ full batch: realized decrease
     def _realized_decrease(self, trainer: Trainer, record: StepRecord, loss: Tensor | None) -> None:
@@ -264,7 +295,7 @@ class DSGDMonitor(Callback):
         self.history.realized[index] = realized_value  # type: ignore[index]
         metrics = {"dsgd/realized_decrease": realized_value, "dsgd/bound_violations": self.bound_violations}
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
-        _send(trainer, metrics, step)
+        _send(trainer, {**metrics, "epoch": self._previous_epoch}, step)
 
     # ------------------------------------------------------------------ per epoch, end of fit
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -275,10 +306,23 @@ class DSGDMonitor(Callback):
         counts = self.selection.compute().tolist()  # a collective: on every rank, outside rank-zero code
         self.selection.reset()
         self.epoch_counts.append(counts)
+        last, self._last = self._last, None
+        if self.logging_interval == "step":
+            return
         step = max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)  # as Lightning's epoch metrics
-        _send(
-            trainer, {f"dsgd_epoch/frequency/{name}": c for name, c in zip(self.layer_names, counts, strict=True)}, step
-        )
+        metrics: dict[str, Any] = {"epoch": trainer.current_epoch}
+        wandb_extra: dict[str, Any] = {}
+        if self.logging_interval == "epoch" and last is not None:  # the epoch's last step, in the same row
+            record, step = last
+            metrics.update(self._step_metrics(record, step))
+            trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+            if record.layer_name is not None:
+                wandb_extra["dsgd/layer_name"] = record.layer_name
+            if not self._observing and self._previous is not None:  # its realized decrease is logged when known
+                loss, bound, _, _ = self._previous
+                self._previous = (loss, bound, step, len(self.history.steps) - 1)
+        metrics.update({f"dsgd_epoch/frequency/{name}": c for name, c in zip(self.layer_names, counts, strict=True)})
+        _send(trainer, metrics, step, wandb_extra)
         if trainer.is_global_zero:
             for logger in _wandb_loggers(trainer):
                 _log_wandb_epoch(logger, self.layer_names, counts, trainer.current_epoch, step)
@@ -307,12 +351,14 @@ class DSGDMonitor(Callback):
             "selection_counts": counts,  # this epoch so far; rank 0 holds them all
             "violations": self.bound_violations,
             "previous": previous,
+            "previous_epoch": self._previous_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = History(**state_dict["history"])
         self.epoch_counts = [list(c) for c in state_dict["epoch_counts"]]
         self._loaded = {key: state_dict[key] for key in ("selection_counts", "violations", "previous")}
+        self._previous_epoch = state_dict.get("previous_epoch", 0)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -326,8 +372,16 @@ def _should_log(trainer: Trainer) -> bool:
     return every > 0 and (step % every == 0 or trainer.should_stop)
 
 
+def _last_step_of_epoch(trainer: Trainer) -> bool:
+    """Whether the batch starting now is the epoch's last one, or the run's last step (``max_steps``)."""
+    if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step + 1
+
+
 def _send(trainer: Trainer, metrics: dict[str, Any], step: int, wandb_extra: dict[str, Any] | None = None) -> None:
-    """To every Lightning logger (they write on rank 0 only), as ``LearningRateMonitor`` does."""
+    """Straight to every Lightning logger (they write on rank 0 only), as ``LearningRateMonitor`` does:
+    for the keys that cannot join the step's row (known later, or at the epoch's end)."""
     for logger in trainer.loggers:
         if wandb_extra and isinstance(logger, WandbLogger):
             logger.log_metrics({**metrics, **wandb_extra}, step=step)  # W&B history also takes strings

@@ -12,7 +12,7 @@ class LayerSelectionFrequency(Metric):
     of length ``num_layers``), summed over the ranks.
 
     Every ``update(layer_index)`` counts one choice. Data-parallel ranks all make the same choice
-    on every step, so record each step on **one** rank only (:class:`DSGDMonitor` updates on
+    on every step, so record each step on **one** rank only ([DSGDMonitor][lightning_dsgd.DSGDMonitor] updates on
     global rank 0): the sum over ranks then counts each step once, and ``compute()`` gives every
     rank the same true counts. ``compute()`` is a collective under ``torch.distributed``: call it
     on all ranks.

@@ -32,7 +32,7 @@ class DSGDMixin:
     """Mix in *before* a LightningModule: ``class MyModel(DSGDMixin, MyModule)``.
 
     Settings come from the class attribute ``dsgd`` or the constructor argument ``dsgd=`` (a
-    :class:`DSGDSettings`, also settable from a LightningCLI YAML as ``model.init_args.dsgd``).
+    [DSGDSettings][lightning_dsgd.DSGDSettings], also settable from a LightningCLI YAML as ``model.init_args.dsgd``).
     """
 
     dsgd: DSGDSettings = DSGDSettings()
@@ -59,7 +59,7 @@ class DSGDMixin:
 
     @property
     def dsgd_optimizer(self) -> DSGD:
-        """The raw :class:`DSGD` optimizer (reads and writes reach it, unlike the Lightning wrapper)."""
+        """The raw [DSGD][lightning_dsgd.DSGD] optimizer (reads and writes reach it, unlike the Lightning wrapper)."""
         return self.trainer.optimizers[0]  # type: ignore[attr-defined,return-value]
 
     def configure_optimizers(self) -> Any:
@@ -211,7 +211,7 @@ def _loss_of(output: Any) -> Tensor | None:
 
 def with_dsgd(module: LightningModule, settings: DSGDSettings | None = None) -> LightningModule:
     """Turn an existing LightningModule instance into a DSGD one in place (its class becomes a
-    subclass with :class:`DSGDMixin` first) and return it."""
+    subclass with [DSGDMixin][lightning_dsgd.DSGDMixin] first) and return it."""
     if not isinstance(module, DSGDMixin):
         cls = type(module)
         module.__class__ = type(cls.__name__, (DSGDMixin, cls), {"__module__": cls.__module__})

@@ -41,6 +41,17 @@ class History:
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __repr__(self) -> str:
+        """One line, however long the run: how many steps, which, how many certified or skipped."""
+        if not self.steps:
+            return "History(0 logged steps)"
+        skipped = sum(layer is None for layer in self.layers)
+        realized = sum(r is not None for r in self.realized)
+        return (
+            f"History({len(self.steps)} logged steps {self.steps[0]}…{self.steps[-1]}, "
+            f"{sum(self.certified)} certified, {skipped} skipped, {realized} with a realized decrease)"
+        )
+
 
 def require_matplotlib() -> None:
     """Raise an ``ImportError`` that says how to install matplotlib, if it is missing."""
@@ -53,8 +64,9 @@ def require_matplotlib() -> None:
 def save_history_png(history: History, layer_names: list[str], path: str | Path, title: str = "DSGD") -> Path:
     """Save three panels over the logged steps to ``path`` (PNG, 900×900 px): the chosen layer
     (filled: certified, hollow: not certified, red ×: skipped); the stationarity measure and the
-    guaranteed (and, in full-batch mode, realized) decrease on a log scale; each layer's
-    smoothness constant ``L_i`` on a log scale."""
+    promised decrease — "guaranteed" on certified steps, "estimated" on the others — (and, in
+    full-batch mode, the realized decrease) on a log scale; each layer's smoothness constant ``L_i``
+    on a log scale."""
     require_matplotlib()
     from matplotlib.figure import Figure  # without pyplot: no global state, no GUI backend
 
@@ -86,7 +98,8 @@ def save_history_png(history: History, layer_names: list[str], path: str | Path,
     ax_layer.legend(loc="upper right", fontsize="small")
 
     ax_bounds.plot(steps, _positive(history.stationarity), label="stationarity  max_i ‖g_i‖*/√L_i", color="C1")
-    ax_bounds.plot(steps, _positive(history.guaranteed), label="guaranteed decrease", color="C2")
+    for label, values in decrease_series(history):
+        ax_bounds.plot(steps, _positive(values), label=label, color="C2", ls="-" if label.startswith("guar") else ":")
     if any(r is not None for r in history.realized):
         ax_bounds.plot(steps, _positive(history.realized), label="realized decrease", color="C4", ls="--")
     ax_bounds.set_yscale("log")
@@ -101,6 +114,17 @@ def save_history_png(history: History, layer_names: list[str], path: str | Path,
     ax_constants.legend(loc="best", fontsize="small", ncols=min(n, 4))
     fig.savefig(path, format="png")
     return path
+
+
+def decrease_series(history: History) -> list[tuple[str, list[float | None]]]:
+    """The promised decrease as the chart draws it: "guaranteed" on certified steps only, and
+    "estimated" on the others (gaps elsewhere); a series with no step is left out."""
+    series = []
+    for certified, label in ((True, "guaranteed decrease (certified)"), (False, "estimated decrease (not certified)")):
+        values = [g if c == certified else None for g, c in zip(history.guaranteed, history.certified, strict=True)]
+        if any(v is not None for v in values):
+            series.append((label, values))
+    return series
 
 
 def _positive(values: list[float | None]) -> list[float]:

@@ -11,9 +11,9 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 @dataclass
 class DSGDSettings:
-    """Everything the mixin needs to build and drive :class:`~lightning_dsgd.DSGD`.
+    """Everything the mixin needs to build and drive the DSGD optimizer.
 
-    The first group is passed to the optimizer (see :class:`~lightning_dsgd.DSGD` for each
+    The first group is passed to the optimizer (see [DSGD][lightning_dsgd.DSGD] for each
     argument and its effect on the guarantee). The second replaces the
     ``Trainer`` flags that Lightning refuses in manual optimization:
 
@@ -63,7 +63,7 @@ class DSGDSettings:
             raise ValueError(f"eta_scheduler_frequency must be ≥ 1, got {self.eta_scheduler_frequency}.")
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`~lightning_dsgd.DSGD`."""
+        """The keyword arguments of [DSGD][lightning_dsgd.DSGD]."""
         names = (
             "norm",
             "constants",

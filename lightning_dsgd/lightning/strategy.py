@@ -2,14 +2,14 @@
 
 They add to their base strategy exactly what DSGD needs:
 
-* ``connect`` turns a module without :class:`DSGDMixin` into a DSGD module (so the mixin is
+* ``connect`` turns a module without [DSGDMixin][lightning_dsgd.DSGDMixin] into a DSGD module (so the mixin is
   optional) and applies the strategy's ``dsgd`` settings;
 * ``verify_every_n_steps``: every N optimizer steps all ranks compare the chosen layer and a
   checksum of their weights, and fail loudly naming the rank that diverged.
 
 Every rank scores identically without further help: DDP averages the gradients before the step,
 FSDP2 norms are computed on full tensors, and the measured input norms are MAX-reduced
-(:mod:`lightning_dsgd.distributed`). Registered names (after ``import lightning_dsgd``):
+([lightning_dsgd.distributed][]). Registered names (after ``import lightning_dsgd``):
 ``dsgd``, ``dsgd_ddp``, ``dsgd_ddp_spawn``, ``dsgd_model_parallel``.
 """
 
@@ -85,16 +85,33 @@ def verify_ranks_agree(optimizer: DSGD, step: int) -> None:
 
 class DSGDSingleDeviceStrategy(_DSGDStrategy, SingleDeviceStrategy):
     """``SingleDeviceStrategy`` that runs DSGD (the module needs no mixin). Without ``device`` it
-    uses the Trainer's accelerator: ``cuda:0`` on a GPU accelerator, else the CPU."""
+    runs on the device the Trainer chose (``Trainer(accelerator="gpu", devices=[k])``: ``cuda:k``;
+    ``devices=1``: ``cuda:0``), which the Trainer hands over as ``parallel_devices``."""
 
     def __init__(self, device: str | int | torch.device | None = None, **kwargs: Any) -> None:
         super().__init__(device="cpu" if device is None else device, **kwargs)
         self._follow_accelerator = device is None
+        self._parallel_devices: list[torch.device] | None = None
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices is not None and len(devices) > 1:
+            raise ValueError(
+                f"strategy='dsgd' runs on one device, but the Trainer asked for {len(devices)} ({devices}). "
+                "Use Trainer(devices=1) or devices=[k] for one device, or strategy='dsgd_ddp' for several."
+            )
+        self._parallel_devices = devices
 
     @property
     def root_device(self) -> torch.device:
+        if self._follow_accelerator and self._parallel_devices:
+            return torch.device(self._parallel_devices[0])
         if self._follow_accelerator and isinstance(self.accelerator, CUDAAccelerator):
-            return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda", 0)
         return super().root_device
 
 

@@ -10,9 +10,11 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,10 +29,11 @@ from torch import nn
 from lightning_dsgd import DSGD, DSGDSettings, LossBounds
 from lightning_dsgd.lightning.callback import DSGDMonitor
 from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
+from lightning_dsgd.lightning.plot import History, decrease_series
 
 NAMES = ["net.0", "net.2", "net.4"]
 STEP_KEYS = {"dsgd/layer", "dsgd/stationarity", "dsgd/guaranteed_decrease", "dsgd/certified", "dsgd/skipped"} | {
-    f"dsgd_layers/{quantity}/{name}" for quantity in ("score", "constant", "dual_norm") for name in NAMES
+    f"dsgd_layers/{quantity}/{name}" for quantity in ("chosen", "score", "constant", "dual_norm") for name in NAMES
 }
 EPOCH_KEYS = {f"dsgd_epoch/frequency/{name}" for name in NAMES}
 RANDOM = DSGDSettings(selection="random", seed=3)  # varied choices, so the counts say something
@@ -64,15 +67,20 @@ class RecordingLogger(Logger):
         return [(metrics, step) for metrics, step in self.calls if key in metrics]
 
 
+def dsgd_part(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metrics.items() if key.startswith("dsgd")}
+
+
 def expected_step_metrics(record) -> dict[str, Any]:
     metrics = {
-        "dsgd/layer": record.layer,
+        "dsgd/layer": -1 if record.layer is None else record.layer,
         "dsgd/stationarity": record.stationarity.item(),
         "dsgd/guaranteed_decrease": record.guaranteed_decrease.item(),
         "dsgd/certified": int(record.certified),
         "dsgd/skipped": int(record.skipped),
     }
     for i, name in enumerate(NAMES):
+        metrics[f"dsgd_layers/chosen/{name}"] = int(i == record.layer)
         metrics[f"dsgd_layers/score/{name}"] = record.scores[i].item()
         metrics[f"dsgd_layers/constant/{name}"] = record.constants[i].item()
         metrics[f"dsgd_layers/dual_norm/{name}"] = record.dual_norms[i].item()
@@ -94,19 +102,21 @@ def test_logs_exact_keys_values_and_steps(tmp_path, every, logged):
     steps = logger.steps_of("dsgd/stationarity")
     assert steps == logged == logger.steps_of("train_loss")  # the steps Lightning logs the user's metrics at
     for metrics, step in logger.calls_with("dsgd/stationarity"):
-        assert metrics == expected_step_metrics(record.records[step])  # one step per batch: record k is step k
-        assert isinstance(metrics["dsgd/layer"], int)
+        # In the same call (one CSV row) as training_step's metrics of that step, with the epoch:
+        assert "train_loss" in metrics and metrics["epoch"] == step // 8
+        assert dsgd_part(metrics) == expected_step_metrics(record.records[step])  # record k is step k
 
     # 8 batches per epoch: epoch 0 ends at step 7, the second (stopped by max_steps) at step 11.
     epoch_calls = logger.calls_with("dsgd_epoch/frequency/net.0")
     assert [step for _, step in epoch_calls] == [7, 11]
     expected = counts_per_epoch(record.layers, 8)
     assert len(set(record.layers)) > 1
-    for (metrics, _), counts in zip(epoch_calls, expected, strict=True):
-        assert metrics == {f"dsgd_epoch/frequency/{name}": c for name, c in zip(NAMES, counts, strict=True)}
+    for epoch, ((metrics, _), counts) in enumerate(zip(epoch_calls, expected, strict=True)):
+        frequencies = {f"dsgd_epoch/frequency/{name}": c for name, c in zip(NAMES, counts, strict=True)}
+        assert metrics == {**frequencies, "epoch": epoch}
     assert monitor.epoch_counts == expected
     # Nothing else: every DSGD call is one of these two kinds.
-    dsgd_calls = [m for m, _ in logger.calls if any(k.startswith("dsgd") for k in m)]
+    dsgd_calls = [dsgd_part(m) for m, _ in logger.calls if any(k.startswith("dsgd") for k in m)]
     assert all(set(m) in (STEP_KEYS, EPOCH_KEYS) for m in dsgd_calls)
     assert len(dsgd_calls) == len(logged) + 2
     assert t.callback_metrics["dsgd/stationarity"].item() == record.records[logged[-1]].stationarity.item()
@@ -127,9 +137,28 @@ def test_csv_logger(tmp_path):
     with open(Path(t.log_dir) / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["dsgd/layer"]]
     assert [int(row["step"]) for row in rows] == [1, 3, 5]
-    assert [int(row["dsgd/layer"]) for row in rows] == [record.layers[k] for k in (1, 3, 5)]
+    assert [float(row["dsgd/layer"]) for row in rows] == [record.layers[k] for k in (1, 3, 5)]
+    # The chosen layer by name, in the row of training_step's loss, with the epoch:
+    for row, k in zip(rows, (1, 3, 5), strict=True):
+        assert row["train_loss"] and row["epoch"] == str(k // 8)
+        chosen = [name for name in NAMES if float(row[f"dsgd_layers/chosen/{name}"]) == 1]
+        assert chosen == [NAMES[record.layers[k]]]
     if importlib.util.find_spec("matplotlib") is not None:  # the picture lands next to the metrics
         assert (Path(t.log_dir) / "dsgd_layers.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_csv_rows_on_a_gpu(tmp_path):
+    """On CUDA the step keys (CPU tensors after one host sync) still join training_step's row."""
+    t = trainer(tmp_path, accelerator="gpu", max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    t.callbacks.append(DSGDMonitor(plot=False))
+    t.fit(DSGDClassifier(dsgd=RANDOM))
+    with open(Path(t.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["dsgd/stationarity"]]
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3]
+    assert all(row["train_loss"] and row["epoch"] == "0" for row in rows)
+    assert all(sum(float(row[f"dsgd_layers/chosen/{name}"]) for name in NAMES) == 1 for row in rows)
 
 
 def test_works_without_wandb_installed(tmp_path, monkeypatch):
@@ -156,10 +185,120 @@ def test_a_skipped_step_is_logged_as_skipped_without_a_layer(tmp_path):
     t.fit(Overflow())  # the GradScaler skips step 2 (inf loss)
     calls = [metrics for metrics, _ in logger.calls_with("dsgd/skipped")]
     assert [m["dsgd/skipped"] for m in calls] == [0, 0, 1, 0]
-    assert [m["dsgd/certified"] for m in calls] == [1, 1, 0, 1]
-    assert "dsgd/layer" not in calls[2] and all("dsgd/layer" in calls[k] for k in (0, 1, 3))
+    # 16-mixed: the gradient is the autocast forward's, so no step is certified (precision guide)
+    assert [m["dsgd/certified"] for m in calls] == [0, 0, 0, 0]
+    assert calls[2]["dsgd/layer"] == -1 and all(calls[k]["dsgd/layer"] >= 0 for k in (0, 1, 3))
+    assert not any(calls[2][f"dsgd_layers/chosen/{name}"] for name in NAMES)
     assert math.isnan(calls[2]["dsgd_layers/score/net.0"])
     assert sum(monitor.epoch_counts[0]) == 3 and monitor.history.layers[2] is None
+
+
+# ---------------------------------------------------------------------------- the key table of the guide
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide" / "callback.md"
+
+
+def documented_keys() -> dict[str, str]:
+    """``key -> "every logger" | "W&B only"`` from the one table of docs/guide/callback.md."""
+    rows = re.findall(r"^\| `([^`]+)` \| (every logger|W&B only) \|", GUIDE.read_text(), flags=re.M)
+    assert len(rows) == len(set(key for key, _ in rows)), "a key is in the table twice"
+    return dict(rows)
+
+
+def recording_wandb_logger() -> Logger:
+    """A ``WandbLogger`` (the monitor's W&B branch runs) that records its calls instead of a run."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Run:
+        config = SimpleNamespace(update=lambda *args, **kwargs: None)
+
+        def define_metric(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class RecordingWandbLogger(WandbLogger):
+        calls = RecordingLogger.calls_with
+
+        @property
+        def experiment(self) -> Any:
+            return Run()
+
+        def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+            self.calls.append((dict(metrics), step))
+
+    logger = RecordingWandbLogger(offline=True)
+    logger.calls = []
+    return logger
+
+
+def logged_keys(calls: list[tuple[dict[str, Any], int | None]]) -> set[str]:
+    keys = {key for metrics, _ in calls for key in metrics if key.startswith("dsgd")}
+    return {re.sub(r"/net\.\d+$", "/<layer>", key) for key in keys}
+
+
+def test_the_guide_documents_exactly_the_keys_the_monitor_logs(tmp_path):
+    """Every key logged (a full-batch DSGD run reaches every kind) is in the guide's table with
+    the loggers it goes to, and every key of the table is logged."""
+    plain, wandb_logger = RecordingLogger(), recording_wandb_logger()
+    monitor = DSGDMonitor(full_batch=True, plot=False)
+    t = trainer(tmp_path, max_epochs=3, logger=[plain, wandb_logger], log_every_n_steps=1, callbacks=[monitor])
+    t.fit(DSGDClassifier(batch_size=64))
+    everywhere, in_wandb = logged_keys(plain.calls), logged_keys(wandb_logger.calls)
+    table = documented_keys()
+    assert everywhere == {key for key, where in table.items() if where == "every logger"}
+    assert in_wandb - everywhere == {key for key, where in table.items() if where == "W&B only"}
+
+
+# ---------------------------------------------------------------------------- logging_interval
+def test_logging_interval_step_logs_no_epoch_keys(tmp_path):
+    logger = RecordingLogger()
+    t = trainer(tmp_path, max_steps=10, logger=logger, log_every_n_steps=2, callbacks=[DSGDMonitor("step", plot=False)])
+    t.fit(DSGDClassifier(dsgd=RANDOM))
+    assert logger.steps_of("dsgd/stationarity") == [1, 3, 5, 7, 9] and logger.steps_of(next(iter(EPOCH_KEYS))) == []
+
+
+@pytest.mark.parametrize("model", ["dsgd", "observe"])
+def test_logging_interval_epoch_logs_the_epochs_last_step_with_the_counts(tmp_path, model):
+    logger, record, monitor = RecordingLogger(), RecordChoices(), DSGDMonitor("epoch", plot=False)
+    callbacks = [record, monitor] if model == "dsgd" else [monitor]
+    t = trainer(tmp_path, max_steps=12, logger=logger, log_every_n_steps=1, callbacks=callbacks)
+    t.fit(DSGDClassifier(dsgd=RANDOM) if model == "dsgd" else Classifier())
+    dsgd_calls = [(m, step) for m, step in logger.calls if any(k.startswith("dsgd") for k in m)]
+    assert [step for _, step in dsgd_calls] == [7, 11]  # each epoch's last step (the second stopped at 11)
+    for epoch, (metrics, step) in enumerate(dsgd_calls):
+        assert set(dsgd_part(metrics)) == STEP_KEYS | EPOCH_KEYS and metrics["epoch"] == epoch
+        if model == "dsgd":
+            assert dsgd_part(metrics) == {**expected_step_metrics(record.records[step]), **dsgd_part(metrics)}
+    assert monitor.history.steps == [7, 11]
+    assert t.callback_metrics["dsgd/stationarity"].item() == monitor.history.stationarity[-1]
+    if model == "dsgd":
+        assert monitor.epoch_counts == counts_per_epoch(record.layers, 8)  # every step is still counted
+    else:
+        assert [sum(c) for c in monitor.epoch_counts] == [1, 1]  # only the scored steps
+
+
+def test_logging_interval_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"logging_interval='batch'\) is not an interval"):
+        DSGDMonitor(logging_interval="batch")
+
+
+def test_history_repr_is_one_short_line(tmp_path):
+    monitor = DSGDMonitor(plot=False)
+    trainer(tmp_path, max_steps=40, log_every_n_steps=1, callbacks=[monitor]).fit(DSGDClassifier())
+    text = repr(monitor.history)
+    assert text == "History(40 logged steps 0…39, 40 certified, 0 skipped, 0 with a realized decrease)"
+
+
+def test_the_chart_never_calls_an_uncertified_estimate_guaranteed():
+    history = History()
+    for step, certified in enumerate([True, False, True]):
+        history.append(step, 0, certified, 1.0, 0.1 * (step + 1), [1.0])
+    series = dict(decrease_series(history))
+    assert series == {
+        "guaranteed decrease (certified)": [0.1, None, pytest.approx(0.3)],
+        "estimated decrease (not certified)": [None, 0.2, None],
+    }
+    history.certified = [False, False, False]
+    assert [label for label, _ in decrease_series(history)] == ["estimated decrease (not certified)"]
 
 
 # ---------------------------------------------------------------------------- full batch
@@ -177,7 +316,8 @@ def test_full_batch_realized_decrease_meets_the_guarantee(tmp_path):
     realized = logger.calls_with("dsgd/realized_decrease")
     assert [step for _, step in realized] == list(range(11))  # the last step's decrease is never known
     for metrics, step in realized:
-        assert set(metrics) == {"dsgd/realized_decrease", "dsgd/bound_violations"}
+        assert set(metrics) == {"dsgd/realized_decrease", "dsgd/bound_violations", "epoch"}
+        assert metrics["epoch"] == step  # one step per epoch
         assert metrics["dsgd/realized_decrease"] == pytest.approx(losses[step] - losses[step + 1], abs=1e-6)
         assert metrics["dsgd/realized_decrease"] >= record.records[step].guaranteed_decrease.item() > 0
         assert metrics["dsgd/bound_violations"] == 0
@@ -259,7 +399,7 @@ def test_observe_mode_scores_adam_training_without_changing_it(tmp_path):
     calls = logger.calls_with("dsgd/stationarity")
     assert [step for _, step in calls] == [1, 3, 5, 7, 9] == sorted(snapshot.snapshots)
     for metrics, step in calls:
-        assert set(metrics) == STEP_KEYS and metrics["dsgd/certified"] == 1
+        assert set(dsgd_part(metrics)) == STEP_KEYS and metrics["dsgd/certified"] == 1
         # What DSGD itself decides on a copy of the network, its gradients and the batch at that step:
         net, grads, (x, _) = snapshot.snapshots[step]
         dsgd = DSGD(net)
@@ -388,9 +528,12 @@ def test_wandb_offline_history_has_the_layer_and_bounds(tmp_path, monkeypatch):
     wait_until_closed(path)
     rows = [row for row in history(path) if "dsgd/stationarity" in row]
     assert [row["trainer/global_step"] for row in rows] == [1, 3, 5, 7, 9, 11, 13, 15]
+    # The name (a string) comes in a W&B-only call at the same trainer/global_step.
+    names = {row["trainer/global_step"]: row["dsgd/layer_name"] for row in history(path) if "dsgd/layer_name" in row}
     for row in rows:
         rec = record.records[row["trainer/global_step"]]
-        assert row["dsgd/layer"] == rec.layer and row["dsgd/layer_name"] == rec.layer_name
+        assert row["dsgd/layer"] == rec.layer and names[row["trainer/global_step"]] == rec.layer_name
+        assert row["epoch"] == row["trainer/global_step"] // 8 and "train_loss" in row
         assert row["dsgd/stationarity"] == rec.stationarity.item()
         assert row["dsgd/guaranteed_decrease"] == rec.guaranteed_decrease.item()
         for i, name in enumerate(NAMES):

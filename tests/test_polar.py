@@ -226,3 +226,26 @@ def test_autocast_and_reduced_float32_matmul_precision_do_not_weaken_the_certifi
     assert direction.dtype == torch.float32 and inner.dtype == torch.float32 and not fell_back.any()
     assert spectral_norm(direction) <= 1.0
     assert (inner.double() <= exact).all() and (inner.double() >= 0.95 * exact).all()
+
+
+def test_matmul_path_keeps_every_tensor_on_the_device_and_one_host_sync_per_step(monkeypatch):
+    """Parameters on the ``meta`` device stand for a GPU (tests/helpers/devices.py): the matmul
+    path makes nothing on the CPU and reads nothing back (its fallback is chosen on the device)."""
+    from helpers.devices import MetaHost
+    from test_gpu_readiness import _draw_on_device, _mlp_case
+
+    _draw_on_device(monkeypatch)
+    model, settings, loss_fn = _mlp_case(256)()
+    opt = DSGD(model, **settings)
+    opt.geometries["spectral"].polar = "always"
+    per_step = []
+    for _ in range(5):
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss_fn().backward()
+        with MetaHost() as host:
+            opt.step()
+        per_step.append(host.total)
+        assert opt.last_step.dual_norms.device.type == "meta"
+    assert per_step[3:] == [1, 1], (per_step, dict(host.syncs), dict(host.uploads))
+    assert opt.geometries["spectral"].polar_fallbacks.device.type == "meta"  # the matmul path ran

@@ -8,7 +8,10 @@ Runs every section and writes the Markdown page ``docs/benchmarks.md`` and its p
 2. scaling of that cost with depth, width and batch size;
 3. a profile of spectral DSGD's step on a wide MLP, with cheaper exact methods timed beside it
    (``bench_profile``);
-4. optimization quality on digits (full and mini-batch), a generated task whose hidden layers must
+4. the optimizer step on a GPT-shaped model (4 pre-norm blocks, widths 256, 512, 1024, 1024 tokens):
+   spectral DSGD on each path against Muon+AdamW (``bench_cost.measure_gpt``; ~7 min on 1 CPU
+   thread, mostly width 1024; ``--sections gpt`` alone);
+5. optimization quality on digits (full and mini-batch), a generated task whose hidden layers must
    learn, a ReLU CNN, a tiny transformer and MNIST when its files are present (``bench_quality``).
 
     python benchmarks/harness.py                      # default suite, ~20 min on 2 CPU cores

@@ -9,6 +9,7 @@ certified runs on the matmul path with no step below its promise.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -249,3 +250,25 @@ def test_matmul_path_keeps_every_tensor_on_the_device_and_one_host_sync_per_step
         assert opt.last_step.dual_norms.device.type == "meta"
     assert per_step[3:] == [1, 1], (per_step, dict(host.syncs), dict(host.uploads))
     assert opt.geometries["spectral"].polar_fallbacks.device.type == "meta"  # the matmul path ran
+
+
+def test_matmul_path_run_resumes_identically():
+    """The iteration is deterministic: a resumed run scores and steps bit for bit alike."""
+    model = mlp([12, 64, 64, 4], seed=2, dtype=torch.float32)
+    x, y = classification_data(80, 12, 4, seed=5, scale=5.0, dtype=torch.float32)
+    opt = DSGD(model, norm="spectral", constants="adaptive")
+    opt.geometries["spectral"].polar = "always"
+    closure = make_closure(model, opt, x, y)
+    for _ in range(4):
+        opt.step(closure)
+    twin = copy.deepcopy(model)
+    resumed = DSGD(twin, norm="spectral", constants="adaptive")
+    resumed.geometries["spectral"].polar = "always"
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_closure = make_closure(twin, resumed, x, y)
+    for _ in range(4):
+        opt.step(closure)
+        resumed.step(twin_closure)
+        assert torch.equal(opt.last_step.scores, resumed.last_step.scores)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from helpers.models import classification_data, full_batch_loss, make_closure, mlp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_dsgd import DSGD
 from lightning_dsgd import polar as P
@@ -272,3 +274,32 @@ def test_matmul_path_run_resumes_identically():
         assert torch.equal(opt.last_step.scores, resumed.last_step.scores)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    rank=st.integers(1, 40),
+    decades=st.floats(0.0, 12.0),
+    scale=st.floats(-30.0, 30.0),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_certified_and_never_above_the_exact_dual_norm(m, n, rank, decades, scale, bf16, seed):
+    """Any shape, spectrum (up to 12 decades, rank-deficient), scale and storage: ‖D‖₂ ≤ 1 and
+    c ≤ ⟨G, D⟩ ≤ ‖G‖_*; tight (≥ 0.95) whenever no singular value lies below 10⁻³ ‖G‖_F."""
+    rank = min(rank, m, n)
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -decades, rank, dtype=torch.float64)[torch.randperm(rank, generator=g)]
+    block = (with_spectrum(spectrum, m, n, seed) * 10.0**scale).float()
+    if bf16:
+        block = block.to(torch.bfloat16).float()
+    direction, inner, _ = P.polar_directions(block[None])
+    singular = torch.linalg.svdvals(block.double())
+    exact = singular.sum().item()
+    c = inner[0].item()
+    assert spectral_norm(direction) <= 1.0
+    assert c <= math.fsum((block.double() * direction[0].double()).flatten().tolist()) and c <= exact
+    if exact > 0 and singular[singular > 0].min() >= 1e-3 * torch.linalg.vector_norm(singular):
+        assert c >= 0.95 * exact

@@ -313,7 +313,7 @@ class InputNormRecorder:
     ``rows[i]`` counts the input rows a linear or attention block multiplied since the reset (a
     Python int, from shapes alone): its gradient ``Σ_t δ_t [x_t; 1]ᵀ`` has rank at most that.
     ``precision_reason`` says why a recorded forward computed a perturbed gradient (autocast,
-    TF32: :func:`~lightning_dsgd.precision.reduced_precision_reason`), ``None`` if none did.
+    TF32: [`reduced_precision_reason`][lightning_dsgd.precision.reduced_precision_reason]), ``None`` if none did.
     """
 
     WATCHED = ("linear", "conv", "attention")

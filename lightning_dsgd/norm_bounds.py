@@ -18,8 +18,9 @@ are copied to the host asynchronously at one call and read at the next (by then 
 followed has synchronised), so a bound past the tolerance is recomputed one call late — still an
 upper bound, looser by at most one more step.
 
-A checkpoint carries the bounds (:meth:`NormBounds.state_dict`), so that a resumed run uses the
-same constants as an uninterrupted one; a loaded bound is adopted at its first use as
+A checkpoint carries the bounds
+([`NormBounds.state_dict`][lightning_dsgd.norm_bounds.NormBounds.state_dict]), so that a resumed
+run uses the same constants as an uninterrupted one; a loaded bound is adopted at its first use as
 ``max(saved ν, exact value)`` — the saved one for the checkpoint's own weights, and still an upper
 bound for any other weights.
 """
@@ -48,7 +49,7 @@ def _copy_to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
 
 
 def _read_copied(host: Tensor, event: torch.cuda.Event | None) -> list[float]:
-    """The values of a copy made by :func:`_copy_to_host` (waits for it only if it is still running,
+    """The values of a copy made by `_copy_to_host` (waits for it only if it is still running,
     which a step's own synchronisation since then rules out)."""
     if event is not None:
         event.synchronize()
@@ -125,7 +126,8 @@ class NormBounds:
         return state
 
     def load_state_dict(self, state: dict[int, dict], device: torch.device) -> None:
-        """The bounds of :meth:`state_dict`, each adopted at its first use (see the module docstring)."""
+        """The bounds of [`state_dict`][lightning_dsgd.norm_bounds.NormBounds.state_dict], each
+        adopted at its first use (see the module docstring)."""
         self._entries, self._growth = {}, None
         self._loaded = {
             int(i): _Entry(None, s["value"].to(device), s["exact"].to(device), s["advanced"])

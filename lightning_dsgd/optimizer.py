@@ -62,7 +62,8 @@ class StepRecord:
     layers: tuple[int, ...] = ()
     realized_decrease: Tensor | None = None
     #: Why the arithmetic voids this step's certificate (autocast or TF32 in the forward,
-    #: low-precision parameters: see :mod:`lightning_dsgd.precision`); ``certified`` is then False.
+    #: low-precision parameters: see [`lightning_dsgd.precision`][lightning_dsgd.precision]);
+    #: ``certified`` is then False.
     precision_reason: str | None = None
 
 

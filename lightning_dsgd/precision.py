@@ -2,14 +2,17 @@
 
 DSGD's margins (``geometry.rounding_margin``, the float32 loss tolerances) assume IEEE float32
 (or wider) arithmetic: a matmul in bfloat16 or TF32 errs by ~1e-2 or ~1e-3 relatively, far above
-``16·(size + 1)·eps``. :func:`full_precision` therefore runs the step outside autocast and with
-IEEE float32 matmuls on CUDA (cuBLAS) and on the CPU (oneDNN), whatever the user set, and puts
-every flag back afterwards. It changes nothing, and costs nothing, when the flags are already so.
+``16·(size + 1)·eps``. [`full_precision`][lightning_dsgd.precision.full_precision] therefore runs
+the step outside autocast and with IEEE float32 matmuls on CUDA (cuBLAS) and on the CPU (oneDNN),
+whatever the user set, and puts every flag back afterwards. It changes nothing, and costs
+nothing, when the flags are already so.
 
 What DSGD cannot undo is the user's own forward and backward: under autocast or reduced float32
 matmul precision the gradient (and the loss compared in full batch) is that of a perturbed
 function, with errors of the same ~1e-3..1e-2 size, so no decrease of the exact loss is proved.
-:func:`reduced_precision_reason` and :func:`low_precision_reason` say so, in words a record can carry.
+[`reduced_precision_reason`][lightning_dsgd.precision.reduced_precision_reason] and
+[`low_precision_reason`][lightning_dsgd.precision.low_precision_reason] say so, in words a record
+can carry.
 """
 
 from __future__ import annotations

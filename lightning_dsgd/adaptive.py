@@ -47,7 +47,7 @@ class AdaptiveConstants:
         idle_shrink: float = 0.9,
         idle_reach: float = 1.0,
         floor: float = 1e-3,
-        max_relative_step: float = 0.1,
+        max_relative_step: float = 0.2,
     ) -> None:
         if not 0.0 < shrink < 1.0:
             raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")

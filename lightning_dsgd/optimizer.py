@@ -113,12 +113,15 @@ class DSGD(torch.optim.Optimizer):
             steps along ``v`` (restarting ``v`` when ``⟨g, v⟩ ≤ 0``). Not covered by the guarantee.
         layers_per_step: update the best ``k`` layers (or ``"all"``) per step, each with its own
             ``η/L_i``. Each constant assumes the other layers fixed, so ``k > 1`` is a heuristic.
+            ``None`` (default): ``"all"`` when the constants are estimated (``"adaptive"``, or any
+            mode outside the rigorous class) and the selection is greedy, else 1 — so certified
+            constants keep the one-layer step their guarantee is proved for.
         full_batch: every step sees the same data (the loss of step t+1 is the loss after step
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
         adaptive_options: tuning of the adaptive constants (:class:`~lightning_dsgd.adaptive.AdaptiveConstants`):
-            ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
+            ``safety``, ``shrink``, ``idle_shrink``, ``idle_reach``, ``floor``, ``max_relative_step``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
             sets it; see :mod:`lightning_dsgd.distributed`).
@@ -139,7 +142,7 @@ class DSGD(torch.optim.Optimizer):
         nonfinite: NonFinitePolicy = "skip",
         seed: int = 0,
         momentum: float = 0.0,
-        layers_per_step: int | Literal["all"] = 1,
+        layers_per_step: int | Literal["all"] | None = None,
         full_batch: bool = False,
         undo_shortfalls: bool = False,
         adaptive_options: Mapping[str, float] | None = None,
@@ -177,6 +180,9 @@ class DSGD(torch.optim.Optimizer):
         self.not_rigorous_reason: str | None = None if rigorous else str(found)
         self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
         n = len(self.layers)
+        if layers_per_step is None:
+            estimated = not rigorous or constants == "adaptive"
+            layers_per_step = "all" if estimated and selection == "greedy" else 1
         self.layers_per_step = n if layers_per_step == "all" else int(layers_per_step)
         if not 1 <= self.layers_per_step:
             raise ValueError(f"layers_per_step must be ≥ 1 or 'all', got {layers_per_step!r}.")
@@ -201,7 +207,9 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self._momentum: dict[int, Tensor] = {}
-        self._weight_norms = NormBounds(self._exact_weight_norms)
+        # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
+        # tolerance: fewer exact norms (SVDs) when every layer moves every step.
+        self._weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
@@ -313,20 +321,17 @@ class DSGD(torch.optim.Optimizer):
         )
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
-        """Uncertified constants are estimates: until a layer's curvature has been measured once,
-        raise its ``L_i`` where needed so that its step moves it by at most ``max_relative_step ·
-        max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a guard against an estimate far below
-        the curvature."""
+        """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
+        layer by at most ``max_relative_step · max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
+        trust region against an estimate far below the curvature (before the first measurement)
+        or driven down by mini-batch noise (after it). On device, no host sync."""
         adaptive = self.constant_model.adaptive
         assert adaptive is not None
-        if all(adaptive.measured):
-            return constants
         eta = dual_norms.new_tensor(etas)
         floor = (
             eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
         )
-        unmeasured = torch.tensor([not m for m in adaptive.measured], device=constants.device)
-        return torch.where(unmeasured, torch.maximum(constants, floor), constants)
+        return torch.maximum(constants, floor)
 
     def _block_norms(self) -> Tensor:
         """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
@@ -404,7 +409,7 @@ class DSGD(torch.optim.Optimizer):
         step = direction * (-scale)
         step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
         adaptive = self.constant_model.adaptive
-        track_block = adaptive is not None and not all(adaptive.measured)  # block norms serve _cap_steps only
+        track_block = adaptive is not None  # block norms serve _cap_steps only
         before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).

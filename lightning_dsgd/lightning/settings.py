@@ -36,7 +36,7 @@ class DSGDSettings:
     nonfinite: Literal["skip", "raise"] = "skip"
     seed: int = 0
     momentum: float = 0.0
-    layers_per_step: int | Literal["all"] = 1
+    layers_per_step: int | Literal["all"] | None = None
     full_batch: bool = False
     undo_shortfalls: bool = False
     adaptive_options: dict[str, float] | None = None

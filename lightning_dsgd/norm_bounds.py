@@ -74,3 +74,13 @@ class NormBounds:
         entry.value = (entry.value + (1.0 + rounding) * step_norm.to(entry.value.dtype)) / (1.0 - rounding)
         entry.key = after
         entry.advanced = True
+
+    def snapshot(self) -> dict[int, tuple[Tensor, Tensor, bool]]:
+        """The bounds as ``{index: (ν, last exact value, advanced)}`` (for checkpoints)."""
+        return {i: (e.value, e.exact, e.advanced) for i, e in self._entries.items()}
+
+    def restore(self, snapshot: dict[int, tuple[Tensor, Tensor, bool]], keys: dict[int, Hashable]) -> None:
+        """Inverse of :meth:`snapshot`, for weights now at version ``keys`` (restored with them)."""
+        self._entries = {
+            int(i): _Entry(keys[int(i)], value, exact, advanced) for i, (value, exact, advanced) in snapshot.items()
+        }

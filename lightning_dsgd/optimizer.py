@@ -534,6 +534,7 @@ class DSGD(torch.optim.Optimizer):
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
+            "trust_region_norms": self._weight_norms.snapshot(),
         }
 
     def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
@@ -547,6 +548,13 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.load_state_dict(extra["constant_model"], device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
+        # The adaptive trust region's weight-norm bounds, for the weights as they are now (loaded
+        # with the model before this call; weights written later are re-measured at next use).
+        snapshot = {
+            i: (value.to(device), exact.to(device), advanced)
+            for i, (value, exact, advanced) in extra.get("trust_region_norms", {}).items()
+        }
+        self._weight_norms.restore(snapshot, {i: _block_key(self.layers[int(i)]) for i in snapshot})
 
     def _check_compatible(self, extra: dict[str, Any]) -> None:
         for key, mine in (

@@ -32,6 +32,9 @@ Selection = Literal["greedy", "random", "cyclic"]
 NonFinitePolicy = Literal["skip", "raise"]
 
 _CONSTANTS = ("data", "architecture", "adaptive")
+# What DSGD(model) and the Lightning mixin use when the user says nothing (docs/benchmarks.md
+# defends the choice); constants="data" is the paper's certified algorithm.
+DEFAULT_CONSTANTS: ConstantsMode = "adaptive"
 _SELECTIONS = ("greedy", "random", "cyclic")
 _POLICIES = ("skip", "raise")
 _RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
@@ -88,13 +91,14 @@ class DSGD(torch.optim.Optimizer):
         norm: per-layer norm of weight matrices: ``"spectral"`` (nuclear dual, ``ρ = ‖G‖_*·UVᵀ``),
             ``"frobenius"`` (``ρ = G``) or ``"linf"`` (ℓ∞→ℓ∞ operator norm). Embeddings use
             ``"rows"`` and normalisation affines ``"linf"`` unless overridden.
-        constants: ``"data"`` (default) bounds each layer's input by its largest norm in the
-            current batch (recorded by forward hooks: run the forward with gradients enabled
-            before ``step``); ``"architecture"`` uses worst-case bounds from widths and a data
-            bound; both are certified on the rigorous class (tanh/sigmoid MLP chains with
-            softmax cross-entropy). ``"adaptive"`` starts from those constants (or an estimate
-            outside the class) and corrects them by the curvature met — not certified. Outside
-            the rigorous class, ``"data"`` behaves as ``"adaptive"``.
+        constants: ``"adaptive"`` (default) starts from the certified constants (or an estimate
+            outside the rigorous class) and corrects them by the curvature met — not certified;
+            with the default ``layers_per_step`` every layer steps. ``"data"`` (the paper's
+            certified algorithm) bounds each layer's input by its largest norm in the current
+            batch (recorded by forward hooks: run the forward with gradients enabled before
+            ``step``); ``"architecture"`` uses worst-case bounds from widths and a data bound;
+            both are certified on the rigorous class (tanh/sigmoid MLP chains with softmax
+            cross-entropy). Outside the rigorous class, ``"data"`` behaves as ``"adaptive"``.
         eta: step multiplier ``η ∈ (0, 2)``; ``η = 1`` maximises ``η(1 − η/2)``.
         selection: ``"greedy"`` (the best bound), ``"random"`` or ``"cyclic"`` layer choice;
             every choice uses the same step rule and keeps its guaranteed decrease.
@@ -132,7 +136,7 @@ class DSGD(torch.optim.Optimizer):
         model: nn.Module,
         *,
         norm: str = "spectral",
-        constants: ConstantsMode = "data",
+        constants: ConstantsMode = DEFAULT_CONSTANTS,
         eta: float = 1.0,
         selection: Selection = "greedy",
         loss: str | LossBounds = "cross_entropy",

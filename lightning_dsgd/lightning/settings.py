@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LRSchedulerCallable
 
+from lightning_dsgd.optimizer import DEFAULT_CONSTANTS
+
 
 @dataclass
 class DSGDSettings:
@@ -27,7 +29,7 @@ class DSGDSettings:
     """
 
     norm: Literal["spectral", "frobenius", "linf"] = "spectral"
-    constants: Literal["data", "architecture", "adaptive"] = "data"
+    constants: Literal["data", "architecture", "adaptive"] = DEFAULT_CONSTANTS
     eta: float = 1.0
     selection: Literal["greedy", "random", "cyclic"] = "greedy"
     loss: str = "cross_entropy"

@@ -309,8 +309,8 @@ def _curve_stats(runs: Sequence[Run]) -> tuple[list[int], list[float], list[floa
     return steps, med, low, high, secs
 
 
-PLOTTED = ("DSGD defaults", "DSGD adaptive", "DSGD adaptive, greedy", "output layer alone", *PEER_ARMS)
-SELECTED = ("DSGD defaults", "DSGD adaptive, greedy")  # one layer per step: whose choices are shown
+PLOTTED = ("DSGD adaptive", "DSGD certified", "DSGD adaptive, greedy", "output layer alone", *PEER_ARMS)
+SELECTED = ("DSGD certified", "DSGD adaptive, greedy")  # one layer per step: whose choices are shown
 
 
 def plot_quality(entries: Sequence[TaskResult], path: str, against: str) -> None:
@@ -598,16 +598,16 @@ def quality_verdicts(entries: Sequence[TaskResult]) -> list[str]:
         lines.append(
             f"- **{task.title}** — best tuned peer {peer.arm} (lr {peer.lr:g}): {peer_text}, {_final_text(peer)}."
         )
-        for name in ("DSGD defaults", "DSGD adaptive", "DSGD adaptive, momentum 0.9"):
+        for name in ("DSGD adaptive", "DSGD certified", "DSGD adaptive, momentum 0.9"):
             result = entry.arm(name)
             if result is not None:
-                one_layer = name == "DSGD defaults" and task.rigorous  # certified: one layer per step
+                one_layer = name == "DSGD certified"  # one layer per step
                 moves = _shares(result) if one_layer else "every layer every step"
                 lines.append(
                     f"  - {name}: {_against(result, peer, task)} → **{_verdict(result, peer, task)}**; moves {moves}."
                 )
         lines += _choice_lines(entry)
-        greedy = entry.arm("DSGD defaults")
+        greedy = entry.arm("DSGD certified")
         alone = entry.arm("output layer alone")
         if alone and greedy:
             a, g = _robust_mean(alone), _robust_mean(greedy)
@@ -620,8 +620,8 @@ def quality_verdicts(entries: Sequence[TaskResult]) -> list[str]:
             )
             lines.append(
                 f"  - Output layer alone: final {_loss_or_div(alone)} against {best_text} and "
-                f"{_loss_or_div(greedy)} for DSGD defaults"
-                + (" (DSGD defaults does no better than the output layer alone)." if g > 0.8 * a else ".")
+                f"{_loss_or_div(greedy)} for DSGD certified"
+                + (" (DSGD certified does no better than the output layer alone)." if g > 0.8 * a else ".")
             )
     return lines
 

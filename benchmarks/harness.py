@@ -370,14 +370,13 @@ def quality_section(entries: list[TaskResult], suite: Suite, images: str, image)
         f"{len(plan.seeds)} seeds per arm (seeds {', '.join(map(str, plan.seeds))}); a seed fixes the initial weights "
         "(the same in every arm) and the mini-batch order. Arms:",
         "",
-        "- **DSGD defaults**: `DSGD(model)`, no argument — spectral norm; on the tanh MLPs the paper's certified "
-        "algorithm (data constants, one greedy layer per step); outside the rigorous class (CNN, transformers) "
-        "estimated adaptive constants with every layer per step, the configuration of the next arm, so those rows "
-        "repeat the same runs.",
-        '- **DSGD adaptive**: `DSGD(model, constants="adaptive")`, no other argument, in both regimes (no '
-        "`full_batch` declared): every layer steps along its own duality map by `η/L_i` with `L_i` corrected by "
-        "the curvature met (the Muon / PolarGrad family, with per-layer step sizes instead of a learning rate), "
-        "each step at most 0.2 of the layer's weight norm.",
+        '- **DSGD adaptive**: `DSGD(model)`, no argument — the default, `constants="adaptive"` — in both regimes '
+        "(no `full_batch` declared): spectral norm; every layer steps along its own duality map by `η/L_i` with "
+        "`L_i` corrected by the curvature met (the Muon / PolarGrad family, with per-layer step sizes instead of a "
+        "learning rate), each step at most 0.2 of the layer's weight norm.",
+        '- **DSGD certified**: `DSGD(model, constants="data")`, the paper\'s algorithm: one greedy layer per step; '
+        "certified data constants, run on the tanh MLPs only (outside the rigorous class no certificate exists and "
+        '`constants="data"` behaves as the adaptive default).',
         "- **DSGD adaptive, greedy / random / cyclic**: the same adaptive constants, one layer per step "
         '(`layers_per_step=1`), chosen greedily (the paper\'s rule), at random (`selection="random"`) or in turn '
         '(`selection="cyclic"`).',
@@ -401,8 +400,9 @@ def quality_section(entries: list[TaskResult], suite: Suite, images: str, image)
         "",
         "### DSGD adaptive against best-tuned Adam",
         "",
-        '`DSGD(model, constants="adaptive")` with no other argument, against Adam at its best swept rate, steps and '
-        "training seconds to each target (mean over the seeds that reach it; target: at most 1.5× Adam's steps):",
+        '`DSGD(model)` (the default, `constants="adaptive"`) with no argument, against Adam at its best swept rate, '
+        "steps and training seconds to each target (mean over the seeds that reach it; target: at most 1.5× "
+        "Adam's steps):",
         "",
         *adam_ratio_lines(entries),
         "",

@@ -49,7 +49,7 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
     for arm in ("| SGD |", "| Adam |", "| Muon |", "| DSGD spectral data |", "| DSGD linf adaptive |"):
         assert arm in text  # every norm × constants mode beside the peers
     for arm in (
-        "DSGD defaults",
+        "DSGD certified",
         "DSGD adaptive",
         "DSGD adaptive, greedy",
         "DSGD adaptive, cyclic",

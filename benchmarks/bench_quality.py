@@ -12,7 +12,7 @@ before the model is built; mini-batches are drawn by a generator seeded with the
   step, chosen greedily (the paper's rule), at random or in turn.
 * ``DSGD adaptive, momentum 0.9``: ``DSGD(model, constants="adaptive", momentum=0.9)``.
 * ``output layer alone``: every parameter below the output layer frozen, the output layer trained
-  by ``DSGD(nn.Sequential(head))`` (a one-layer chain: its certified constant ``H·‖[x; 1]‖²``).
+  by ``DSGD(nn.Sequential(head), constants="data")`` (a one-layer chain: its certified constant ``H·‖[x; 1]‖²``).
 * ``SGD``, ``Adam``: learning rate swept on a log grid (1–3 steps) on the selection seeds; a grid
   whose best rate lands on an edge is extended past that edge (up to ``max_extend`` points), so the
   best rate is interior. The best rate by mean final training loss is then run on every seed.
@@ -128,7 +128,7 @@ def output_alone(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimiz
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
-    return DSGD(nn.Sequential(head))
+    return DSGD(nn.Sequential(head), constants="data")
 
 
 FIXED_ARMS: dict[str, Builder] = {

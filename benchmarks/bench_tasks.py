@@ -2,7 +2,8 @@
 and the model each is trained with.
 
 * ``digits``: scikit-learn's 1797 handwritten digits (8×8, ``X / 16``), a fixed 1437 / 360
-  train / validation split; tanh MLP 64-128-128-10 — the rigorous class, where ``DSGD(model)``
+  train / validation split; tanh MLP 64-128-128-10 — the rigorous class, where
+  ``DSGD(model, constants="data")``
   uses certified data constants. Full batch and mini-batches of 64.
 * ``rings``: a generated task on which the hidden layers must learn. ``x ~ N(0, I_16)``; the
   class (4 of them, balanced) is the ring (``‖z‖² ≷`` its median) and the sign of ``sin 2θ`` of
@@ -11,7 +12,7 @@ and the model each is trained with.
   Tanh MLP 16-128-128-4, full batch on 1024 samples.
 * ``cnn``: the digits as 1×8×8 images, a ReLU CNN (two 3×3 convolutions, the second strided, a
   hidden linear layer, linear logits). Mini-batches of 64. Outside the rigorous class:
-  ``DSGD(model)`` uses estimated, adaptive constants.
+  every ``constants`` mode is estimated and adaptive.
 * ``transformer``: sequence reversal (output ``t`` is input token ``T−1−t``; vocabulary 16, length
   10): token embedding + learned positions + one pre-norm encoder layer (width 32, 2 heads,
   feed-forward 64) + linear head. Mini-batches of 64.

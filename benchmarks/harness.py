@@ -382,7 +382,7 @@ def quality_section(entries: list[TaskResult], suite: Suite, images: str, image)
         '(`selection="cyclic"`).',
         '- **DSGD adaptive, momentum 0.9**: `DSGD(model, constants="adaptive", momentum=0.9)`.',
         "- **output layer alone**: every parameter below the output layer frozen; the output layer trained by "
-        "`DSGD(nn.Sequential(head))` (a one-layer chain, with its certified constant).",
+        '`DSGD(nn.Sequential(head), constants="data")` (a one-layer chain, with its certified constant).',
         "- **SGD, Adam**: learning rate swept on a 1–3–10 log grid on seeds "
         f"{', '.join(map(str, plan.selection_seeds))} "
         f"(initial grids SGD {plan.sgd_grid}, Adam {plan.adam_grid}); when the best rate (lowest mean final "

@@ -514,37 +514,118 @@ def _steps_text(result: ArmResult, target: float) -> str:
     return f"{steps:.0f}" + (f" ({n}/{len(result.runs)})" if n < len(result.runs) else "")
 
 
-def _choice_lines(entry: TaskResult) -> list[str]:
-    """Greedy against random and cyclic choice at the same adaptive constants (one layer per step),
-    and one layer per step against every layer: where the greedy choice pays."""
-    names = ("DSGD adaptive, greedy", "DSGD adaptive, random", "DSGD adaptive, cyclic")
-    arms = [entry.arm(n) for n in names]
+def _choice_word(entry: TaskResult) -> str | None:
+    """Whether greedy choice pays against random and cyclic at the same adaptive constants."""
+    arms = [entry.arm(n) for n in ("DSGD adaptive, greedy", "DSGD adaptive, random", "DSGD adaptive, cyclic")]
     if any(a is None for a in arms):
-        return []
+        return None
     greedy, random_, cyclic = arms  # type: ignore[misc]
     low = min(entry.task.targets)
     key = {a.arm: rank_key(a, entry.task.targets) for a in arms}  # type: ignore[union-attr]
     best = min(key, key=key.get)  # type: ignore[arg-type]
-    g, others = _target_stats(greedy, low), [_target_stats(a, low) for a in (random_, cyclic)]  # type: ignore[union-attr]
+    g, others = _target_stats(greedy, low), [_target_stats(a, low) for a in (random_, cyclic)]  # type: ignore[arg-type]
     other_steps = min(o[1] for o in others)
     if g[0] > max(o[0] for o in others) or (best == greedy.arm and g[1] < 0.8 * other_steps):  # type: ignore[union-attr]
-        word = "the greedy choice pays"
-    elif best != greedy.arm and g[1] > 1.25 * other_steps:  # type: ignore[union-attr]
-        word = "the greedy choice does not pay"
-    else:
-        word = "the layer choice makes little difference"
-    text = (
+        return "the greedy choice pays"
+    if best != greedy.arm and g[1] > 1.25 * other_steps:  # type: ignore[union-attr]
+        return "the greedy choice does not pay"
+    return "the layer choice makes little difference"
+
+
+def _choice_lines(entry: TaskResult) -> list[str]:
+    """Greedy against random and cyclic choice at the same adaptive constants (one layer per step),
+    and one layer per step against every layer: where the greedy choice pays."""
+    word = _choice_word(entry)
+    if word is None:
+        return []
+    greedy, random_, cyclic = (
+        entry.arm(n) for n in ("DSGD adaptive, greedy", "DSGD adaptive, random", "DSGD adaptive, cyclic")
+    )
+    low = min(entry.task.targets)
+    lines = [
         f"  - Layer choice at the same adaptive constants, one layer per step — steps to {low}: greedy "
         f"{_steps_text(greedy, low)}, random {_steps_text(random_, low)}, cyclic {_steps_text(cyclic, low)}; "  # type: ignore[arg-type]
         f"final loss greedy {_loss_or_div(greedy)}, random {_loss_or_div(random_)}, cyclic "  # type: ignore[arg-type]
         f"{_loss_or_div(cyclic)} — {word}."  # type: ignore[arg-type]
-    )
+    ]
     every = entry.arm("DSGD adaptive")
-    lines = [text]
     if every is not None:
         lines.append(
             f"  - Every layer per step (`DSGD adaptive`) against the greedy one: steps to {low} "
             f"{_steps_text(every, low)} against {_steps_text(greedy, low)}."  # type: ignore[arg-type]
+        )
+    return lines
+
+
+def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
+    """The decisions the quality section supports, counted over every task and seed."""
+    rows, misses, runs, diverged = 0, [], 0, 0
+    for entry in entries:
+        mine, adam = entry.arm("DSGD adaptive"), entry.arm("Adam")
+        if mine is None or adam is None:
+            continue
+        runs += len(mine.runs)
+        diverged += sum(r.diverged for r in mine.runs)
+        for target in entry.task.targets:
+            n, steps, _ = _target_stats(mine, target)
+            an, asteps, _ = _target_stats(adam, target)
+            if n == an == 0:
+                continue  # neither reaches it: nothing to compare
+            rows += 1
+            if n < an or (n and an and steps > 1.5 * asteps):
+                ratio = f"{steps / asteps:.2f}×" if n and an else f"{n}/{len(mine.runs)} seeds reach it"
+                misses.append(f"{entry.task.name} to {target:g} ({ratio})")
+    lines = []
+    if rows:
+        lines.append(
+            f"- `DSGD(model)` (adaptive, every layer) within 1.5× best-tuned Adam's steps: {rows - len(misses)} of "
+            f"{rows} (task, target) pairs"
+            + (f"; misses: {', '.join(misses)}" if misses else "")
+            + f". Diverged: {diverged} of {runs} runs."
+        )
+    words: dict[str, list[str]] = {}
+    for entry in entries:
+        word = _choice_word(entry)
+        if word is not None:
+            words.setdefault(word, []).append(entry.task.name)
+    if words:
+        lines.append(
+            "- Greedy against random / cyclic choice at the same adaptive constants, one layer per step: "
+            + "; ".join(f"{word} on {', '.join(names)}" for word, names in words.items())
+            + "."
+        )
+    faster, slower = [], []
+    for entry in entries:
+        every, greedy = entry.arm("DSGD adaptive"), entry.arm("DSGD adaptive, greedy")
+        if every is None or greedy is None:
+            continue
+        (faster if rank_key(every, entry.task.targets) < rank_key(greedy, entry.task.targets) else slower).append(
+            entry.task.name
+        )
+    if faster or slower:
+        lines.append(
+            "- Every layer per step against the greedy layer: ahead on "
+            + (", ".join(faster) or "no task")
+            + "; behind on "
+            + (", ".join(slower) or "no task")
+            + "."
+        )
+    ahead, behind, broke = [], [], 0
+    for entry in entries:
+        plain, heavy = entry.arm("DSGD adaptive"), entry.arm("DSGD adaptive, momentum 0.9")
+        if plain is None or heavy is None:
+            continue
+        broke += sum(r.diverged for r in heavy.runs)
+        (ahead if rank_key(heavy, entry.task.targets) < rank_key(plain, entry.task.targets) else behind).append(
+            entry.task.name
+        )
+    if ahead or behind:
+        lines.append(
+            "- Momentum 0.9 against none (both every layer): ahead on "
+            + (", ".join(ahead) or "no task")
+            + "; behind on "
+            + (", ".join(behind) or "no task")
+            + f"; diverged runs {broke}."
         )
     return lines
 

@@ -57,6 +57,7 @@ from bench_report import (
     quality_verdicts,
     scaling_table,
     selection_lines,
+    summary_lines,
     sweep_lines,
 )
 from bench_tasks import ALL_TASKS, Task, make_tasks
@@ -405,6 +406,8 @@ def quality_section(entries: list[TaskResult], suite: Suite, images: str, image)
         "Adam's steps):",
         "",
         *adam_ratio_lines(entries),
+        "",
+        *summary_lines(entries),
         "",
     ]
     for entry in entries:

@@ -135,7 +135,8 @@ def profile_section(profile: Profile) -> list[str]:
     variants = list(profile.variants.values())
     names = list(variants[0].components)
     lines = [
-        f"Spectral DSGD (`DSGD(model)`, data constants) on the tanh MLP {'-'.join(map(str, profile.widths))}, batch "
+        'Spectral DSGD (`DSGD(model, constants="data")`) on the tanh MLP '
+        f"{'-'.join(map(str, profile.widths))}, batch "
         f"{profile.batch}, on fresh batches: greedy for {variants[0].steps} steps, and (same initial weights) cyclic "
         "for one step per layer, so that every block — the wide hidden ones included — is updated once. The plain "
         "rows are the package as shipped: blocks whose gradient has rank ≤ the batch "

@@ -98,7 +98,7 @@ def profile_spectral(
         ("cyclic, exact SVDs (before)", "cyclic", depth, True),
     ):
         model = copy.deepcopy(initial)
-        optimizer = DSGD(model, selection=selection)  # type: ignore[arg-type]
+        optimizer = DSGD(model, constants="data", selection=selection)  # type: ignore[arg-type]
         totals: dict[str, list[float]] = defaultdict(list)
         geometry = optimizer.geometries["spectral"]
         if exact:

@@ -4,13 +4,15 @@ sweeps and their summaries.
 Arms (each seed starts from the same initial weights in every arm: ``torch.manual_seed(seed)``
 before the model is built; mini-batches are drawn by a generator seeded with the seed):
 
-* ``DSGD defaults``: ``DSGD(model)``, no argument (spectral norm; certified data constants on the
-  tanh MLPs, estimated adaptive constants on the CNN and the transformer).
-* ``DSGD adaptive``: ``DSGD(model, constants="adaptive", full_batch=<regime is full batch>)``.
-* ``DSGD random`` / ``DSGD cyclic``: ``DSGD(model, selection="random"|"cyclic")`` — the same
-  step rule, another layer choice.
+* ``DSGD adaptive``: ``DSGD(model)``, no argument — the default, ``constants="adaptive"`` (every
+  layer steps with its own ``η/L_i``; no ``full_batch`` declared, in either regime).
+* ``DSGD certified``: ``DSGD(model, constants="data")``, the paper's algorithm (one greedy layer
+  per step; certified on the tanh MLPs, adaptive constants elsewhere).
+* ``DSGD adaptive, greedy`` / ``random`` / ``cyclic``: the same adaptive constants, one layer per
+  step, chosen greedily (the paper's rule), at random or in turn.
+* ``DSGD adaptive, momentum 0.9``: ``DSGD(model, constants="adaptive", momentum=0.9)``.
 * ``output layer alone``: every parameter below the output layer frozen, the output layer trained
-  by ``DSGD(nn.Sequential(head))`` (a one-layer chain: its certified constant ``H·‖[x; 1]‖²``).
+  by ``DSGD(nn.Sequential(head), constants="data")`` (a one-layer chain: its certified constant ``H·‖[x; 1]‖²``).
 * ``SGD``, ``Adam``: learning rate swept on a log grid (1–3 steps) on the selection seeds; a grid
   whose best rate lands on an edge is extended past that edge (up to ``max_extend`` points), so the
   best rate is interior. The best rate by mean final training loss is then run on every seed.
@@ -84,24 +86,40 @@ class Plan:
     adam_grid: list[float]
     muon_grid: list[float]
     max_extend: int
-    arms: tuple[str, ...] = ("DSGD defaults", "DSGD adaptive", "DSGD random", "DSGD cyclic", "output layer alone")
+    arms: tuple[str, ...] = (
+        "DSGD adaptive",
+        "DSGD certified",
+        "DSGD adaptive, greedy",
+        "DSGD adaptive, random",
+        "DSGD adaptive, cyclic",
+        "DSGD adaptive, momentum 0.9",
+        "output layer alone",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- arms
-def dsgd_defaults(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
-    return DSGD(model)
-
-
 def dsgd_adaptive(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
-    return DSGD(model, constants="adaptive", full_batch=task.full_batch)
+    return DSGD(model)  # the default: constants="adaptive", every layer per step
+
+
+def dsgd_certified(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
+    return DSGD(model, constants="data")
+
+
+def dsgd_greedy(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
+    return DSGD(model, constants="adaptive", layers_per_step=1)
 
 
 def dsgd_random(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
-    return DSGD(model, selection="random", seed=seed)
+    return DSGD(model, constants="adaptive", selection="random", seed=seed)
 
 
 def dsgd_cyclic(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
-    return DSGD(model, selection="cyclic")
+    return DSGD(model, constants="adaptive", selection="cyclic")
+
+
+def dsgd_momentum(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
+    return DSGD(model, constants="adaptive", momentum=0.9)
 
 
 def output_alone(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimizer:
@@ -110,14 +128,16 @@ def output_alone(model: nn.Module, task: Task, seed: int) -> torch.optim.Optimiz
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
-    return DSGD(nn.Sequential(head))
+    return DSGD(nn.Sequential(head), constants="data")
 
 
 FIXED_ARMS: dict[str, Builder] = {
-    "DSGD defaults": dsgd_defaults,
     "DSGD adaptive": dsgd_adaptive,
-    "DSGD random": dsgd_random,
-    "DSGD cyclic": dsgd_cyclic,
+    "DSGD certified": dsgd_certified,
+    "DSGD adaptive, greedy": dsgd_greedy,
+    "DSGD adaptive, random": dsgd_random,
+    "DSGD adaptive, cyclic": dsgd_cyclic,
+    "DSGD adaptive, momentum 0.9": dsgd_momentum,
     "output layer alone": output_alone,
 }
 
@@ -260,14 +280,19 @@ def sweep(
     return ArmResult(arm, runs, lr=best, edge=edge, sweep=dict(sorted(tried.items())))
 
 
-PARTS = ("fixed", "sgd", "adam+muon")
+PARTS = ("dsgd", "choice", "sgd", "adam+muon")
+CHOICE_ARMS = ("DSGD adaptive, greedy", "DSGD adaptive, random", "DSGD adaptive, cyclic")
 
 
 def run_part(task: Task, part: str, plan: Plan, device: Device) -> list[ArmResult]:
-    """One independent share of a task's arms (so that shares can run in parallel processes):
-    the fixed DSGD arms, the SGD sweep, or the Adam sweep followed by Muon (which uses Adam's rate)."""
-    if part == "fixed":
-        return [ArmResult(arm, run_seeds(task, arm, FIXED_ARMS[arm], plan.seeds, device)) for arm in plan.arms]
+    """One independent share of a task's arms (so that shares can run in parallel processes): the
+    DSGD arms with fixed settings (split in two: the layer-choice arms apart), the SGD sweep, or the
+    Adam sweep followed by Muon (which uses Adam's rate)."""
+    if part in ("dsgd", "choice"):
+        arms = [arm for arm in plan.arms if (arm in CHOICE_ARMS) == (part == "choice")]
+        if not task.rigorous:  # outside the rigorous class constants="data" is the adaptive default
+            arms = [arm for arm in arms if arm != "DSGD certified"]
+        return [ArmResult(arm, run_seeds(task, arm, FIXED_ARMS[arm], plan.seeds, device)) for arm in arms]
 
     def sgd(lr: float) -> Builder:
         return lambda model, _task, _seed: make_sgd(model, lr)

@@ -2,7 +2,8 @@
 and the model each is trained with.
 
 * ``digits``: scikit-learn's 1797 handwritten digits (8×8, ``X / 16``), a fixed 1437 / 360
-  train / validation split; tanh MLP 64-128-128-10 — the rigorous class, where ``DSGD(model)``
+  train / validation split; tanh MLP 64-128-128-10 — the rigorous class, where
+  ``DSGD(model, constants="data")``
   uses certified data constants. Full batch and mini-batches of 64.
 * ``rings``: a generated task on which the hidden layers must learn. ``x ~ N(0, I_16)``; the
   class (4 of them, balanced) is the ring (``‖z‖² ≷`` its median) and the sign of ``sin 2θ`` of
@@ -11,10 +12,16 @@ and the model each is trained with.
   Tanh MLP 16-128-128-4, full batch on 1024 samples.
 * ``cnn``: the digits as 1×8×8 images, a ReLU CNN (two 3×3 convolutions, the second strided, a
   hidden linear layer, linear logits). Mini-batches of 64. Outside the rigorous class:
-  ``DSGD(model)`` uses estimated, adaptive constants.
+  every ``constants`` mode is estimated and adaptive.
 * ``transformer``: sequence reversal (output ``t`` is input token ``T−1−t``; vocabulary 16, length
   10): token embedding + learned positions + one pre-norm encoder layer (width 32, 2 heads,
   feed-forward 64) + linear head. Mini-batches of 64.
+* ``charlm``: a character-level language model on the bundled text ``examples/data/sample.txt``
+  (bytes as tokens; the first 90% for training, windows of 32 every 16 bytes; the rest held out):
+  token and position embeddings, two pre-norm causal encoder layers (width 64, 4 heads,
+  feed-forward 256), a final layer norm and a linear head over the 256 byte values (the model of
+  ``examples/char_transformer.py``). Mini-batches of 16. Not used while the adaptive rules were
+  developed (the held-out check of ``docs/benchmarks.md``).
 * ``mnist``: only when the IDX files are present (``--mnist-dir``, ``$MNIST_DIR``, or ``data/MNIST/raw``
   under the repository): tanh MLP 784-256-256-10 on the 60000 training images, mini-batches of 128,
   validated on the 10000 test images.
@@ -184,6 +191,45 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(self.embed(tokens) + self.position))
 
 
+class CharLM(nn.Module):
+    """Byte embeddings + learned positions + ``layers`` pre-norm causal encoder layers + a final
+    layer norm + a linear head over the 256 byte values."""
+
+    def __init__(self, width: int = 64, heads: int = 4, layers: int = 2, length: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
+        h = self.embed(tokens) + self.position(torch.arange(length, device=tokens.device))
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+def text_windows(path: str, block: int = 32, stride: int = 16, held_out: float = 0.1) -> tuple[Tensor, ...]:
+    """``(x, y)`` windows of ``block`` bytes (``y`` shifted by one) from the first ``1 − held_out``
+    of the file's bytes and from the rest: ``train_x, train_y, val_x, val_y``."""
+    with open(path, "rb") as handle:
+        data = torch.tensor(list(handle.read()), dtype=torch.long)
+    cut = int(len(data) * (1 - held_out))
+
+    def windows(tokens: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        starts = range(0, len(tokens) - block, step)
+        rows = torch.stack([tokens[s : s + block + 1] for s in starts])
+        return rows[:, :-1], rows[:, 1:]
+
+    return (*windows(data[:cut], stride), *windows(data[cut:], block // 2))
+
+
 # ---------------------------------------------------------------------------------------------- tasks
 def _on(device: Device, *tensors: Tensor) -> list[Tensor]:
     return [t.to(device.torch_device) for t in tensors]
@@ -230,7 +276,7 @@ def make_tasks(
                     vy,
                     None if full else 64,
                     steps(200 if full else 400),
-                    1 if full else every(25, 400),
+                    1 if full else every(10, 400),
                     (0.5, 0.1),
                     "tanh MLP 64-128-128-10",
                     True,
@@ -277,7 +323,7 @@ def make_tasks(
                     vy,
                     64,
                     steps(300),
-                    every(25, 300),
+                    every(10, 300),
                     (0.5, 0.1),
                     "conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
                     False,
@@ -300,9 +346,31 @@ def make_tasks(
                     vy,
                     64,
                     steps(300),
-                    every(25, 300),
+                    every(10, 300),
                     (1.5, 0.5),
                     "embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
+                    False,
+                )
+            )
+        elif name == "charlm":
+            tx, ty, vx, vy = _on(device, *text_windows(os.path.join(ROOT, "examples", "data", "sample.txt")))
+            tasks.append(
+                Task(
+                    name,
+                    "character language model, bundled text, batch 16",
+                    _factory(CharLM, device),
+                    tx,
+                    ty,
+                    tx,
+                    ty,
+                    vx,
+                    vy,
+                    16,
+                    steps(300),
+                    every(10, 300),
+                    (2.2, 1.2),
+                    "byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
+                    "layer norm, linear 64→256",
                     False,
                 )
             )
@@ -344,4 +412,4 @@ def make_tasks(
     return tasks, notes
 
 
-ALL_TASKS = ("digits-full", "digits-64", "rings", "cnn", "transformer", "mnist")
+ALL_TASKS = ("digits-full", "digits-64", "rings", "cnn", "transformer", "charlm", "mnist")

@@ -5,8 +5,8 @@ init after ``torch.manual_seed(seed)``), the data all 1797 digits (``X / 16`` as
 softmax cross-entropy. Two regimes: full batch, and mini-batches of 64 (reshuffled every epoch by a
 generator seeded with the seed, the last incomplete batch dropped). Four arms, on the same inits:
 
-1. certified DSGD: ``DSGD(model)`` (spectral norm, data constants, η = 1),
-2. adaptive DSGD: ``DSGD(model, constants="adaptive")``,
+1. certified DSGD: ``DSGD(model, constants="data")`` (spectral norm, η = 1),
+2. adaptive DSGD: ``DSGD(model, constants="adaptive")`` (the default: every layer per step),
    both with ``full_batch=True`` in the full-batch regime;
 3. SGD, best learning rate of ``--sgd-grid``;
 4. Adam, best learning rate of ``--adam-grid``.
@@ -150,7 +150,7 @@ def make_model(seed: int) -> nn.Sequential:
 
 
 def certified_dsgd(model: nn.Module, full_batch: bool) -> torch.optim.Optimizer:
-    return DSGD(model, full_batch=full_batch)
+    return DSGD(model, constants="data", full_batch=full_batch)
 
 
 def adaptive_dsgd(model: nn.Module, full_batch: bool) -> torch.optim.Optimizer:

@@ -11,7 +11,8 @@ and the multiplier follows ``target = safety · κ``: it **grows at once** when 
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
 (``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
 so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
-(its first step capped, see ``DSGD``); once measured, idling takes it at most to ``idle_reach``
+(every step stays within the trust region ``max_relative_step``, see ``DSGD._cap_steps``); once
+measured, idling takes it at most to ``idle_reach``
 times its last measured value — by default 1.0, i.e. a measured layer keeps its constant until it
 moves again. (0.7 reaches low losses faster on tanh MLPs but made a transformer stall and cyclic
 selection diverge on a CNN and a transformer in ``benchmarks/harness.py``.)
@@ -49,7 +50,7 @@ class AdaptiveConstants:
         idle_shrink: float = 0.9,
         idle_reach: float = 1.0,
         floor: float = 1e-3,
-        max_relative_step: float = 0.1,
+        max_relative_step: float = 0.2,
     ) -> None:
         if not 0.0 < shrink < 1.0:
             raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")

@@ -1,7 +1,7 @@
 """Upper bounds on per-layer weight norms, kept across steps without recomputing them.
 
 DSGD moves one layer per step by a step ``Δ`` whose norm it knows, so a norm ``ν ≥ ‖W‖`` (the
-operator norms ``a_j`` of the certified constants, the weight norms of the first-step cap) can
+operator norms ``a_j`` of the certified constants, the weight norms of the adaptive trust region) can
 follow the weight by the triangle inequality instead of another SVD::
 
     ‖fl(W + fl(Δ))‖ ≤ (ν + (1 + u√r)·‖Δ‖) / (1 − u√r)
@@ -13,10 +13,11 @@ when the bound has grown more than ``tolerance`` beyond the last exact value —
 under-estimate and never looser than ``1 + tolerance`` times the last exact value plus the steps
 since.
 
-The growth check reads the bounds on the host without a synchronisation of its own: the ratios
-are copied to the host asynchronously at one call and read at the next (by then the step that
-followed has synchronised), so a bound past the tolerance is recomputed one call late — still an
-upper bound, looser by at most one more step.
+The growth check reads the bounds on the host without a device synchronisation of its own: on
+the CPU it reads them at once (host memory), elsewhere the ratios are copied to the host
+asynchronously at one call and read at the next (by then the step that followed has
+synchronised), so there a bound past the tolerance is recomputed one call late — still an upper
+bound, looser by at most one more step.
 
 A checkpoint carries the bounds
 ([`NormBounds.state_dict`][lightning_dsgd.norm_bounds.NormBounds.state_dict]), so that a resumed
@@ -81,24 +82,36 @@ class NormBounds:
         key_of = dict(zip(indices, keys, strict=True))
         stale = [i for i, key in key_of.items() if i not in self._entries or self._entries[i].key != key]
         stale += [i for i in self._outgrown() if i in key_of and i not in stale]
-        if stale:
-            fresh = self._compute(stale)
-            self.exact_computations += len(stale)
-            for k, i in enumerate(stale):
-                entry = self._loaded.pop(i, None)
-                if entry is None:
-                    self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
-                    continue
-                # max(saved ν, exact), on the device: the saved bound for the checkpoint's own weights
-                saved = entry.value.to(fresh.dtype) >= fresh[k]
-                value = torch.where(saved, entry.value.to(fresh.dtype), fresh[k])
-                exact = torch.where(saved, entry.exact.to(fresh.dtype), fresh[k])
-                self._entries[i] = _Entry(key_of[i], value, exact, entry.advanced)
+        self._refresh(stale, key_of)
         advanced = [i for i in indices if self._entries[i].advanced]
-        if advanced:  # read at the next call, without a host synchronisation now
+        if advanced:
             growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced])
-            self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
+            if growth.device.type == "cpu":  # host memory: reading it now synchronises no device
+                grown = growth.tolist()
+                self._refresh(
+                    [i for i, g in zip(advanced, grown, strict=True) if not g <= 1.0 + self.tolerance], key_of
+                )
+            else:  # read at the next call, without a host synchronisation now
+                self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
         return [self._entries[i].value for i in indices]
+
+    def _refresh(self, stale: list[int], key_of: dict[int, Hashable]) -> None:
+        """Compute the bounds of ``stale`` exactly (one ``compute`` call); a bound loaded from a
+        checkpoint is adopted as ``max(saved, exact)``."""
+        if not stale:
+            return
+        fresh = self._compute(stale)
+        self.exact_computations += len(stale)
+        for k, i in enumerate(stale):
+            entry = self._loaded.pop(i, None)
+            if entry is None:
+                self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
+                continue
+            # max(saved ν, exact), on the device: the saved bound for the checkpoint's own weights
+            saved = entry.value.to(fresh.dtype) >= fresh[k]
+            value = torch.where(saved, entry.value.to(fresh.dtype), fresh[k])
+            exact = torch.where(saved, entry.exact.to(fresh.dtype), fresh[k])
+            self._entries[i] = _Entry(key_of[i], value, exact, entry.advanced)
 
     def _outgrown(self, consume: bool = True) -> list[int]:
         """The layers whose bound had grown past the tolerance at the previous call (and whose

@@ -33,6 +33,9 @@ Selection = Literal["greedy", "random", "cyclic"]
 NonFinitePolicy = Literal["skip", "raise"]
 
 _CONSTANTS = ("data", "architecture", "adaptive")
+# What DSGD(model) and the Lightning mixin use when the user says nothing (docs/benchmarks.md
+# defends the choice); constants="data" is the paper's certified algorithm.
+DEFAULT_CONSTANTS: ConstantsMode = "adaptive"
 _SELECTIONS = ("greedy", "random", "cyclic")
 _POLICIES = ("skip", "raise")
 _RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
@@ -94,13 +97,14 @@ class DSGD(torch.optim.Optimizer):
         norm: per-layer norm of weight matrices: ``"spectral"`` (nuclear dual, ``ρ = ‖G‖_*·UVᵀ``),
             ``"frobenius"`` (``ρ = G``) or ``"linf"`` (ℓ∞→ℓ∞ operator norm). Embeddings use
             ``"rows"`` and normalisation affines ``"linf"`` unless overridden.
-        constants: ``"data"`` (default) bounds each layer's input by its largest norm in the
-            current batch (recorded by forward hooks: run the forward with gradients enabled
-            before ``step``); ``"architecture"`` uses worst-case bounds from widths and a data
-            bound; both are certified on the rigorous class (tanh/sigmoid MLP chains with
-            softmax cross-entropy). ``"adaptive"`` starts from those constants (or an estimate
-            outside the class) and corrects them by the curvature met — not certified. Outside
-            the rigorous class, ``"data"`` behaves as ``"adaptive"``.
+        constants: ``"adaptive"`` (default) starts from the certified constants (or an estimate
+            outside the rigorous class) and corrects them by the curvature met — not certified;
+            with the default ``layers_per_step`` every layer steps. ``"data"`` (the paper's
+            certified algorithm) bounds each layer's input by its largest norm in the current
+            batch (recorded by forward hooks: run the forward with gradients enabled before
+            ``step``); ``"architecture"`` uses worst-case bounds from widths and a data bound;
+            both are certified on the rigorous class (tanh/sigmoid MLP chains with softmax
+            cross-entropy). Outside the rigorous class, ``"data"`` behaves as ``"adaptive"``.
         eta: step multiplier ``η ∈ (0, 2)``; ``η = 1`` maximises ``η(1 − η/2)``.
         selection: ``"greedy"`` (the best bound), ``"random"`` or ``"cyclic"`` layer choice;
             every choice uses the same step rule and keeps its guaranteed decrease.
@@ -119,13 +123,16 @@ class DSGD(torch.optim.Optimizer):
             steps along ``v`` (restarting ``v`` when ``⟨g, v⟩ ≤ 0``). Not covered by the guarantee.
         layers_per_step: update the best ``k`` layers (or ``"all"``) per step, each with its own
             ``η/L_i``. Each constant assumes the other layers fixed, so ``k > 1`` is a heuristic.
+            ``None`` (default): ``"all"`` when the constants are estimated (``"adaptive"``, or any
+            mode outside the rigorous class) and the selection is greedy, else 1 — so certified
+            constants keep the one-layer step their guarantee is proved for.
         full_batch: every step sees the same data (the loss of step t+1 is the loss after step
             t): the realized decrease is recorded beside the promise, and with ``undo_shortfalls``
             a step that fell short is undone (its layer's constant grows) — so every kept step
             decreased the loss by at least its promise, certified or not.
         adaptive_options: tuning of the adaptive constants
-            ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]):
-            ``safety``, ``shrink``, ``idle_shrink``, ``floor``.
+            ([AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants]): ``safety``, ``shrink``,
+            ``idle_shrink``, ``idle_reach``, ``floor``, ``max_relative_step``.
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
             sets it; see [lightning_dsgd.distributed][]).
@@ -136,7 +143,7 @@ class DSGD(torch.optim.Optimizer):
         model: nn.Module,
         *,
         norm: str = "spectral",
-        constants: ConstantsMode = "data",
+        constants: ConstantsMode = DEFAULT_CONSTANTS,
         eta: float = 1.0,
         selection: Selection = "greedy",
         loss: str | LossBounds = "cross_entropy",
@@ -146,7 +153,7 @@ class DSGD(torch.optim.Optimizer):
         nonfinite: NonFinitePolicy = "skip",
         seed: int = 0,
         momentum: float = 0.0,
-        layers_per_step: int | Literal["all"] = 1,
+        layers_per_step: int | Literal["all"] | None = None,
         full_batch: bool = False,
         undo_shortfalls: bool = False,
         adaptive_options: Mapping[str, float] | None = None,
@@ -184,6 +191,9 @@ class DSGD(torch.optim.Optimizer):
         self.not_rigorous_reason: str | None = None if rigorous else str(found)
         self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
         n = len(self.layers)
+        if layers_per_step is None:
+            estimated = not rigorous or constants == "adaptive"
+            layers_per_step = "all" if estimated and selection == "greedy" else 1
         self.layers_per_step = n if layers_per_step == "all" else int(layers_per_step)
         if not 1 <= self.layers_per_step:
             raise ValueError(f"layers_per_step must be ≥ 1 or 'all', got {layers_per_step!r}.")
@@ -208,7 +218,9 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self._momentum: dict[int, Tensor] = {}
-        self._weight_norms = NormBounds(self._exact_weight_norms)
+        # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
+        # tolerance: fewer exact norms (SVDs) when every layer moves every step.
+        self._weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -338,20 +350,17 @@ class DSGD(torch.optim.Optimizer):
         return replace(scored, precision_reason=precision_reason)
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
-        """Uncertified constants are estimates: until a layer's curvature has been measured once,
-        raise its ``L_i`` where needed so that its step moves it by at most ``max_relative_step ·
-        max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a guard against an estimate far below
-        the curvature."""
+        """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
+        layer by at most ``max_relative_step · max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
+        trust region against an estimate far below the curvature (before the first measurement)
+        or driven down by mini-batch noise (after it). On device, no host sync."""
         adaptive = self.constant_model.adaptive
         assert adaptive is not None
-        if all(adaptive.measured):
-            return constants
         eta = device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
         floor = (
             eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
         )
-        unmeasured = device_constant(tuple(not m for m in adaptive.measured), torch.bool, constants.device)
-        return torch.where(unmeasured, torch.maximum(constants, floor), constants)
+        return torch.maximum(constants, floor)
 
     def _block_norms(self) -> Tensor:
         """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
@@ -436,7 +445,7 @@ class DSGD(torch.optim.Optimizer):
         step = direction * (-scale)
         step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
         adaptive = self.constant_model.adaptive
-        track_block = adaptive is not None and not all(adaptive.measured)  # block norms serve _cap_steps only
+        track_block = adaptive is not None  # block norms serve _cap_steps only
         before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).

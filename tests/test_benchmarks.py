@@ -49,7 +49,13 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
         assert key in text
     for arm in ("| SGD |", "| Adam |", "| Muon |", "| DSGD spectral data |", "| DSGD linf adaptive |"):
         assert arm in text  # every norm × constants mode beside the peers
-    for arm in ("DSGD defaults", "DSGD adaptive", "DSGD random", "DSGD cyclic", "output layer alone"):
+    for arm in (
+        "DSGD certified",
+        "DSGD adaptive",
+        "DSGD adaptive, greedy",
+        "DSGD adaptive, cyclic",
+        "output layer alone",
+    ):
         assert f"| {arm} |" in text
     assert "Spectral DSGD's optimizer step costs" in text
     images = tmp_path / "images" / "benchmarks"

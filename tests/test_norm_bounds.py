@@ -63,7 +63,7 @@ def test_dsgd_constants_stay_certified_with_followed_operator_norms():
     SVDs of some moved layers are saved (more as steps get small against the weights)."""
     model = mlp([6, 40, 40, 40, 3], seed=2, dtype=torch.float32)
     x, y = classification_data(64, 6, 3, dtype=torch.float32)
-    opt = DSGD(model, norm="frobenius")
+    opt = DSGD(model, norm="frobenius", constants="data")
     closure = make_closure(model, opt, x, y)
     moved_above_first = 0
     for _ in range(60):

@@ -118,7 +118,7 @@ def test_a_declared_chain_for_a_hand_written_forward():
     net = Net()
     undeclared = DSGD(net)  # trains, but outside the rigorous class as far as DSGD can tell
     assert not undeclared.certified and "contains no nn.Sequential" in undeclared.not_rigorous_reason
-    opt = DSGD(net, chain=[net.inp, nn.Tanh(), net.out])
+    opt = DSGD(net, chain=[net.inp, nn.Tanh(), net.out], constants="data")
     assert opt.certified
     assert opt.layer_names == ["inp", "out"]
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
@@ -163,7 +163,7 @@ def test_cyclic_and_random_selection():
 def test_selection_counts_and_steps_are_counted():
     x, y = classification_data(32, 4, 3, seed=2)
     model = mlp([4, 6, 3], seed=2)
-    opt = DSGD(model)
+    opt = DSGD(model, constants="data")
     _, layers = run(model, opt, x, y, 10)
     assert opt.selection_counts == [layers.count(0), layers.count(1)]
     assert opt.steps_taken == 10 and opt.last_step.step == 9
@@ -420,7 +420,7 @@ def test_operator_norms_are_computed_only_for_layers_changed_from_outside(monkey
     an SVD runs for a weight changed from outside, noticed through its version counter."""
     model = mlp([4, 6, 6, 6, 3], seed=0)
     x, y = classification_data(32, 4, 3)
-    opt = DSGD(model, norm="spectral")
+    opt = DSGD(model, norm="spectral", constants="data")
     opt.constant_model.operator_norms.tolerance = float("inf")  # never refresh for growth here
     computed: list[int] = []
     original = opt.geometry.operator_norms
@@ -440,7 +440,7 @@ def test_operator_norms_are_computed_only_for_layers_changed_from_outside(monkey
     with torch.no_grad():
         model[6].weight.mul_(3.0)
     twin = copy.deepcopy(model)
-    fresh = DSGD(twin, norm="spectral")
+    fresh = DSGD(twin, norm="spectral", constants="data")
     fresh.step(make_closure(twin, fresh, x, y))
     computed.clear()
     opt.step(closure)
@@ -464,7 +464,7 @@ def test_low_precision_parameters_are_scored_in_float32(dtype):
 def test_score_predicts_the_step_without_changing_anything():
     model = mlp([4, 6, 6, 3], seed=3)
     x, y = classification_data(32, 4, 3, seed=3)
-    opt = DSGD(model, selection="random")
+    opt = DSGD(model, selection="random", constants="data")
     rng = opt._generator.get_state()
     opt.zero_grad()
     full_batch_loss(model, x, y).backward()
@@ -473,7 +473,7 @@ def test_score_predicts_the_step_without_changing_anything():
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
     assert opt.steps_taken == 0 and opt.last_step is None and torch.equal(opt._generator.get_state(), rng)
     assert predicted.layer == int(predicted.scores.argmax()) and predicted.certified
-    greedy = DSGD(model)
+    greedy = DSGD(model, constants="data")
     full_batch_loss(model, x, y)  # record input norms for the second optimizer's data constants
     greedy.step()
     torch.testing.assert_close(greedy.last_step.scores, predicted.scores)

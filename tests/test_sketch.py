@@ -125,7 +125,7 @@ def test_sketched_dsgd_keeps_the_guarantee_and_matches_exact_scores():
     hidden layers are scored by the sketch; scores equal the exact ones to rounding."""
     model = wide_model()
     x, y = classification_data(16, 12, 4, seed=3)
-    opt = DSGD(model, norm="spectral", eta=1.0)
+    opt = DSGD(model, norm="spectral", eta=1.0, constants="data")
     exact_model = copy.deepcopy(model)
     picked = set()
     loss = full_batch_loss(model, x, y).item()

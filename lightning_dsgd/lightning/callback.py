@@ -64,7 +64,8 @@ class DSGDMonitor(Callback):
             record already carries ``realized_decrease`` (``DSGD(full_batch=True)`` given the
             loss): that value is used.
         observe: with an optimizer other than DSGD, compute what DSGD would choose (``True``:
-            default [DSGDSettings][lightning_dsgd.DSGDSettings]; or the settings to score with; ``False``: log nothing).
+            the certified constants, ``DSGDSettings(constants="data")``, since adaptive constants
+            learn only from DSGD's own steps; or the settings to score with; ``False``: log nothing).
         plot: save ``dsgd_layers.png`` at the end of fit: ``None`` when matplotlib is installed,
             ``True`` always (an ``ImportError`` at setup without matplotlib), ``False`` never.
         dirpath: folder of the PNG; default ``trainer.log_dir`` (or ``default_root_dir``).
@@ -89,7 +90,7 @@ class DSGDMonitor(Callback):
             )
         self.logging_interval = logging_interval
         self.full_batch = full_batch
-        self.observe = DSGDSettings() if observe is True else (observe or None)
+        self.observe = DSGDSettings(constants="data") if observe is True else (observe or None)
         self.plot = plot
         self.dirpath = dirpath
         self.decrease_rtol = decrease_rtol

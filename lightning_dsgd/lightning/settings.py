@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LRSchedulerCallable
 
+from lightning_dsgd.optimizer import DEFAULT_CONSTANTS
+
 
 @dataclass
 class DSGDSettings:
@@ -27,7 +29,7 @@ class DSGDSettings:
     """
 
     norm: Literal["spectral", "frobenius", "linf"] = "spectral"
-    constants: Literal["data", "architecture", "adaptive"] = "data"
+    constants: Literal["data", "architecture", "adaptive"] = DEFAULT_CONSTANTS
     eta: float = 1.0
     selection: Literal["greedy", "random", "cyclic"] = "greedy"
     loss: str = "cross_entropy"
@@ -36,7 +38,7 @@ class DSGDSettings:
     nonfinite: Literal["skip", "raise"] = "skip"
     seed: int = 0
     momentum: float = 0.0
-    layers_per_step: int | Literal["all"] = 1
+    layers_per_step: int | Literal["all"] | None = None
     full_batch: bool = False
     undo_shortfalls: bool = False
     adaptive_options: dict[str, float] | None = None

@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dsgd import DSGDMixin
+from lightning_dsgd import DSGDMixin, DSGDSettings
 
 
 def dataset(n: int = 64, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
@@ -60,7 +60,10 @@ class Classifier(LightningModule):
 
 
 class DSGDClassifier(DSGDMixin, Classifier):
-    """The same module with DSGD: nothing else changes."""
+    """The same module with DSGD: nothing else changes (the certified algorithm, whose records the
+    tests check)."""
+
+    dsgd = DSGDSettings(constants="data")
 
 
 class ShardedDSGDClassifier(DSGDClassifier):

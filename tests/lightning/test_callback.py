@@ -311,7 +311,7 @@ def full_batch_run(tmp_path, settings: DSGDSettings, epochs: int, **monitor_kwar
 
 
 def test_full_batch_realized_decrease_meets_the_guarantee(tmp_path):
-    logger, record, monitor = full_batch_run(tmp_path, DSGDSettings(), epochs=12, plot=False)
+    logger, record, monitor = full_batch_run(tmp_path, DSGDSettings(constants="data"), epochs=12, plot=False)
     losses = {step: m["train_loss"] for m, step in logger.calls_with("train_loss")}
     realized = logger.calls_with("dsgd/realized_decrease")
     assert [step for _, step in realized] == list(range(11))  # the last step's decrease is never known
@@ -328,7 +328,7 @@ def test_full_batch_realized_decrease_meets_the_guarantee(tmp_path):
 def test_full_batch_catches_a_wrong_bound(tmp_path):
     # Loss bounds 10⁴ times too small: constants 10⁴ times too small, steps and "guarantees" far too big.
     wrong = LossBounds("wrong", g_l2=1.4e-4, h_l2=0.5e-4, g_linf=2e-4, h_linf=1e-4)
-    logger, _, monitor = full_batch_run(tmp_path, DSGDSettings(loss=wrong), epochs=5, plot=False)
+    logger, _, monitor = full_batch_run(tmp_path, DSGDSettings(loss=wrong, constants="data"), epochs=5, plot=False)
     assert monitor.bound_violations > 0
     assert logger.calls_with("dsgd/bound_violations")[-1][0]["dsgd/bound_violations"] == monitor.bound_violations
 
@@ -402,7 +402,7 @@ def test_observe_mode_scores_adam_training_without_changing_it(tmp_path):
         assert set(dsgd_part(metrics)) == STEP_KEYS and metrics["dsgd/certified"] == 1
         # What DSGD itself decides on a copy of the network, its gradients and the batch at that step:
         net, grads, (x, _) = snapshot.snapshots[step]
-        dsgd = DSGD(net)
+        dsgd = DSGD(net, constants="data")
         net(x)  # the forward pass that records the input norms
         for p, g in zip(net.parameters(), grads, strict=True):
             p.grad = g

@@ -58,8 +58,11 @@ def test_ranks_agree_and_match_the_single_process_run(tmp_path, case, norm, cons
         assert torch.equal(value, rank1["weights"][name]), name
     reference, layers = reference_run(DSGDSettings(norm=norm, constants=constants, seed=3), 10, hidden=hidden)
     assert rank0["layers"] == layers
+    # Adaptive constants move every layer every step: float32 rounding of the sharded reductions
+    # accumulates over three times the updates.
+    atol = 1e-5 if constants == "adaptive" else 1e-6
     for name, value in reference.state_dict().items():
-        torch.testing.assert_close(rank0["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(rank0["weights"][name], value, rtol=1e-5, atol=atol, msg=name)
 
 
 def test_verification_names_the_rank_that_diverged(tmp_path):

@@ -68,7 +68,7 @@ def test_an_ordinary_module_trains_unchanged_with_the_mixin(tmp_path):
     t.fit(model)
     assert not model.automatic_optimization
     assert t.global_step == 20 and model.dsgd_optimizer.steps_taken == 20
-    expected, layers = reference_run(DSGDSettings(), 20)
+    expected, layers = reference_run(DSGDSettings(constants="data"), 20)
     assert record.layers == layers
     assert_same_weights(model, expected)
 
@@ -170,7 +170,7 @@ def test_precisions(tmp_path, precision):
     trainer(tmp_path, max_steps=8, precision=precision, callbacks=[record]).fit(model)
     assert len(record.layers) == 8 and not any(r.skipped for r in record.records)
     assert all(r.scores.dtype == torch.float32 and r.dual_norms.dtype == torch.float32 for r in record.records)
-    _, reference = reference_run(DSGDSettings(), 8)
+    _, reference = reference_run(DSGDSettings(constants="data"), 8)
     if precision == "32-true":
         assert record.layers == reference
 
@@ -201,7 +201,7 @@ class OverflowingClassifier(Classifier):
 
 
 class Overflow(DSGDMixin, OverflowingClassifier):
-    pass
+    dsgd = DSGDSettings(constants="data")
 
 
 def test_a_step_the_scaler_skips_is_recorded_as_skipped(tmp_path):

@@ -1,0 +1,84 @@
+"""How DSGD knows the loss it certifies: it reads the autograd graph of the loss it is handed.
+
+The certified constants of a chain (ALGORITHM.md §3) hold for ``f(w) = mean_t CE(z_t, y_t)``,
+the mean softmax cross-entropy of the chain's logits ``z`` and nothing else. A step is certified
+only when the loss handed to ``DSGD.step`` (the closure's result, ``loss=``, or
+:meth:`~lightning_dsgd.DSGD.check_loss`) is, in its graph::
+
+    NllLossBackward0(reduction=mean, no class weights)
+      ← LogSoftmaxBackward0(over the class dimension)
+      ← [views, reshapes, dtype casts]*
+      ← the output of the chain's last layer, recorded by a forward hook
+
+Anything else — ``F.mse_loss``, a penalty added, label smoothing, a loss of another module's
+output — gives the reason why not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+#: Autograd nodes that only move or cast the logits (no change of the values that matter).
+_PASS_THROUGH = frozenset(
+    {
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsafeViewBackward0",
+        "ToCopyBackward0",
+        "CloneBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "PermuteBackward0",
+        "TransposeBackward0",
+        "ContiguousBackward0",
+    }
+)
+_MEAN = 1  # torch's Reduction::Mean
+_KEEP = 8  # output nodes remembered between two steps (accumulated micro-batches)
+
+
+class ChainOutputs:
+    """Forward hook on the chain's last layer remembering the autograd nodes of its outputs
+    (forwards with gradients enabled) since the last :meth:`reset`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._owner = module
+        self.nodes: list[Any] = []
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if module is self._owner and isinstance(output, Tensor) and output.grad_fn is not None:
+            self.nodes = [*self.nodes[-(_KEEP - 1) :], output.grad_fn]
+
+    def reset(self) -> None:
+        self.nodes = []
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.nodes = []
+
+
+def cross_entropy_problem(loss: Tensor, outputs: ChainOutputs) -> str | None:
+    """``None`` when ``loss`` is the mean softmax cross-entropy of a recorded chain output, else
+    why it is not (a sentence naming what was found)."""
+    node = loss.grad_fn
+    if node is None:
+        return "the loss handed to step has no autograd graph (it was detached)"
+    if node.name() != "NllLossBackward0":
+        return f"the loss is computed by {node.name()}, not by F.cross_entropy of the chain's logits alone"
+    if getattr(node, "_saved_reduction", _MEAN) != _MEAN or getattr(node, "_saved_weight", None) is not None:
+        return "the cross-entropy is not the unweighted mean over the batch (reduction='mean', weight=None)"
+    log_softmax = node.next_functions[0][0]
+    if log_softmax is None or log_softmax.name() != "LogSoftmaxBackward0":
+        return "the negative log-likelihood is not taken of a log_softmax (use F.cross_entropy on the logits)"
+    current = log_softmax.next_functions[0][0]
+    while current is not None and current not in outputs.nodes and current.name() in _PASS_THROUGH:
+        current = current.next_functions[0][0]
+    if current is None or current not in outputs.nodes:
+        return "the cross-entropy is not of the chain's last layer's output (something transforms the logits)"
+    return None
+
+
+__all__ = ["ChainOutputs", "cross_entropy_problem"]

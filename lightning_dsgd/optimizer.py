@@ -110,8 +110,9 @@ class DSGD(torch.optim.Optimizer):
             every choice uses the same step rule and keeps its guaranteed decrease.
         loss: the loss on the model's outputs (mean over the batch): ``"cross_entropy"``
             (rigorous), ``"mse"`` (estimated), or :class:`LossBounds` for your own bounds.
-        data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"``; ``None``
-            measures the running maximum over every batch seen (rigorous for each batch's loss).
+        data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"`` (a batch
+            that exceeds it raises the bound for its own step); ``None`` measures each batch's
+            ``max ‖x‖`` (rigorous for each batch's loss; a bad batch affects its own step only).
         chain: the model's layers and activations in forward order, when they are not inside an
             ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``): asserts the rigorous class.
         overrides: ``{pattern: {"norm": ..., "grouping": ...}}`` per module name (``fnmatch``),

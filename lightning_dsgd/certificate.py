@@ -41,7 +41,14 @@ _KEEP = 8  # output nodes remembered between two steps (accumulated micro-batche
 
 class ChainOutputs:
     """Forward hook on the chain's last layer remembering the autograd nodes of its outputs
-    (forwards with gradients enabled) since the last :meth:`reset`."""
+    (forwards with gradients enabled) since the last :meth:`reset`. A deep copy of the model (EMA,
+    SWA) shares this object and its hook ignores the copy; pickling drops the nodes."""
+
+    def __deepcopy__(self, memo: dict) -> ChainOutputs:
+        return self
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "nodes": []}
 
     def __init__(self, module: nn.Module) -> None:
         self._owner = module
@@ -66,9 +73,15 @@ def cross_entropy_problem(loss: Tensor, outputs: ChainOutputs) -> str | None:
     node = loss.grad_fn
     if node is None:
         return "the loss handed to step has no autograd graph (it was detached)"
+    while node.name() == "DivBackward0" and _divides_by_one(node):  # Lightning's loss / accumulation (1)
+        node = node.next_functions[0][0]
     if node.name() != "NllLossBackward0":
         return f"the loss is computed by {node.name()}, not by F.cross_entropy of the chain's logits alone"
-    if getattr(node, "_saved_reduction", _MEAN) != _MEAN or getattr(node, "_saved_weight", None) is not None:
+    try:
+        weighted = node._saved_weight is not None
+    except RuntimeError:  # a saved weight tensor, freed by backward
+        weighted = True
+    if getattr(node, "_saved_reduction", _MEAN) != _MEAN or weighted:
         return "the cross-entropy is not the unweighted mean over the batch (reduction='mean', weight=None)"
     log_softmax = node.next_functions[0][0]
     if log_softmax is None or log_softmax.name() != "LogSoftmaxBackward0":
@@ -79,6 +92,14 @@ def cross_entropy_problem(loss: Tensor, outputs: ChainOutputs) -> str | None:
     if current is None or current not in outputs.nodes:
         return "the cross-entropy is not of the chain's last layer's output (something transforms the logits)"
     return None
+
+
+def _divides_by_one(node: Any) -> bool:
+    try:
+        other = node._saved_other
+    except RuntimeError:  # freed by backward
+        return False
+    return isinstance(other, Tensor) and other.numel() == 1 and bool(other == 1)
 
 
 __all__ = ["ChainOutputs", "cross_entropy_problem"]

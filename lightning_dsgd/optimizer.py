@@ -317,7 +317,7 @@ class DSGD(torch.optim.Optimizer):
         weight, counter or random state (for observing a model trained by another optimizer).
         Consumes the recorded input norms like ``step()`` does."""
         scored = self._score()
-        return self._record(scored, [] if scored.skip_reason else [scored.best], None, None, self._loss_verdict())
+        return self._record(scored, [] if scored.skip_reason else [scored.best], None, None, self._take_loss_problem())
 
     def check_loss(self, loss: Tensor) -> None:
         """Read the graph of this step's loss (call it before ``backward``; ``step(closure)`` and

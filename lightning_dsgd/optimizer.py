@@ -222,6 +222,8 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self.gather = gather
+        # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
+        self.external_uncertified_reason: str | None = None
         # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
         self._checks_loss = self.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
@@ -262,7 +264,7 @@ class DSGD(torch.optim.Optimizer):
             return "layers_per_step > 1: each constant assumes the other layers fixed"
         if self.momentum != 0.0:
             return "momentum > 0 steps along the velocity, not the certified direction"
-        return None
+        return self.external_uncertified_reason
 
     @property
     def certified(self) -> bool:

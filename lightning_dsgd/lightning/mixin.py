@@ -208,6 +208,11 @@ def _configure_dsgd(self: Any) -> Any:
     """DSGD built from the module's settings (and its η schedule, if any)."""
     settings = as_settings(self.dsgd)
     optimizer = DSGD(self, reduce_max=default_reducer(), gather=default_gatherer(), **settings.optimizer_kwargs())
+    if settings.gradient_clip_val is not None and settings.gradient_clip_algorithm == "value":
+        # Value clipping changes the gradient's direction: ⟨g, ρ(clip(g))⟩ ≥ ‖clip(g)‖² can fail.
+        optimizer.external_uncertified_reason = (
+            "gradient_clip_algorithm='value' changes the scored gradient's direction"
+        )
     if settings.eta_scheduler is None:
         return optimizer
     scheduler = settings.eta_scheduler(optimizer)

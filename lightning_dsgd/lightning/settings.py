@@ -18,8 +18,10 @@ from lightning_dsgd.optimizer import ConstantsMode, LossName, NonFinitePolicy, N
 
 @dataclass
 class DSGDSettings:
-    """Everything the mixin needs to build and drive :class:`~lightning_dsgd.DSGD` (the first
-    group goes to the optimizer; the second replaces Trainer flags refused in manual optimization).
+    """DSGD's settings: the optimizer's arguments, then the loop's (which replace Trainer flags).
+
+    Everything the mixin needs to build and drive :class:`~lightning_dsgd.DSGD`: the first group
+    goes to the optimizer; the second replaces Trainer flags refused in manual optimization.
 
     Args:
         norm: Per-layer norm: 'spectral' (the paper's U·Vᵀ map), 'frobenius' (layer-wise gradient

@@ -30,6 +30,7 @@ def trainer(tmp_path, **kwargs) -> Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        max_epochs=4,  # a run that never steps ends (and fails its assertions) instead of hanging
     )
     defaults.update(kwargs)
     return Trainer(**defaults)
@@ -74,6 +75,14 @@ class OverridingStep(DSGDClassifier):
         return {"loss": out}
 
 
+class OverridingWithoutSuper(DSGDClassifier):
+    """A subclass of a mixed-in class writing its own training_step from scratch."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
 class MixinSecond(Classifier, DSGDMixin):
     """The mixin second among the bases: the module's own Adam and hooks come first."""
 
@@ -99,11 +108,11 @@ class OwnDSGD(OwnAdam):
         return DSGD(self, norm="frobenius", chain=[self.net[0]])
 
 
-@pytest.mark.parametrize("cls", [DirectNet, OverridingStep, MixinSecond])
+@pytest.mark.parametrize("cls", [DirectNet, OverridingStep, OverridingWithoutSuper, MixinSecond])
 def test_every_way_of_writing_the_module_trains_with_dsgd(tmp_path, cls):
     model = cls()
     before = weights(model)
-    t = trainer(tmp_path, max_steps=5, max_epochs=-1)
+    t = trainer(tmp_path, max_steps=5, max_epochs=3)
     t.fit(model)
     assert_trained_with_dsgd(model, t, 5, before)
     assert not model.automatic_optimization
@@ -133,7 +142,7 @@ def test_a_training_step_that_never_returns_a_loss_fails_at_the_epoch_end(tmp_pa
             return None
 
     with pytest.raises(RuntimeError, match="training_step returned no loss for any of them, so DSGD never stepped"):
-        trainer(tmp_path, max_epochs=-1, max_steps=50).fit(NoLoss())
+        trainer(tmp_path, max_epochs=2, max_steps=50).fit(NoLoss())
 
 
 # ---------------------------------------------------------------------- item 5: the certificate

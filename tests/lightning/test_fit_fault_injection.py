@@ -40,6 +40,7 @@ def trainer(tmp_path, **kwargs) -> Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        max_epochs=4,  # a run that never steps ends (and fails its assertions) instead of hanging
     )
     defaults.update(kwargs)
     return Trainer(**defaults)

@@ -261,7 +261,8 @@ def _with_dsgd_callbacks(configure: Callable[..., Any]) -> Callable[..., Any]:
         _check_before_fit(self)
         own = configure(self)
         callbacks = list(own) if isinstance(own, (list, tuple)) else ([] if own is None else [own])
-        return [*callbacks, _DSGDLoop()]
+        # An override calling super().configure_callbacks() must not add the loop twice.
+        return [*(c for c in callbacks if not isinstance(c, _DSGDLoop)), _DSGDLoop()]
 
     configure_callbacks._dsgd = True  # type: ignore[attr-defined]
     return configure_callbacks

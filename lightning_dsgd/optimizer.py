@@ -398,7 +398,7 @@ class DSGD(torch.optim.Optimizer):
         skip_reason = None
         if not all_finite:
             skip_reason = self._nonfinite_reason(dual_norms, constants, batch.input_bounds)
-        elif self.selection == "greedy" and best_score <= 0.0:
+        elif best_score <= 0.0:  # whatever the selection: no layer can move
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
         return _Scored(
             etas,

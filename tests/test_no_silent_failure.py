@@ -285,3 +285,13 @@ def test_the_module_pickles_after_remove_hooks():
     opt.step(make_closure(model, opt, x, y))
     opt.remove_hooks()
     pickle.loads(pickle.dumps(model))
+
+
+@pytest.mark.parametrize("selection", ["greedy", "cyclic", "random"])
+def test_no_gradient_at_all_is_a_skip_for_every_selection(selection):
+    model = mlp([4, 6, 3], seed=0)
+    x, _ = classification_data(16, 4, 3)
+    opt = DSGD(model, selection=selection)
+    model(x)  # a forward, but no backward
+    opt.step()
+    assert opt.last_step.skipped and "gradient is zero or missing" in opt.last_step.skip_reason

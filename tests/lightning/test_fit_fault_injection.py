@@ -188,7 +188,7 @@ def _fit_case(rng: random.Random, tmp_path: Path, outcomes: dict[str, int]) -> b
 @pytest.mark.slow
 def test_fuzzed_settings_and_models_through_trainer_fit(tmp_path):
     rng = random.Random(3)
-    tried = 30
+    tried = 60
     outcomes: dict[str, int] = {}
     held = sum(_fit_case(rng, tmp_path, outcomes) for _ in range(tried))
     print(f"FAULTS Trainer.fit fuzz outcomes: {outcomes}")

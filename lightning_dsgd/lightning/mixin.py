@@ -274,6 +274,8 @@ def _check_before_fit(module: Any) -> None:
     DSGD cannot train (by building DSGD once, without keeping it)."""
     trainer = module.trainer
     settings = as_settings(module.dsgd)
+    if trainer.state.fn != "fit":  # validate / test / predict: DSGD does not run
+        return
     if trainer.accumulate_grad_batches != 1:
         raise ValueError(
             f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not work with DSGD, which "

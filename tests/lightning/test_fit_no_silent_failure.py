@@ -264,3 +264,11 @@ def test_fit_start_line_and_logger_config(tmp_path, caplog):
     ]
     hparams = (tmp_path / "logs" / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
     assert "constants: adaptive" in hparams and "- net.4" in hparams and "certified: false" in hparams
+
+
+def test_validation_alone_does_not_build_dsgd_or_check_training_flags(tmp_path):
+    model = DSGDClassifier()
+    t = trainer(tmp_path, limit_val_batches=2, gradient_clip_val=1.0)
+    t.validate(model)
+    with pytest.raises(ValueError, match=r"Trainer\(gradient_clip_val=1.0\) does not work with DSGD"):
+        t.fit(model)

@@ -36,13 +36,17 @@ _PASS_THROUGH = frozenset(
     }
 )
 _MEAN = 1  # torch's Reduction::Mean
+#: The verdict before any loss was checked for the coming step.
+NO_LOSS = "no loss reached DSGD"
 _KEEP = 8  # output nodes remembered between two steps (accumulated micro-batches)
 
 
 class ChainOutputs:
     """Forward hook on the chain's last layer remembering the autograd nodes of its outputs
-    (forwards with gradients enabled) since the last :meth:`reset`. A deep copy of the model (EMA,
-    SWA) shares this object and its hook ignores the copy; pickling drops the nodes."""
+    (forwards with gradients enabled) since the last :meth:`reset`, and the verdict on the losses
+    checked since (:meth:`check`, :meth:`take`). Kept in this one object so that wrappers of the
+    optimizer (Lightning's, Fabric's) that copy its attributes still share it. A deep copy of the
+    model (EMA, SWA) shares this object and its hook ignores the copy; pickling drops the nodes."""
 
     def __deepcopy__(self, memo: dict) -> ChainOutputs:
         return self
@@ -53,11 +57,24 @@ class ChainOutputs:
     def __init__(self, module: nn.Module) -> None:
         self._owner = module
         self.nodes: list[Any] = []
+        self.problem: str | None = NO_LOSS
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module is self._owner and isinstance(output, Tensor) and output.grad_fn is not None:
             self.nodes = [*self.nodes[-(_KEEP - 1) :], output.grad_fn]
+
+    def check(self, loss: Tensor) -> None:
+        """Fold the verdict on one more loss of the coming step into :attr:`problem`."""
+        problem = cross_entropy_problem(loss, self)
+        if self.problem is NO_LOSS or problem is not None:
+            self.problem = problem
+
+    def take(self) -> str | None:
+        """The verdict for the step being taken; the next starts afresh."""
+        problem, self.problem = self.problem, NO_LOSS
+        self.nodes = []
+        return problem
 
     def reset(self) -> None:
         self.nodes = []
@@ -102,4 +119,4 @@ def _divides_by_one(node: Any) -> bool:
     return isinstance(other, Tensor) and other.numel() == 1 and bool(other == 1)
 
 
-__all__ = ["ChainOutputs", "cross_entropy_problem"]
+__all__ = ["NO_LOSS", "ChainOutputs", "cross_entropy_problem"]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dsgd.adaptive import check_adaptive_options
-from lightning_dsgd.certificate import ChainOutputs, cross_entropy_problem
+from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
@@ -227,7 +227,6 @@ class DSGD(torch.optim.Optimizer):
         # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
         self._checks_loss = self.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
-        self._loss_problem: str | None = "no loss reached DSGD"  # verdict on this step's loss
         self._momentum: dict[int, Tensor] = {}
         self._weight_norms = NormBounds(self._exact_weight_norms)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
@@ -326,25 +325,16 @@ class DSGD(torch.optim.Optimizer):
         ``step(loss=...)`` call it themselves): a certified chain keeps its certificate only for the
         mean softmax cross-entropy of its logits (:mod:`lightning_dsgd.certificate`). Several calls
         before one step (accumulated micro-batches) must all pass."""
-        if self._outputs is None:
-            return
-        problem = cross_entropy_problem(loss, self._outputs)
-        if self._loss_problem == "no loss reached DSGD" or problem is not None:
-            self._loss_problem = problem
+        if self._outputs is not None:
+            self._outputs.check(loss)
 
     def _take_loss_problem(self) -> str | None:
-        """The verdict on this step's loss; the next step starts without one."""
-        problem = self._loss_verdict()
-        self._loss_problem = "no loss reached DSGD"
-        if self._outputs is not None:
-            self._outputs.reset()
-        return problem
-
-    def _loss_verdict(self) -> str | None:
+        """Why this step's loss voids the certificate (``None``: it does not); the next step starts
+        without a verdict."""
         if self._outputs is None:
             return None
-        problem = self._loss_problem
-        if problem == "no loss reached DSGD":
+        problem = self._outputs.take()
+        if problem is NO_LOSS:
             return (
                 "no loss with its autograd graph reached DSGD, so it cannot check that the loss is the mean "
                 "cross-entropy of the chain's logits: use step(closure), step(loss=loss) or check_loss(loss)"

@@ -295,3 +295,19 @@ def test_no_gradient_at_all_is_a_skip_for_every_selection(selection):
     model(x)  # a forward, but no backward
     opt.step()
     assert opt.last_step.skipped and "gradient is zero or missing" in opt.last_step.skip_reason
+
+
+def test_check_loss_through_fabrics_optimizer_wrapper_reaches_the_step():
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = mlp([4, 6, 3], seed=0)
+    x, y = classification_data(16, 4, 3)
+    model, opt = fabric.setup(model, DSGD(model))
+    for _ in range(2):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.check_loss(loss)
+        fabric.backward(loss)
+        opt.step()
+        assert opt.last_step.certified, opt.last_step.not_certified_reason

@@ -38,6 +38,38 @@ class _Pending:
     constant: Tensor  # the L used for the step
 
 
+#: Each tuning option of the adaptive constants and the open/closed range it must lie in.
+_RANGES = {
+    "safety": (0.0, float("inf")),
+    "shrink": (0.0, 1.0),
+    "idle_shrink": (0.0, 1.0),
+    "idle_reach": (0.0, float("inf")),
+    "floor": (0.0, float("inf")),
+    "max_relative_step": (0.0, float("inf")),
+}
+
+
+def check_adaptive_options(options: dict | None) -> None:
+    """``adaptive_options`` must name known options with finite values > 0 (``shrink`` below 1,
+    ``idle_shrink`` at most 1): a floor or safety of 0 would allow a zero constant, i.e. an
+    infinite step."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"adaptive_options must be a dict such as {{'floor': 1e-3}}, got {options!r}.")
+    unknown = sorted(set(options) - set(_RANGES))
+    if unknown:
+        raise ValueError(f"Unknown adaptive_options {unknown}; the options are {sorted(_RANGES)}.")
+    for name, value in options.items():
+        low, high = _RANGES[name]
+        closed = name == "idle_shrink"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and low < value and (value <= high if closed else value < high)):
+            raise ValueError(
+                f"adaptive_options[{name!r}] must be a number in ({low}, {high}{']' if closed else ')'}, got {value!r}."
+            )
+
+
 class AdaptiveConstants:
     """Multipliers ``m_i`` of the base constants, and the steps awaiting their curvature."""
 
@@ -52,10 +84,16 @@ class AdaptiveConstants:
         floor: float = 1e-3,
         max_relative_step: float = 0.2,
     ) -> None:
-        if not 0.0 < shrink < 1.0:
-            raise ValueError(f"adaptive shrink factor must be in (0, 1), got {shrink}.")
-        if safety <= 0.0:
-            raise ValueError(f"adaptive safety factor must be > 0, got {safety}.")
+        check_adaptive_options(
+            dict(
+                safety=safety,
+                shrink=shrink,
+                idle_shrink=idle_shrink,
+                idle_reach=idle_reach,
+                floor=floor,
+                max_relative_step=max_relative_step,
+            )
+        )
         self.safety = safety
         self.shrink = shrink
         self.idle_shrink = idle_shrink

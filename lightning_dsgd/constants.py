@@ -119,9 +119,6 @@ class ConstantModel:
         return BatchInputs(self._take_input_norms(), rows)
 
     def _take_input_norms(self) -> list[Tensor | None] | None:
-        if self.mode == "architecture" and self._fixed_data_bound is not None:
-            self.recorder.reset()
-            return None
         maxima = list(self.recorder.maxima)
         watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
         missing = [i for i in watched if maxima[i] is None]
@@ -134,6 +131,8 @@ class ConstantModel:
                     "forward pass with gradients enabled ran since the last step. Run the forward "
                     "(and backward) before step(), e.g. inside the closure, or use constants='architecture'."
                 )
+            self.recorder.reset()
+            self._measured_data_bound = None
             return None
         self.recorder.reset()
         if watched:
@@ -143,9 +142,9 @@ class ConstantModel:
             for k, i in enumerate(watched):
                 maxima[i] = stacked[k]
         if self.mode == "architecture":
-            first = maxima[0]
-            previous = self._measured_data_bound
-            self._measured_data_bound = first if previous is None else torch.maximum(previous, first)  # type: ignore[arg-type]
+            # This batch's own bound: rigorous for this batch's loss, and one bad batch (inf/NaN
+            # or huge inputs) affects its own step only — nothing is carried to later steps.
+            self._measured_data_bound = maxima[0]
         return maxima
 
     # ------------------------------------------------------------------ certified
@@ -197,19 +196,25 @@ class ConstantModel:
         )
 
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if self._fixed_data_bound is not None:
-            return device_constant(float(self._fixed_data_bound), dtype, device)
-        if self._measured_data_bound is None:
+        """``data_bound``, raised to this batch's measured ‖x‖ where the batch exceeds it (the
+        certificate then still holds), or the batch's ‖x‖ without ``data_bound``."""
+        measured = self._measured_data_bound
+        self._measured_data_bound = None
+        fixed = self._fixed_data_bound
+        fixed = None if fixed is None else device_constant(float(fixed), dtype, device)
+        if measured is None:
+            if fixed is not None:
+                return fixed
             raise RuntimeError(
                 "constants='architecture' without data_bound measures ‖x‖ from the batches, and no "
                 "forward pass with gradients enabled ran yet. Run the forward before step(), or "
                 "pass data_bound=max ‖x‖ over your data set."
             )
         # The recorder measures ‖[x; 1]‖; the data bound is on ‖x‖ itself.
-        augmented = self._measured_data_bound.to(device=device, dtype=dtype)
+        value = measured.to(device=device, dtype=dtype)
         if self.geometry.activation_norm == "l2":
-            return augmented.square().sub(1.0).clamp(min=0.0).sqrt()
-        return augmented
+            value = value.square().sub(1.0).clamp(min=0.0).sqrt()
+        return value if fixed is None else torch.maximum(fixed, value)
 
     # ------------------------------------------------------------------ estimate
     def _estimate(self, input_bounds: list[Tensor | None] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -225,14 +230,34 @@ class ConstantModel:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
-            "measured_data_bound": self._measured_data_bound,
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
             "operator_norms": self.operator_norms.state_dict(),
         }
 
+    def _check_adaptive_state(self, state: dict) -> None:
+        """Refuse adaptive state saved for other layers (a size mismatch would surface steps later)."""
+        n = len(self.layers)
+        multipliers = state.get("multipliers")
+        problem = None
+        if multipliers is not None and multipliers.shape != (n,):
+            problem = f"{multipliers.numel()} layers, this model has {n}"
+        for i, pending in state.get("pending", {}).items():
+            layer = self.layers[int(i)] if int(i) < n else None
+            shape = None if layer is None else (layer.weight_matrix(layer.weight).shape[0], layer.in_features + 1)
+            step = tuple(pending["step"].shape)
+            if shape is None or step[0] != shape[0] or step[1] not in (shape[1], shape[1] - 1):
+                problem = f"a pending step of shape {list(step)} for layer {i}, which is {list(shape or [])} here"
+        if problem is not None:
+            raise ValueError(
+                f"The adaptive constants' state was saved for another model ({problem}): resume with the model "
+                "it was saved with, or start a new optimizer for this one."
+            )
+
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        bound = state["measured_data_bound"]
-        self._measured_data_bound = None if bound is None else bound.to(device)
+        # "measured_data_bound" of older checkpoints is not used: each step measures its own batch.
         self.operator_norms.load_state_dict(state.get("operator_norms", {}), device)
+        adaptive = state.get("adaptive")
+        if adaptive is not None:
+            self._check_adaptive_state(adaptive)
         if self.adaptive is not None and state.get("adaptive") is not None:
             self.adaptive.load_state_dict(state["adaptive"], device)

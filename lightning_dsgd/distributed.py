@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -23,6 +24,8 @@ except ImportError:  # pragma: no cover - older torch without public DTensor
     distribute_tensor = None  # type: ignore[assignment]
 
 Reducer = Callable[[Tensor], Tensor]
+#: ``t`` (one rank's tensor) → ``stack([t of rank 0, t of rank 1, …])``.
+Gatherer = Callable[[Tensor], Tensor]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -65,9 +68,39 @@ def default_reducer() -> Reducer | None:
     return None
 
 
+def all_gather_rows(group: dist.ProcessGroup | None = None) -> Gatherer:
+    """A gatherer stacking a (small) tensor of every rank of ``group``, in rank order."""
+
+    def gather(t: Tensor) -> Tensor:
+        rows = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, t.contiguous(), group=group)
+        return torch.stack(rows)
+
+    return gather
+
+
+def default_gatherer() -> Gatherer | None:
+    """An all-gather over the default group when more than one process runs, else ``None``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return all_gather_rows()
+    return None
+
+
 def version_key(t: Tensor) -> tuple[int, int]:
     """Changes whenever ``t`` is written in place or its storage is replaced."""
     return (t._version, local(t).data_ptr())
 
 
-__all__ = ["Reducer", "all_reduce_max", "default_reducer", "full", "is_sharded", "local", "shard_like", "version_key"]
+__all__ = [
+    "Gatherer",
+    "Reducer",
+    "all_gather_rows",
+    "all_reduce_max",
+    "default_gatherer",
+    "default_reducer",
+    "full",
+    "is_sharded",
+    "local",
+    "shard_like",
+    "version_key",
+]

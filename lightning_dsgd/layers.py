@@ -254,6 +254,8 @@ def _parse_chain(modules: list[nn.Module], names: dict[int, str], by_module: dic
         if isinstance(m, _TRANSPARENT):
             continue
         if isinstance(m, nn.Linear):
+            if id(m) not in names:
+                return f"{m!r} is not a module of the model: declare the model's own layers (e.g. model.fc1)"
             if id(m) not in by_module:
                 return f"{name!r} is a frozen nn.Linear inside the chain"
             if layers and pending is None:
@@ -344,6 +346,12 @@ class InputNormRecorder:
                 if x is None:
                     continue
                 layer = self._layers[i]
+                if x.numel() == 0:
+                    raise ValueError(
+                        f"Layer {layer.name!r} received an empty input (shape {list(x.shape)}): DSGD cannot take a "
+                        "step on an empty batch (its mean loss is 0/0). Drop empty batches before the forward, "
+                        "e.g. DataLoader(drop_last=True) or skip them in training_step by returning None."
+                    )
                 value = self._bound(layer, x.detach())
                 current = self.maxima[i]
                 self.maxima[i] = value if current is None else torch.maximum(current, value)

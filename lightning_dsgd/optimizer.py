@@ -13,31 +13,37 @@ Full batch, the loss then drops by at least ``η(1 − η/2)·s_i*`` whenever th
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from lightning_dsgd.adaptive import check_adaptive_options
+from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Reducer, full, shard_like, version_key
+from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
 from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
+# Every option's values are defined here once; DSGDSettings and the CLI derive from these types.
+NormName = Literal["spectral", "frobenius", "linf", "rows"]
 ConstantsMode = Literal["data", "architecture", "adaptive"]
 Selection = Literal["greedy", "random", "cyclic"]
 NonFinitePolicy = Literal["skip", "raise"]
+LossName = Literal["cross_entropy", "mse"]
 
-_CONSTANTS = ("data", "architecture", "adaptive")
+_CONSTANTS: tuple[str, ...] = get_args(ConstantsMode)
+_SELECTIONS: tuple[str, ...] = get_args(Selection)
+_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 # What DSGD(model) and the Lightning mixin use when the user says nothing (docs/benchmarks.md
 # defends the choice); constants="data" is the paper's certified algorithm.
 DEFAULT_CONSTANTS: ConstantsMode = "adaptive"
-_SELECTIONS = ("greedy", "random", "cyclic")
-_POLICIES = ("skip", "raise")
 _RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
 
 
@@ -46,7 +52,8 @@ class StepRecord:
     """What one ``DSGD.step`` decided. Tensors stay on the parameters' device (reading them as
     Python numbers is the caller's choice); per-layer tensors have one entry per layer in
     forward order. ``layers`` lists every layer moved (more than one with ``layers_per_step``);
-    ``layer`` is the best of them."""
+    ``layer`` is the best of them. ``not_certified_reason`` says why a step that is not skipped
+    carries no certificate (``None`` when ``certified``)."""
 
     step: int
     layer: int | None
@@ -64,9 +71,10 @@ class StepRecord:
     loss: Tensor | None
     layers: tuple[int, ...] = ()
     realized_decrease: Tensor | None = None
+    not_certified_reason: str | None = None
     #: Why the arithmetic voids this step's certificate (autocast or TF32 in the forward,
     #: low-precision parameters: see [`lightning_dsgd.precision`][lightning_dsgd.precision]);
-    #: ``certified`` is then False.
+    #: ``certified`` is then False (and ``not_certified_reason`` says so too).
     precision_reason: str | None = None
 
 
@@ -84,7 +92,10 @@ class _Scored:
     best: int
     nonfinite: bool
     skip_reason: str | None
+    moving: list[bool] | None = None  # per layer: a nonzero gradient (None: unknown → every layer)
+    planned: int | None = None  # random / cyclic choice, agreed over ranks
     precision_reason: str | None = None
+    order: list[int] | None = None  # layers by decreasing score (only when several move per step)
 
 
 class DSGD(torch.optim.Optimizer):
@@ -110,8 +121,9 @@ class DSGD(torch.optim.Optimizer):
             every choice uses the same step rule and keeps its guaranteed decrease.
         loss: the loss on the model's outputs (mean over the batch): ``"cross_entropy"``
             (rigorous), ``"mse"`` (estimated), or [LossBounds][lightning_dsgd.LossBounds] for your own bounds.
-        data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"``; ``None``
-            measures the running maximum over every batch seen (rigorous for each batch's loss).
+        data_bound: ``B_x ≥ max ‖x‖`` over the data, for ``constants="architecture"`` (a batch
+            that exceeds it raises the bound for its own step); ``None`` measures each batch's
+            ``max ‖x‖`` (rigorous for each batch's loss; a bad batch affects its own step only).
         chain: the model's layers and activations in forward order, when they are not inside an
             ``nn.Sequential`` (e.g. ``[model.fc1, nn.Tanh(), model.fc2]``): asserts the rigorous class.
         overrides: ``{pattern: {"norm": ..., "grouping": ...}}`` per module name (``fnmatch``),
@@ -136,6 +148,10 @@ class DSGD(torch.optim.Optimizer):
         reduce_max: element-wise MAX over data-parallel ranks, applied to the measured input norms
             so that every rank uses the constants of the global batch (the Lightning integration
             sets it; see [lightning_dsgd.distributed][]).
+        gather: stacks a small tensor from every data-parallel rank (rows in rank order): each
+            step's decision (layer, finiteness, random/cyclic choice) is taken from rank 0's row,
+            so ranks agree by construction, and a rank whose own greedy decision differs raises
+            (one small collective, folded into the step's single host synchronisation).
     """
 
     def __init__(
@@ -158,6 +174,7 @@ class DSGD(torch.optim.Optimizer):
         undo_shortfalls: bool = False,
         adaptive_options: Mapping[str, float] | None = None,
         reduce_max: Reducer | None = None,
+        gather: Gatherer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -165,17 +182,25 @@ class DSGD(torch.optim.Optimizer):
                 "write DSGD(model) rather than DSGD(model.parameters()); DSGD finds the layers "
                 "from the module structure."
             )
-        _check_eta(eta)
+        options = check_options(
+            norm=norm,
+            constants=constants,
+            eta=eta,
+            selection=selection,
+            loss=loss,
+            data_bound=data_bound,
+            overrides=overrides,
+            nonfinite=nonfinite,
+            seed=seed,
+            momentum=momentum,
+            layers_per_step=layers_per_step,
+            full_batch=full_batch,
+            undo_shortfalls=undo_shortfalls,
+            adaptive_options=adaptive_options,
+        )
+        eta, seed, momentum, data_bound = options["eta"], options["seed"], options["momentum"], options["data_bound"]
         self.geometry = make_geometry(norm)
-        _check_choice("constants", constants, _CONSTANTS)
-        _check_choice("selection", selection, _SELECTIONS)
-        _check_choice("nonfinite", nonfinite, _POLICIES)
         self.loss_bounds = _loss_bounds(loss)
-        _check_data_bound(data_bound, constants)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-        if undo_shortfalls and not full_batch:
-            raise ValueError("undo_shortfalls needs full_batch=True: only then is the next loss comparable.")
 
         layers = discover_layers(model, norm, overrides)
         found = find_chain(model, layers, chain)
@@ -190,15 +215,12 @@ class DSGD(torch.optim.Optimizer):
         self.chain: Chain | None = found if isinstance(found, Chain) else None
         self.not_rigorous_reason: str | None = None if rigorous else str(found)
         self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
+        self._model = model
         n = len(self.layers)
         if layers_per_step is None:
             estimated = not rigorous or constants == "adaptive"
             layers_per_step = "all" if estimated and selection == "greedy" else 1
         self.layers_per_step = n if layers_per_step == "all" else int(layers_per_step)
-        if not 1 <= self.layers_per_step:
-            raise ValueError(f"layers_per_step must be ≥ 1 or 'all', got {layers_per_step!r}.")
-        if self.layers_per_step > 1 and selection != "greedy":
-            raise ValueError("layers_per_step > 1 takes the best layers: it needs selection='greedy'.")
         self.constants_mode = constants
         self.selection = selection
         self.nonfinite = nonfinite
@@ -217,6 +239,12 @@ class DSGD(torch.optim.Optimizer):
             self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning
         )
         self.constant_model.reduce_max = reduce_max
+        self.gather = gather
+        # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
+        self.external_uncertified_reason: str | None = None
+        # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
+        self._checks_loss = self.certified and isinstance(loss, str)
+        self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
         # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
         # tolerance: fewer exact norms (SVDs) when every layer moves every step.
@@ -244,6 +272,20 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.reduce_max = reducer
 
     @property
+    def uncertified_reason(self) -> str | None:
+        """Why this optimizer's steps carry no certificate whatever the loss (``None``: they do
+        when the loss is the mean cross-entropy of the chain's logits)."""
+        if self.not_rigorous_reason is not None:
+            return f"outside the rigorous class: {self.not_rigorous_reason}"
+        if self.constants_mode == "adaptive":
+            return "constants='adaptive' are estimates corrected by the curvature met"
+        if self.layers_per_step != 1:
+            return "layers_per_step > 1: each constant assumes the other layers fixed"
+        if self.momentum != 0.0:
+            return "momentum > 0 steps along the velocity, not the certified direction"
+        return self.external_uncertified_reason
+
+    @property
     def certified(self) -> bool:
         """True when every step that is not skipped carries the guaranteed decrease: a rigorous
         model, rigorous constants, one layer per step, no momentum and parameters of 32 bits or
@@ -268,11 +310,13 @@ class DSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 result = closure()
             loss = result if result is not None else loss  # Lightning's manual-mode closure returns None
+        if loss is not None and loss.grad_fn is not None:
+            self.check_loss(loss)
         with full_precision(self._device_types()):  # DSGD's own arithmetic: IEEE float32, no autocast
             return self._step(loss)
 
     def _step(self, loss: Tensor | None) -> Tensor | None:
-        scored = self._score()
+        scored = self._score(plan=True)
         if scored.nonfinite and self.nonfinite == "raise":
             raise FloatingPointError(
                 f"DSGD step {self.steps_taken}: {scored.skip_reason}. No weight was changed. Check the "
@@ -289,7 +333,7 @@ class DSGD(torch.optim.Optimizer):
             if self.full_batch and loss is not None:
                 promise = sum(self._promise(scored, i) for i in chosen)
                 self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
-        record = self._record(scored, chosen, loss, realized)
+        record = self._record(scored, chosen, loss, realized, self._take_loss_problem())
         if record.skipped:
             self.skipped_steps += 1
         for i in chosen:
@@ -305,20 +349,46 @@ class DSGD(torch.optim.Optimizer):
         Consumes the recorded input norms like ``step()`` does."""
         with full_precision(self._device_types()):
             scored = self._score()
-            return self._record(scored, [] if scored.skip_reason else [scored.best], None, None)
+            return self._record(
+                scored, [] if scored.skip_reason else [scored.best], None, None, self._take_loss_problem()
+            )
 
     def _device_types(self) -> set[str]:
         return {layer.weight.device.type for layer in self.layers}
 
-    def _score(self) -> _Scored:
-        """Dual norms, constants and scores of every layer, and the greedy choice."""
-        etas = [self.param_groups[self._group_of[i]]["lr"] for i in range(len(self.layers))]
-        for eta in etas:
-            _check_eta(eta)
+    def check_loss(self, loss: Tensor) -> None:
+        """Read the graph of this step's loss (call it before ``backward``; ``step(closure)`` and
+        ``step(loss=...)`` call it themselves): a certified chain keeps its certificate only for the
+        mean softmax cross-entropy of its logits (:mod:`lightning_dsgd.certificate`). Several calls
+        before one step (accumulated micro-batches) must all pass."""
+        if self._outputs is not None:
+            self._outputs.check(loss)
+
+    def _take_loss_problem(self) -> str | None:
+        """Why this step's loss voids the certificate (``None``: it does not); the next step starts
+        without a verdict."""
+        if self._outputs is None:
+            return None
+        problem = self._outputs.take()
+        if problem is NO_LOSS:
+            return (
+                "no loss with its autograd graph reached DSGD, so it cannot check that the loss is the mean "
+                "cross-entropy of the chain's logits: use step(closure), step(loss=loss) or check_loss(loss)"
+            )
+        return problem
+
+    def _score(self, plan: bool = False) -> _Scored:
+        """Dual norms, constants and scores of every layer, and the greedy choice (with ``plan``,
+        also the random/cyclic choice). A layer with a zero gradient scores 0 whatever its
+        constant (``0/0`` is not a failure); a layer is *bad* only for an inf/NaN gradient, or a
+        nonzero gradient with a constant that is inf/NaN or not > 0 (an infinite or uphill step)."""
+        etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
         grads = [self._block_grad(layer) for layer in self.layers]
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
         )
+        if any(g is None for g in grads):
+            self._check_layers_attached()
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
         adaptive = self.constant_model.adaptive
@@ -332,22 +402,92 @@ class DSGD(torch.optim.Optimizer):
         constants = constants.to(dual_norms.dtype)
         if adaptive is not None:
             constants = self._cap_steps(constants, dual_norms, etas)
-        scores = dual_norms.square() / constants
-        finite = torch.isfinite(scores)
+        moving = dual_norms > 0
+        usable = torch.isfinite(constants) & (constants > 0)
+        finite = torch.isfinite(dual_norms) & (usable | ~moving)
+        scores = torch.where(moving & usable, dual_norms.square() / torch.where(usable, constants, 1.0), 0.0)
         masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
-        # The one host synchronisation of a step: the greedy choice, finiteness and best score.
-        best, all_finite, best_score = torch.stack(
-            [masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]
-        ).tolist()
+        planned = self._plan() if plan else -1
+        # The one host synchronisation of a step: the greedy choice, finiteness, best score, the
+        # planned random/cyclic choice, which layers can move and (several layers per step) their
+        # order by score — rank 0's, when ranks are gathered.
+        n = len(self.layers)
+        parts = [
+            torch.stack([masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]),
+            torch.full((1,), float(planned), dtype=scores.dtype, device=scores.device),
+            moving.to(scores.dtype),
+        ]
+        if self.layers_per_step > 1:
+            parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
+        summary = torch.cat(parts)
+        if self.gather is not None:
+            rows = self.gather(summary).tolist()
+            self._check_ranks_agree(rows)
+            values = rows[0]
+        else:
+            values = summary.tolist()
+        best, all_finite, best_score, agreed = values[:4]
         skip_reason = None
         if not all_finite:
-            skip_reason = self._nonfinite_reason(dual_norms, constants)
-        elif self.selection == "greedy" and best_score <= 0.0:
+            skip_reason = self._nonfinite_reason(dual_norms, constants, batch.input_bounds)
+        elif best_score <= 0.0:  # whatever the selection: no layer can move
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
-        scored = _Scored(
-            etas, grads, bases, dual_norms, constants, scores, masked, int(best), not all_finite, skip_reason
+        return _Scored(
+            etas,
+            grads,
+            bases,
+            dual_norms,
+            constants,
+            scores,
+            masked,
+            int(best),
+            not all_finite,
+            skip_reason,
+            [m > 0 for m in values[4 : 4 + n]],
+            int(agreed) if agreed >= 0 else None,
+            precision_reason,
+            [int(i) for i in values[4 + n :]] if self.layers_per_step > 1 else None,
         )
-        return replace(scored, precision_reason=precision_reason)
+
+    def _plan(self) -> int:
+        """This step's random or cyclic choice (-1 for greedy); the generator and cursor advance
+        only when the step is taken (:meth:`_choose`)."""
+        if self.selection == "random":
+            state = self._generator.get_state()
+            index = int(torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu"))
+            self._generator.set_state(state)
+            return index
+        return self._cursor if self.selection == "cyclic" else -1
+
+    def _check_ranks_agree(self, rows: list[list[float]]) -> None:
+        """Every rank scored the same gradients and constants, so its greedy choice and finiteness
+        equal rank 0's; a rank that differs means they were not synchronised."""
+        for rank, row in enumerate(rows[1:], start=1):
+            if row[:2] != rows[0][:2]:
+                raise RuntimeError(
+                    f"DSGD ranks disagree at step {self.steps_taken}: rank {rank} scores layer {int(row[0])} best "
+                    f"(all finite: {bool(row[1])}) but rank 0 scores layer {int(rows[0][0])} (all finite: "
+                    f"{bool(rows[0][1])}). Their gradients or input norms differ: the gradients were not averaged "
+                    "over the ranks. Train through a DSGD strategy or DSGDMixin with Lightning's DDP/FSDP2, call "
+                    "self.manual_backward (not loss.backward()), and keep every trainable layer in the forward."
+                )
+
+    def _check_layers_attached(self) -> None:
+        """A layer without a gradient: raise if its module or parameter was replaced after DSGD
+        was built (the replacement would never be trained)."""
+        modules = {id(m) for m in self._model.modules()}
+        params = {id(p) for p in self._model.parameters()}
+        stale = [
+            layer.name
+            for layer in self.layers
+            if id(layer.module) not in modules or any(id(p) not in params for p in layer.params)
+        ]
+        if stale:
+            raise RuntimeError(
+                f"DSGD's layer(s) {stale} are no longer part of the model: a module or parameter was replaced "
+                "after the optimizer was built, so the new one would never be trained. Build DSGD (or start "
+                "the Trainer's fit) after changing the model."
+            )
 
     def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
         """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
@@ -411,24 +551,24 @@ class DSGD(torch.optim.Optimizer):
 
     def _choose(self, scored: _Scored) -> list[int]:
         if self.selection == "random":
-            return [int(torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu"))]
+            torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu")  # advance, as _plan drew
+            return [scored.planned]  # type: ignore[list-item]
         if self.selection == "cyclic":
-            index = self._cursor
-            self._cursor = (self._cursor + 1) % len(self.layers)
+            index = scored.planned if scored.planned is not None else self._cursor
+            self._cursor = (index + 1) % len(self.layers)
             return [index]
         if self.layers_per_step == 1:
             return [scored.best]
-        k = min(self.layers_per_step, len(self.layers))
-        top = torch.topk(scored.masked, k)
-        indices, values = torch.stack([top.indices.to(top.values.dtype), top.values]).tolist()  # one host read
-        return sorted(int(i) for i, v in zip(indices, values, strict=True) if v > 0) or [scored.best]
+        # The best k layers that can move, by the order read in the step's one host synchronisation.
+        assert scored.order is not None and scored.moving is not None
+        return sorted(i for i in scored.order[: self.layers_per_step] if scored.moving[i]) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
         """``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the block, in place (on each
         rank's shard); returns the step taken as ``(layer, block step)``."""
         grad = scored.grads[index]
-        if grad is None:
-            return None
+        if grad is None or (scored.moving is not None and not scored.moving[index]):
+            return None  # a zero gradient: the step is zero (and η/L may be 0/0)
         layer = self.layers[index]
         geometry = self.geometry_of(layer)
         block_grad = augment(*grad)
@@ -495,8 +635,16 @@ class DSGD(torch.optim.Optimizer):
             f"less than its promise {promise_value:.3e}; the constant was raised"
         )
 
-    def _record(self, scored: _Scored, chosen: list[int], loss: Tensor | None, realized: Tensor | None) -> StepRecord:
+    def _record(
+        self,
+        scored: _Scored,
+        chosen: list[int],
+        loss: Tensor | None,
+        realized: Tensor | None,
+        loss_problem: str | None = None,
+    ) -> StepRecord:
         skipped = not chosen
+        reason = None if skipped else (self.uncertified_reason or loss_problem or scored.precision_reason)
         index = chosen[0] if chosen and len(chosen) == 1 else (scored.best if chosen else None)
         eta = scored.etas[0 if index is None else index]
         decrease = scored.scores.new_zeros(()) if skipped else sum(self._promise(scored, i) for i in chosen)
@@ -511,12 +659,13 @@ class DSGD(torch.optim.Optimizer):
             guaranteed_decrease=decrease,  # type: ignore[arg-type]
             eta=eta,
             selection=self.selection,
-            certified=self.certified and not skipped and scored.precision_reason is None,
+            certified=reason is None and not skipped,
             skipped=skipped,
             skip_reason=scored.skip_reason if skipped else None,
             loss=None if loss is None else loss.detach(),
             layers=tuple(chosen),
             realized_decrease=realized,
+            not_certified_reason=reason,
             precision_reason=scored.precision_reason,
         )
 
@@ -524,6 +673,7 @@ class DSGD(torch.optim.Optimizer):
         """Record a step that was decided outside DSGD not to happen (e.g. a GradScaler that found
         inf/NaN gradients and never called ``step``): no weight changes, ``skipped=True``."""
         self.discard_input_norms()
+        self._take_loss_problem()
         nan = torch.full((len(self.layers),), float("nan"), device=self.layers[0].weight.device)
         etas = [group["lr"] for group in self.param_groups]
         scored = _Scored(etas, [], [], nan, nan, nan, nan, 0, False, reason)
@@ -531,12 +681,28 @@ class DSGD(torch.optim.Optimizer):
         self.skipped_steps += 1
         self.steps_taken += 1
 
-    def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor) -> str:
-        bad_grads = [self.layers[i].name for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
+    def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor, inputs: list[Tensor | None] | None) -> str:
+        """Name the layers and the cause of a bad step (a host sync; only on that path)."""
+        names = self.layer_names
+        bad_grads = [names[i] for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
         if bad_grads:
             return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
-        bad = [self.layers[i].name for i in torch.nonzero(~torch.isfinite(constants)).flatten().tolist()]
-        return f"non-finite smoothness constant for layer(s) {bad}: the weights above them hold inf/NaN"
+        moving = dual_norms > 0
+        bad = [names[i] for i in torch.nonzero(moving & ~torch.isfinite(constants)).flatten().tolist()]
+        zero = [names[i] for i in torch.nonzero(moving & (constants <= 0)).flatten().tolist()]
+        bad_inputs = [
+            names[i] for i, b in enumerate(inputs or []) if b is not None and not bool(torch.isfinite(b).all())
+        ]
+        bad_weights = [
+            layer.name for layer in self.layers if not all(bool(torch.isfinite(full(p)).all()) for p in layer.params)
+        ]
+        if bad_inputs:
+            return f"non-finite input (inf/NaN) to layer(s) {bad_inputs} in this batch: no weight was changed"
+        if bad_weights:
+            return f"non-finite smoothness constant for layer(s) {bad}: the weights of {bad_weights} hold inf/NaN"
+        if bad:
+            return f"non-finite smoothness constant for layer(s) {bad} (an input norm or weight too large to represent)"
+        return f"smoothness constant ≤ 0 with a nonzero gradient for layer(s) {zero}: the step would be infinite"
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -569,6 +735,7 @@ class DSGD(torch.optim.Optimizer):
             "constants": self.constants_mode,
             "selection": self.selection,
             "layer_names": self.layer_names,
+            "layer_shapes": self._layer_shapes(),
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
             "selection_counts": list(self.selection_counts),
@@ -592,13 +759,23 @@ class DSGD(torch.optim.Optimizer):
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 
+    def _layer_shapes(self) -> list[list[int]]:
+        """``[out, in]`` of every layer's ``[W, b]`` block (a checkpoint of other widths is refused)."""
+        return [
+            [layer.weight_matrix(layer.weight).shape[0], layer.in_features + (layer.bias is not None)]
+            for layer in self.layers
+        ]
+
     def _check_compatible(self, extra: dict[str, Any]) -> None:
         for key, mine in (
             ("norm", self.geometry.name),
             ("constants", self.constants_mode),
             ("selection", self.selection),
             ("layer_names", self.layer_names),
+            ("layer_shapes", self._layer_shapes()),
         ):
+            if key == "layer_shapes" and key not in extra:  # saved before shapes were recorded
+                continue
             if extra[key] != mine:
                 raise ValueError(
                     f"The DSGD state was saved with {key}={extra[key]!r} but this optimizer has "
@@ -608,6 +785,8 @@ class DSGD(torch.optim.Optimizer):
     def discard_input_norms(self) -> None:
         """Forget the input norms recorded since the last step (they belong to no scored step)."""
         self.constant_model.recorder.reset()
+        if self._outputs is not None:
+            self._outputs.reset()
 
     def record_input_norms(self, enabled: bool) -> None:
         """Switch the input-norm forward hooks on or off (off saves their cost on forwards that
@@ -615,8 +794,11 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.recorder.enabled = enabled
 
     def remove_hooks(self) -> None:
-        """Detach the forward hooks that record input norms (after training, if the model lives on)."""
+        """Detach DSGD's forward hooks (input norms, the chain's logits): after training the model
+        pickles as without DSGD. A later ``step`` would need a new optimizer."""
         self.constant_model.recorder.remove()
+        if self._outputs is not None:
+            self._outputs.remove()
 
 
 def _block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:
@@ -648,12 +830,59 @@ def _group_index(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]
     return [where[id(group["params"][0])] for group in groups]
 
 
-def _check_eta(eta: float) -> None:
-    if not (isinstance(eta, (int, float)) and 0.0 < eta < 2.0):
+def check_options(**options: Any) -> dict[str, Any]:
+    """Validate DSGD's keyword arguments without a model (``DSGDSettings`` calls it at
+    construction); return them with numbers normalised (``eta``, ``momentum`` and ``data_bound``
+    as floats, ``seed`` as an int). Raises ``ValueError``/``TypeError`` naming the argument and
+    the fix."""
+    out = dict(options)
+    make_geometry(options["norm"])
+    _check_choice("constants", options["constants"], _CONSTANTS)
+    _check_choice("selection", options["selection"], _SELECTIONS)
+    _check_choice("nonfinite", options["nonfinite"], _POLICIES)
+    out["eta"] = _check_eta(options["eta"])
+    _loss_bounds(options["loss"])
+    out["data_bound"] = _check_data_bound(options["data_bound"], options["constants"])
+    _check_overrides(options["overrides"])
+    seed = options["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int (the random selection's seed), got {seed!r}.")
+    out["seed"] = int(seed)
+    momentum = _real("momentum", options["momentum"])
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+    out["momentum"] = momentum
+    k = options["layers_per_step"]
+    if k != "all" and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+        raise ValueError(f"layers_per_step must be an int ≥ 1 or 'all', got {k!r}.")
+    if k != 1 and options["selection"] != "greedy":
+        raise ValueError("layers_per_step > 1 takes the best layers: it needs selection='greedy'.")
+    for flag in ("full_batch", "undo_shortfalls"):
+        if not isinstance(options[flag], bool):
+            raise TypeError(f"{flag} must be True or False, got {options[flag]!r}.")
+    if options["undo_shortfalls"] and not options["full_batch"]:
+        raise ValueError("undo_shortfalls needs full_batch=True: only then is the next loss comparable.")
+    check_adaptive_options(options["adaptive_options"])
+    return out
+
+
+def _real(name: str, value: Any) -> float:
+    """A real number given as a Python/NumPy number or a one-element tensor (not a bool)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def _check_eta(eta: Any) -> float:
+    value = _real("eta", eta)
+    if not 0.0 < value < 2.0:
         raise ValueError(
             f"eta must be a number in (0, 2), got {eta!r}: the guaranteed decrease η(1 − η/2)·s "
             "vanishes at 0 and 2; eta=1 maximises it."
         )
+    return value
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -661,22 +890,39 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {name}={value!r}; use one of {list(allowed)}.")
 
 
-def _check_data_bound(data_bound: float | None, constants: str) -> None:
+def _check_data_bound(data_bound: Any, constants: str) -> float | None:
     if data_bound is None:
-        return
+        return None
     if constants != "architecture":
         raise ValueError(
             "data_bound is used only with constants='architecture' (data mode measures "
             "every layer's input itself): drop data_bound or set constants='architecture'."
         )
-    if not (data_bound >= 0 and data_bound < float("inf")):
-        raise ValueError(f"data_bound must be a finite number ≥ 0 bounding ‖x‖, got {data_bound}.")
+    value = _real("data_bound", data_bound)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"data_bound must be a finite number > 0 bounding ‖x‖, got {data_bound}.")
+    return value
+
+
+def _check_overrides(overrides: Any) -> None:
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Mapping) for k, v in overrides.items()
+    ):
+        raise TypeError(
+            f"overrides must map module-name patterns to settings, e.g. {{'head*': {{'norm': 'frobenius'}}}}; "
+            f"got {overrides!r}."
+        )
+    for rule in overrides.values():
+        if "norm" in rule:
+            make_geometry(rule["norm"])
 
 
 def _loss_bounds(loss: str | LossBounds) -> LossBounds:
     if isinstance(loss, LossBounds):
         return loss
-    if loss not in LOSSES:
+    if not isinstance(loss, str) or loss not in LOSSES:
         raise ValueError(
             f"Unsupported loss {loss!r}. Known: {sorted(LOSSES)}; for another loss pass "
             "loss=LossBounds(name, g_l2, h_l2, g_linf, h_linf, certified=...) with bounds on its "

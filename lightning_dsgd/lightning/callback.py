@@ -176,6 +176,11 @@ class DSGDMonitor(Callback):
             )
             self._optimizer.record_input_norms(self._score_this_batch)  # type: ignore[union-attr]
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        """Observing: the certificate of the scored step needs the loss's graph (DSGD.check_loss)."""
+        if self._observing and self._optimizer is not None:
+            self._optimizer.check_loss(loss)
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Observe-only mode: gradients are final (unscaled) here; score them at logging steps."""
         if not self._observing:

@@ -25,18 +25,24 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Sin
 
 from lightning_dsgd.distributed import is_sharded, local
 from lightning_dsgd.lightning.mixin import with_dsgd
-from lightning_dsgd.lightning.settings import DSGDSettings
+from lightning_dsgd.lightning.settings import DSGDSettings, as_settings
 from lightning_dsgd.optimizer import DSGD
 
 
 class _DSGDStrategy:
     """What the three strategies share; mixed in before the Lightning base class."""
 
-    def __init__(self, *args: Any, dsgd: DSGDSettings | None = None, verify_every_n_steps: int = 0, **kwargs: Any):
-        if verify_every_n_steps < 0:
+    def __init__(
+        self, *args: Any, dsgd: DSGDSettings | dict | None = None, verify_every_n_steps: int = 0, **kwargs: Any
+    ):
+        if (
+            isinstance(verify_every_n_steps, bool)
+            or not isinstance(verify_every_n_steps, int)
+            or verify_every_n_steps < 0
+        ):
             raise ValueError(f"verify_every_n_steps must be ≥ 0 (0 = never), got {verify_every_n_steps}.")
         super().__init__(*args, **kwargs)
-        self.dsgd = dsgd
+        self.dsgd = None if dsgd is None else as_settings(dsgd)
         self.verify_every_n_steps = verify_every_n_steps
 
     def connect(self, model: LightningModule) -> None:

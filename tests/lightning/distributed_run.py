@@ -7,7 +7,9 @@ can re-execute it for rank 1. Each rank saves its layer choices and full weights
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,10 +32,79 @@ class PerturbRankOne(Callback):
                 pl_module.net[0].weight.add_(0.1)
 
 
+class BreakRankOneGradients(Callback):
+    """Rank 1's gradients become inf/NaN in one layer before DSGD scores them, as if it had not
+    synchronised them: the default agreement check must stop both ranks."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            pl_module.net[2].weight.grad.fill_(float("nan"))
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (forward, backward, DSGD step) after a warm-up."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > 5:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def gather_cost(args: argparse.Namespace) -> None:
+    """Median batch time with the default rank-agreement gather and without it (same run)."""
+    import lightning_dsgd.lightning.mixin as mixin
+
+    medians: dict[str, list[float]] = {"with": [], "without": []}
+    for label in ("with", "without", "with", "without"):
+        original = mixin.default_gatherer
+        if label == "without":
+            mixin.default_gatherer = lambda: None
+        timer = StepTimer()
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[timer],
+            default_root_dir=args.out,
+        )
+        trainer.fit(DSGDClassifier(batch_size=4, hidden=args.hidden, dsgd=DSGDSettings(norm=args.norm)))
+        mixin.default_gatherer = original
+        medians[label].append(sorted(timer.times)[len(timer.times) // 2])
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        without, with_ = min(medians["without"]), min(medians["with"])
+        print(
+            f"batch time, median over {args.steps - 6} steps (best of 2 alternating runs): without the "
+            f"agreement gather {without * 1e3:.3f} ms, with it {with_ * 1e3:.3f} ms (ratio {with_ / without:.3f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--case", required=True, choices=["dsgd_ddp", "ddp_with_mixin", "mixinless", "model_parallel", "diverge"]
+        "--case",
+        required=True,
+        choices=[
+            "dsgd_ddp",
+            "ddp_with_mixin",
+            "mixinless",
+            "model_parallel",
+            "diverge",
+            "per_rank_seed",
+            "unsynced",
+            "gather_cost",
+        ],
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=10)
@@ -45,6 +116,12 @@ def main() -> None:
     parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
     parser.add_argument("--resume", default=None, help="resume from this checkpoint")
     args = parser.parse_args()
+    if args.case == "gather_cost":
+        try:
+            gather_cost(args)
+        finally:
+            release_process_group()
+        return
     settings = DSGDSettings(norm=args.norm, constants=args.constants, selection=args.selection, seed=3)
     callbacks: list[Callback] = [RecordChoices(args.out)]
     if args.checkpoints:
@@ -63,6 +140,12 @@ def main() -> None:
             dsgd=settings, data_parallel_size=2, tensor_parallel_size=1, verify_every_n_steps=1
         )
         model = ShardedDSGDClassifier(batch_size=4, hidden=args.hidden)
+    elif args.case == "per_rank_seed":  # random selection seeded differently on each rank
+        rank_seed = DSGDSettings(selection="random", seed=int(os.environ.get("LOCAL_RANK", "0")))
+        strategy, model = "ddp", DSGDClassifier(batch_size=4, hidden=args.hidden, dsgd=rank_seed)
+    elif args.case == "unsynced":  # the default agreement check, no verify_every_n_steps
+        strategy, model = "ddp", DSGDClassifier(batch_size=4, hidden=args.hidden, dsgd=settings)
+        callbacks.append(BreakRankOneGradients())
     else:
         strategy, model = ddp, Classifier(batch_size=4, hidden=args.hidden)
         callbacks.append(PerturbRankOne())

@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_avai
 def launch(case: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    # The package of this checkout, not an installed copy of another.
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[2]), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--case", case, "--out", str(out), *extra],
         capture_output=True,
@@ -89,3 +91,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, case):
     assert resumed["layers"] == uninterrupted["layers"][8:]
     for name, value in uninterrupted["weights"].items():
         assert torch.equal(resumed["weights"][name], value), name
+
+
+def test_ranks_seeded_differently_still_choose_alike(tmp_path):
+    """Each rank takes rank 0's random choice: identical choices and weights by construction."""
+    run = launch("per_rank_seed", tmp_path, "--steps", "8")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rank0, rank1 = results(tmp_path)
+    assert rank0["layers"] == rank1["layers"] and len(set(rank0["layers"])) > 1
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+
+
+def test_the_default_agreement_check_stops_ranks_whose_gradients_differ(tmp_path):
+    run = launch("unsynced", tmp_path, "--steps", "6")
+    assert run.returncode != 0
+    assert "DSGD ranks disagree at step 2" in run.stderr and "were not averaged" in run.stderr, run.stderr[-3000:]

@@ -3,7 +3,7 @@
 The certified constants of a chain (ALGORITHM.md §3) hold for ``f(w) = mean_t CE(z_t, y_t)``,
 the mean softmax cross-entropy of the chain's logits ``z`` and nothing else. A step is certified
 only when the loss handed to ``DSGD.step`` (the closure's result, ``loss=``, or
-:meth:`~lightning_dsgd.DSGD.check_loss`) is, in its graph::
+`DSGD.check_loss`) is, in its graph::
 
     NllLossBackward0(reduction=mean, no class weights)
       ← LogSoftmaxBackward0(over the class dimension)
@@ -43,8 +43,8 @@ _KEEP = 8  # output nodes remembered between two steps (accumulated micro-batche
 
 class ChainOutputs:
     """Forward hook on the chain's last layer remembering the autograd nodes of its outputs
-    (forwards with gradients enabled) since the last :meth:`reset`, and the verdict on the losses
-    checked since (:meth:`check`, :meth:`take`). Kept in this one object so that wrappers of the
+    (forwards with gradients enabled) since the last `reset`, and the verdict on the losses
+    checked since (`check`, `take`). Kept in this one object so that wrappers of the
     optimizer (Lightning's, Fabric's) that copy its attributes still share it. A deep copy of the
     model (EMA, SWA) shares this object and its hook ignores the copy; pickling drops the nodes."""
 
@@ -65,7 +65,7 @@ class ChainOutputs:
             self.nodes = [*self.nodes[-(_KEEP - 1) :], output.grad_fn]
 
     def check(self, loss: Tensor) -> None:
-        """Fold the verdict on one more loss of the coming step into :attr:`problem`."""
+        """Fold the verdict on one more loss of the coming step into `problem`."""
         problem = cross_entropy_problem(loss, self)
         if self.problem is NO_LOSS or problem is not None:
             self.problem = problem

@@ -273,7 +273,9 @@ class SpectralGeometry(Geometry):
         return s.sum() * ((u * (s > 0)) @ right)
 
     def norm(self, block: Tensor) -> Tensor:
-        return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord=2)
+        """``σ_max``; NaN for a block holding inf/NaN (LAPACK's SVD would raise on it)."""
+        stack, finite = _without_nonfinite(block.to(reduction_dtype(block.dtype)).unsqueeze(0))
+        return _nan_where_not(finite, torch.linalg.matrix_norm(stack, ord=2))[0]
 
     def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
         return spectral_norms(weights)

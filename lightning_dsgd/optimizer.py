@@ -359,8 +359,9 @@ class DSGD(torch.optim.Optimizer):
     def check_loss(self, loss: Tensor) -> None:
         """Read the graph of this step's loss (call it before ``backward``; ``step(closure)`` and
         ``step(loss=...)`` call it themselves): a certified chain keeps its certificate only for the
-        mean softmax cross-entropy of its logits (:mod:`lightning_dsgd.certificate`). Several calls
-        before one step (accumulated micro-batches) must all pass."""
+        mean softmax cross-entropy of its logits
+        ([`lightning_dsgd.certificate`][lightning_dsgd.certificate]). Several calls before one step
+        (accumulated micro-batches) must all pass."""
         if self._outputs is not None:
             self._outputs.check(loss)
 
@@ -451,7 +452,7 @@ class DSGD(torch.optim.Optimizer):
 
     def _plan(self) -> int:
         """This step's random or cyclic choice (-1 for greedy); the generator and cursor advance
-        only when the step is taken (:meth:`_choose`)."""
+        only when the step is taken (`_choose`)."""
         if self.selection == "random":
             state = self._generator.get_state()
             index = int(torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu"))
@@ -853,9 +854,12 @@ def check_options(**options: Any) -> dict[str, Any]:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
     out["momentum"] = momentum
     k = options["layers_per_step"]
-    if k != "all" and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
-        raise ValueError(f"layers_per_step must be an int ≥ 1 or 'all', got {k!r}.")
-    if k != 1 and options["selection"] != "greedy":
+    if k is not None and k != "all" and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+        raise ValueError(
+            f"layers_per_step must be an int ≥ 1, 'all', or None (every layer with adaptive constants, "
+            f"else one), got {k!r}."
+        )
+    if k is not None and k != 1 and options["selection"] != "greedy":
         raise ValueError("layers_per_step > 1 takes the best layers: it needs selection='greedy'.")
     for flag in ("full_batch", "undo_shortfalls"):
         if not isinstance(options[flag], bool):

@@ -86,11 +86,26 @@ def test_a_skip_names_the_real_layer_and_cause():
     assert opt.last_step.skipped and "non-finite gradient (inf/NaN) in layer(s)" in opt.last_step.skip_reason
 
 
+def test_a_nonfinite_weight_is_a_skip_in_every_constants_mode():
+    """The adaptive trust region measures ‖W‖ exactly: a NaN weight must give a skip, not a LAPACK error."""
+    for constants in ("data", "architecture", "adaptive"):
+        model = mlp([4, 5, 3], seed=0)
+        x, y = classification_data(16, 4, 3)
+        opt = DSGD(model, constants=constants)
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(make_closure(model, opt, x, y))
+        assert opt.last_step.skipped, constants
+        for p, q in zip(model.parameters(), before, strict=True):
+            assert torch.equal(torch.nan_to_num(p, nan=7.0), torch.nan_to_num(q, nan=7.0)), constants
+
+
 # ---------------------------------------------------------------------- item 5: the certificate
 def test_the_certificate_needs_the_mean_cross_entropy_of_the_chain():
     model = mlp([4, 6, 3], seed=0)
     x, y = classification_data(16, 4, 3)
-    opt = DSGD(model)
+    opt = DSGD(model, constants="data")
 
     def run(loss_fn):
         def closure():
@@ -212,9 +227,9 @@ def test_a_rank_with_other_gradients_fails_loudly():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"layers_per_step": "two"}, ValueError, "layers_per_step must be an int ≥ 1 or 'all'"),
-        ({"layers_per_step": 2.5}, ValueError, "layers_per_step must be an int ≥ 1 or 'all'"),
-        ({"layers_per_step": True}, ValueError, "layers_per_step must be an int ≥ 1 or 'all'"),
+        ({"layers_per_step": "two"}, ValueError, "layers_per_step must be an int ≥ 1, 'all', or None"),
+        ({"layers_per_step": 2.5}, ValueError, "layers_per_step must be an int ≥ 1, 'all', or None"),
+        ({"layers_per_step": True}, ValueError, "layers_per_step must be an int ≥ 1, 'all', or None"),
         ({"constants": "architecture", "data_bound": "3"}, TypeError, "data_bound must be a real number"),
         ({"constants": "architecture", "data_bound": 0}, ValueError, "data_bound must be a finite number > 0"),
         ({"seed": "a"}, TypeError, "seed must be an int"),
@@ -303,7 +318,7 @@ def test_check_loss_through_fabrics_optimizer_wrapper_reaches_the_step():
     fabric = Fabric(accelerator="cpu", devices=1)
     model = mlp([4, 6, 3], seed=0)
     x, y = classification_data(16, 4, 3)
-    model, opt = fabric.setup(model, DSGD(model))
+    model, opt = fabric.setup(model, DSGD(model, constants="data"))
     for _ in range(2):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)

@@ -195,7 +195,7 @@ def test_sketch_takes_precedence_and_auto_follows_the_measured_crossover():
 def test_full_batch_certified_run_on_the_matmul_path_never_misses_its_promise(dtype, tolerance):
     model = mlp([12, 64, 64, 4], seed=2, dtype=dtype)
     x, y = classification_data(80, 12, 4, seed=5, scale=5.0, dtype=dtype)  # 80 rows: no sketch
-    opt = DSGD(model, norm="spectral", eta=1.0, full_batch=True)
+    opt = DSGD(model, norm="spectral", constants="data", eta=1.0, full_batch=True)
     opt.geometries["spectral"].polar = "always"
     assert opt.certified
     loss = full_batch_loss(model, x, y).item()

@@ -10,12 +10,12 @@ automatic mode, and the precision plugin unscales AMP gradients before DSGD sees
 the mixin among its bases, wherever the mixin stands and wherever ``training_step`` is defined:
 
 * the ``training_step`` the class resolves (its own, a base's, or one defined in a subclass
-  later) is wrapped by :func:`_driven`, which does the backward and the step after it; a nested
+  later) is wrapped by `_driven`, which does the backward and the step after it; a nested
   call through ``super()`` runs unwrapped, so a step happens once per batch;
 * ``configure_optimizers`` becomes the mixin's (DSGD from the settings) unless the DSGD class
   itself defines one, which must then return a ``DSGD``;
 * ``automatic_optimization`` is the mixin's (manual) whatever the bases say;
-* ``configure_callbacks`` adds :class:`_DSGDLoop`, a callback that does the rest (checkpoint
+* ``configure_callbacks`` adds `_DSGDLoop`, a callback that does the rest (checkpoint
   state, η checks, clipping, the fit-start line, removing DSGD's hooks when fit ends): callback
   hooks run whatever the module's own hooks do or forget to call.
 """
@@ -254,7 +254,7 @@ def _checked_optimizers(configure: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _with_dsgd_callbacks(configure: Callable[..., Any]) -> Callable[..., Any]:
-    """The module's own callbacks plus :class:`_DSGDLoop`; first, refuse what cannot work."""
+    """The module's own callbacks plus `_DSGDLoop`; first, refuse what cannot work."""
 
     @functools.wraps(configure)
     def configure_callbacks(self: Any) -> Any:

@@ -1,7 +1,7 @@
 """DSGD settings of a LightningModule: the optimizer's arguments plus the loop settings that
 Lightning cannot apply in manual optimization (accumulation, clipping, η schedules).
 
-The option values are defined once, by the optimizer's types (:mod:`lightning_dsgd.optimizer`), and
+The option values are defined once, by the optimizer's types (`lightning_dsgd.optimizer`), and
 every setting is checked when ``DSGDSettings`` is built — before any Trainer or logger exists."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DSGDSettings:
             descent), 'linf' (ℓ∞→ℓ∞ operator norm) or 'rows' (largest row norm).
         constants: Smoothness constants: 'data' (inputs measured per batch; certified on tanh/sigmoid
             MLP chains with cross-entropy), 'architecture' (worst case from widths; certified) or
-            'adaptive' (estimates corrected by the curvature met; not certified).
+            'adaptive' (the default: estimates corrected by the curvature met; not certified).
         eta: Step multiplier η in (0, 2); η = 1 maximises the guaranteed decrease η(1 − η/2)·s.
         selection: Layer choice per step: 'greedy' (largest guaranteed decrease), 'random' or 'cyclic'.
         loss: The loss on the model's outputs: 'cross_entropy' (certified) or 'mse' (estimated).

@@ -51,6 +51,8 @@ def assert_trained_with_dsgd(model: LightningModule, t: Trainer, steps: int, bef
 class DirectNet(DSGDMixin, LightningModule):
     """The natural way to write a new model: the mixin and the module's own training_step."""
 
+    dsgd = DSGDSettings(constants="data")  # the paper's certified algorithm (the default is adaptive)
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -85,6 +87,8 @@ class OverridingWithoutSuper(DSGDClassifier):
 
 class MixinSecond(Classifier, DSGDMixin):
     """The mixin second among the bases: the module's own Adam and hooks come first."""
+
+    dsgd = DSGDSettings(constants="data")  # as DSGDClassifier
 
 
 class OwnAdam(DSGDMixin, LightningModule):
@@ -176,7 +180,7 @@ def test_a_loss_other_than_the_certified_one_is_not_certified(tmp_path, cls, rea
 def test_eta_changed_in_the_settings_wins_on_resume_and_says_so(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer(tmp_path, max_steps=3, callbacks=[ckpt], enable_checkpointing=True).fit(DSGDClassifier())
-    resumed = DSGDClassifier(dsgd=DSGDSettings(eta=0.5))
+    resumed = DSGDClassifier(dsgd=DSGDSettings(constants="data", eta=0.5))
     record = RecordChoices()
     t = trainer(tmp_path, max_steps=5, callbacks=[record])
     with pytest.warns(UserWarning, match=r"trained with η=1; DSGDSettings\(eta=0.5\) wins from now on"):
@@ -214,7 +218,7 @@ def test_the_module_pickles_after_fit(tmp_path, way):
         ({"eta": 3}, r"eta must be a number in \(0, 2\)"),
         ({"eta": True}, "eta must be a real number"),
         ({"constants": "archi"}, "Unknown constants='archi'"),
-        ({"layers_per_step": "two"}, "layers_per_step must be an int ≥ 1 or 'all'"),
+        ({"layers_per_step": "two"}, "layers_per_step must be an int ≥ 1, 'all', or None"),
         ({"seed": "a"}, "seed must be an int"),
         ({"adaptive_options": {"floor": -1}}, r"adaptive_options\['floor'\] must be a number"),
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches must be an int ≥ 1"),

@@ -1,15 +1,20 @@
 """DSGD on scikit-learn's handwritten digits (ships with scikit-learn: no download), with Lightning.
 
 The model is an ordinary LightningModule (a tanh MLP 64-128-128-10 with cross-entropy, written for
-Adam); ``DSGDMixin`` makes DSGD train it without touching its ``training_step``. ``DSGDMonitor``
-logs every step's chosen layer and bounds to every logger — a CSV file always, and W&B when wandb
-is installed (offline by default: no account needed) — and draws the layer-choice chart
-``dsgd_layers.png`` at the end. The last epoch's checkpoint is ``<log dir>/checkpoints/last.ckpt``.
+Adam); ``DSGDMixin`` makes DSGD train it without touching its ``training_step``, with DSGD's
+defaults: adaptive constants, every layer stepping along its own duality map with its own ``η/L_i``
+(not certified). Then, as the contrast, it trains the same net from the same weights with the
+paper's certified algorithm (``constants="data"``: one layer per step, each step's decrease proved)
+and prints the two side by side. ``DSGDMonitor`` logs every step's layers and bounds to every
+logger — a CSV file always, and W&B when wandb is installed (offline by default: no account
+needed) — and draws the chart ``dsgd_layers.png`` at the end of each run. The first run's last
+checkpoint is ``<log dir>/checkpoints/last.ckpt``.
 
     python examples/digits.py                          # what `make demo` runs
+    python examples/digits.py --constants data --contrast off      # the certified algorithm alone
     python examples/digits.py --epochs 5 --norm linf --batch-size 0 --wandb off
     python examples/digits.py --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
-    lightning-dsgd fit --config examples/configs/digits.yaml      # the same with the CLI
+    lightning-dsgd fit --config examples/configs/digits.yaml      # the first run with the CLI
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class EpochTable(Callback):
         self.decrease = None
         self._start = time.perf_counter()
         columns = "".join(f"{m:>12}" for m in ["train loss", *self.metrics])
-        dsgd = ("share of the promised decrease | greedy pick" if self._several else "layer choices") * bool(
+        dsgd = ("share of the estimated decrease | greedy pick" if self._several else "layer choices") * bool(
             self._names
         )
         self._print(f"{'epoch':>5}{columns}  {dsgd}")

@@ -90,7 +90,7 @@ def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir, capsys
     assert contrast["png"] is not None and contrast["png"].parent == workdir / "logs" / "digits_data" / "version_0"
     assert contrast["wandb_dir"] is None and contrast["checkpoint"] is None  # one W&B run, one checkpoint
     out = capsys.readouterr().out
-    assert "share of the promised decrease | greedy pick" in out and "every layer moved at every step" in out
+    assert "share of the estimated decrease | greedy pick" in out and "every layer moved at every step" in out
     table = out[out.index("constants     steps") :].splitlines()
     assert table[1].startswith("adaptive") and "no (estimated)" in table[1]
     assert table[2].startswith("data") and table[2].endswith("every step")

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 _KIND = {
-    "adaptive": "estimated constants, every layer steps, not certified",
+    "adaptive": "estimated constants, every layer steps (greedy selection), not certified",
     "data": "the paper's certified algorithm, one layer per step, its decrease proved",
     "architecture": "the paper's certified algorithm (worst-case input bounds), one layer per step",
 }

@@ -94,38 +94,68 @@ class TensorDataModule(LightningDataModule):
 
 class EpochTable(Callback):
     """Prints one line per epoch (rank 0): the mean training loss over the epoch's batches, the
-    validation metrics named in ``metrics`` (as logged by the module), and how many steps chose
-    each layer in that epoch (DSGD only).
+    validation metrics named in ``metrics`` (as logged by the module), and for DSGD where the
+    epoch's steps went. One layer per step: how many steps chose each layer. Several layers per
+    step (the default with adaptive constants: every layer moves): each layer's share of the
+    epoch's promised decrease ``Σ_t ‖g_i‖²_*/L_i`` over the steps that moved it (the step sizes
+    ``‖g_i‖_*/L_i`` in each layer's norm follow from it), largest first, and the greedy pick —
+    how often each layer had the largest promise, the layer one-layer DSGD would have moved.
+    The run's totals stay in ``picks`` and ``decrease`` (tensor, on the model's device).
 
     Args:
         metrics: keys of ``trainer.callback_metrics`` to print (missing ones are left blank).
         every_n_epochs: print every n-th epoch (and the last); full-batch runs have one step per epoch.
+        show: how many layers the shares and picks name, largest first.
     """
 
-    def __init__(self, metrics: Sequence[str] = ("val/loss", "val/acc"), every_n_epochs: int = 1) -> None:
+    def __init__(
+        self, metrics: Sequence[str] = ("val/loss", "val/acc"), every_n_epochs: int = 1, show: int = 4
+    ) -> None:
         self.metrics = list(metrics)
         self.every_n_epochs = every_n_epochs
+        self.show = show
         self._losses: list[torch.Tensor] = []
         self._counts: list[int] = []
         self._names: list[str] = []
+        self._several = False
         self._start = 0.0
+        self.picks: list[int] = []
+        self.decrease: Tensor | None = None
+        self._epoch_picks: list[int] = []
+        self._epoch_decrease: Tensor | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self._names = list(getattr(optimizer, "layer_names", []))
+        self._several = getattr(optimizer, "layers_per_step", 1) > 1
+        self.picks = [0] * len(self._names)
+        self.decrease = None
         self._start = time.perf_counter()
         columns = "".join(f"{m:>12}" for m in ["train loss", *self.metrics])
-        self._print(f"{'epoch':>5}{columns}  {'layer choices' if self._names else ''}")
+        dsgd = ("share of the estimated decrease | greedy pick" if self._several else "layer choices") * bool(
+            self._names
+        )
+        self._print(f"{'epoch':>5}{columns}  {dsgd}")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self._counts = list(getattr(optimizer, "selection_counts", []))  # after a resume, too
+        self._epoch_picks = [0] * len(self._names)
+        self._epoch_decrease = None
         self._losses = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach())
+        record = getattr(trainer.optimizers[0], "last_step", None) if trainer.optimizers else None
+        if record is None or record.skipped or record.layer is None:
+            return
+        self._epoch_picks[record.layer] += 1
+        moved = torch.zeros_like(record.scores, dtype=torch.bool)
+        moved[list(record.layers)] = True  # no host read: the promise stays on the device
+        promise = torch.where(moved, record.scores, 0.0)
+        self._epoch_decrease = promise if self._epoch_decrease is None else self._epoch_decrease + promise
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         losses, self._losses = self._losses, []
@@ -133,6 +163,9 @@ class EpochTable(Callback):
         counts = list(getattr(optimizer, "selection_counts", []))
         epoch_counts = [now - before for now, before in zip(counts, self._counts, strict=False)]
         self._counts = counts
+        self.picks = [a + b for a, b in zip(self.picks, self._epoch_picks, strict=True)]
+        if self._epoch_decrease is not None:
+            self.decrease = self._epoch_decrease if self.decrease is None else self.decrease + self._epoch_decrease
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch == trainer.max_epochs
         if epoch % self.every_n_epochs and not last:
@@ -140,8 +173,20 @@ class EpochTable(Callback):
         loss = torch.stack(losses).mean().item() if losses else float("nan")
         values = [loss] + [_number(trainer.callback_metrics.get(m)) for m in self.metrics]
         row = "".join(f"{v:>12.4f}" if v is not None else f"{'':>12}" for v in values)
-        choices = " ".join(f"{n}:{c}" for n, c in zip(self._names, epoch_counts, strict=False) if c)
+        if self._several:
+            picks = dict(zip(self._names, self._epoch_picks, strict=True))
+            choices = f"{_top(self.shares(self._epoch_decrease), self.show, '{:.0%}')} | {_top(picks, self.show, '{}')}"
+        else:
+            choices = " ".join(f"{n}:{c}" for n, c in zip(self._names, epoch_counts, strict=False) if c)
         self._print(f"{epoch:>5}{row}  {choices}")
+
+    def shares(self, decrease: Tensor | None = None) -> dict[str, float]:
+        """Each layer's share of the promised decrease (the run's, unless ``decrease`` is given)."""
+        decrease = self.decrease if decrease is None else decrease
+        if decrease is None or not self._names:
+            return {}
+        total = decrease.sum().clamp(min=torch.finfo(decrease.dtype).tiny)
+        return dict(zip(self._names, (decrease / total).tolist(), strict=True))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print(f"training took {time.perf_counter() - self._start:.1f} s")
@@ -149,6 +194,12 @@ class EpochTable(Callback):
     @rank_zero_only
     def _print(self, text: str) -> None:
         print(text, flush=True)
+
+
+def _top(values: dict[str, float] | dict[str, int], count: int, form: str) -> str:
+    """``name:value`` of the ``count`` largest non-zero values, largest first."""
+    ranked = sorted(((v, n) for n, v in values.items() if v), reverse=True)[:count]
+    return " ".join(f"{n}:{form.format(v)}" for v, n in ranked)
 
 
 def _number(value: Any) -> float | None:

@@ -1,15 +1,20 @@
 """DSGD on scikit-learn's handwritten digits (ships with scikit-learn: no download), with Lightning.
 
 The model is an ordinary LightningModule (a tanh MLP 64-128-128-10 with cross-entropy, written for
-Adam); ``DSGDMixin`` makes DSGD train it without touching its ``training_step``. ``DSGDMonitor``
-logs every step's chosen layer and bounds to every logger — a CSV file always, and W&B when wandb
-is installed (offline by default: no account needed) — and draws the layer-choice chart
-``dsgd_layers.png`` at the end. The last epoch's checkpoint is ``<log dir>/checkpoints/last.ckpt``.
+Adam); ``DSGDMixin`` makes DSGD train it without touching its ``training_step``, with DSGD's
+defaults: adaptive constants, every layer stepping along its own duality map with its own ``η/L_i``
+(not certified). Then, as the contrast, it trains the same net from the same weights with the
+paper's certified algorithm (``constants="data"``: one layer per step, each step's decrease proved)
+and prints the two side by side. ``DSGDMonitor`` logs every step's layers and bounds to every
+logger — a CSV file always, and W&B when wandb is installed (offline by default: no account
+needed) — and draws the chart ``dsgd_layers.png`` at the end of each run. The first run's last
+checkpoint is ``<log dir>/checkpoints/last.ckpt``.
 
     python examples/digits.py                          # what `make demo` runs
+    python examples/digits.py --constants data --contrast off      # the certified algorithm alone
     python examples/digits.py --epochs 5 --norm linf --batch-size 0 --wandb off
     python examples/digits.py --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
-    lightning-dsgd fit --config examples/configs/digits.yaml      # the same with the CLI
+    lightning-dsgd fit --config examples/configs/digits.yaml      # the first run with the CLI
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 from examples.common import EpochTable, quiet_lightning, shuffled_batches
 from examples.models import TanhMLP
 from lightning_dsgd import DSGDMixin, DSGDMonitor, DSGDSettings
+from lightning_dsgd.optimizer import DEFAULT_CONSTANTS
 
 
 class DigitsDataModule(LightningDataModule):
@@ -85,10 +91,10 @@ class DSGDTanhMLP(DSGDMixin, TanhMLP):
     """The ordinary module of ``examples/models.py``, trained by DSGD: nothing else changes."""
 
 
-def make_loggers(root: str, wandb_mode: str) -> list[Logger]:
+def make_loggers(root: str, wandb_mode: str, name: str = "digits") -> list[Logger]:
     """A CSV logger always (first, so that the chart lands beside ``metrics.csv``), and an offline
     (or online) W&B logger when wandb is installed and ``wandb_mode`` is not ``off``."""
-    loggers: list[Logger] = [CSVLogger(root, name="digits")]
+    loggers: list[Logger] = [CSVLogger(root, name=name)]
     if wandb_mode != "off":
         try:
             import wandb
@@ -109,7 +115,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
     parser.add_argument("--batch-size", type=int, default=64, help="0 = full batch")
     parser.add_argument("--norm", choices=["spectral", "frobenius", "linf"], default="spectral")
-    parser.add_argument("--constants", choices=["data", "architecture", "adaptive"], default="data")
+    parser.add_argument(
+        "--constants",
+        choices=["data", "architecture", "adaptive"],
+        default=DEFAULT_CONSTANTS,
+        help=f"{DEFAULT_CONSTANTS} (DSGD's default): every layer steps, not certified; data / architecture: "
+        "the paper's certified algorithm, one layer per step",
+    )
     parser.add_argument("--selection", choices=["greedy", "random", "cyclic"], default="greedy")
     parser.add_argument("--eta", type=float, default=1.0, help="step multiplier in (0, 2)")
     parser.add_argument("--seed", type=int, default=0)
@@ -118,6 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="lightning_logs", help="folder for the logs and the chart")
     parser.add_argument(
         "--ckpt-path", default=None, help="resume from this checkpoint (e.g. a previous run's last.ckpt)"
+    )
+    parser.add_argument(
+        "--contrast",
+        choices=["on", "off"],
+        default="on",
+        help="then train the same net from the same weights with the other kind of constants (the paper's "
+        "certified algorithm after estimated constants, adaptive after certified ones) and compare the two",
     )
     parser.add_argument(
         "--threads",
@@ -129,13 +148,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train with the requested settings (the defaults: adaptive constants, every layer steps), then,
+    with ``--contrast on``, the same net with the other constants; print and return both."""
     args = parse_args(argv)
     quiet_lightning()
     torch.set_num_threads(args.threads)
+    result = train(args, args.constants, name="digits", main=True)
+    if args.contrast == "off":
+        return {**result, "contrast": None}
+    other = "data" if args.constants == "adaptive" else "adaptive"
+    print(f"\nThe contrast, constants={other}: {_KIND[other]}. The same net, data and initial weights:")
+    contrast = train(args, other, name=f"digits_{other}", main=False)
+    print()
+    _compare([result, contrast])
+    return {**result, "contrast": contrast}
+
+
+_KIND = {
+    "adaptive": "estimated constants, every layer steps (greedy selection), not certified",
+    "data": "the paper's certified algorithm, one layer per step, its decrease proved",
+    "architecture": "the paper's certified algorithm (worst-case input bounds), one layer per step",
+}
+
+
+def train(args: argparse.Namespace, constants: str, name: str, main: bool) -> dict[str, Any]:
+    """One fit of the tanh MLP from the seed's weights. The main run logs to W&B too, saves the last
+    checkpoint, resumes from ``--ckpt-path`` and prints every epoch; the contrast run logs to CSV
+    (and its own chart) only and prints every 10th epoch."""
     seed_everything(args.seed, verbose=False)
     settings = DSGDSettings(
         norm=args.norm,
-        constants=args.constants,
+        constants=constants,  # type: ignore[arg-type]
         eta=args.eta,
         selection=args.selection,
         seed=args.seed,
@@ -143,59 +186,96 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     model = DSGDTanhMLP(widths=[64, 128, 128, 10], dsgd=settings)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
-    loggers = make_loggers(args.out, args.wandb)
+    loggers = make_loggers(args.out, args.wandb if main else "off", name)
     monitor = DSGDMonitor(full_batch=args.batch_size == 0)
+    table = EpochTable(every_n_epochs=1 if main else 10)
+    callbacks: list[Callback] = [monitor, table]
     checkpoint = ModelCheckpoint(save_top_k=0, save_last=True)  # <log dir>/checkpoints/last.ckpt, every epoch
+    if main:
+        callbacks.append(checkpoint)
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         logger=loggers,
-        callbacks=[monitor, EpochTable(), checkpoint],
+        callbacks=callbacks,
         log_every_n_steps=args.log_every,
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_checkpointing=main,
         num_sanity_val_steps=0,
     )
-    print(
-        f"DSGD on scikit-learn digits: tanh MLP 64-128-128-10, norm={args.norm}, constants={args.constants}, "
-        f"selection={args.selection}, eta={args.eta}, batch={args.batch_size or 'full'}"
-    )
-    trainer.fit(model, data, ckpt_path=args.ckpt_path)
+    if main:
+        print(
+            f"DSGD on scikit-learn digits: tanh MLP 64-128-128-10, norm={args.norm}, constants={constants}, "
+            f"selection={args.selection}, eta={args.eta}, batch={args.batch_size or 'full'}"
+        )
+    trainer.fit(model, data, ckpt_path=args.ckpt_path if main else None)
     opt = model.dsgd_optimizer
     val = trainer.validate(model, data, verbose=False)[0]
     wandb_dir = _finish_wandb(loggers)
     csv_dir = Path(loggers[0].log_dir)
     counts = dict(zip(opt.layer_names, opt.selection_counts, strict=True))
-    certified = "every step certified" if opt.certified else "steps not certified (estimated constants)"
-    print(f"layer choices over {opt.steps_taken} steps: {counts} ({opt.skipped_steps} skipped; {certified})")
+    picks = dict(zip(opt.layer_names, table.picks, strict=True))
+    shares = table.shares()
+    moved = opt.steps_taken - opt.skipped_steps
+    certified = "every step certified" if opt.certified else "not certified: estimated constants"
+    if opt.layers_per_step > 1:
+        print(
+            f"layer choices over {opt.steps_taken} steps: every layer moved at every step "
+            f"({opt.skipped_steps} skipped; {certified})"
+        )
+        print("  share of the estimated decrease: " + ", ".join(f"{n} {v:.0%}" for n, v in shares.items()))
+        print(
+            "  greedy pick (the largest estimated decrease, the layer one-layer DSGD would move): "
+            + ", ".join(f"{n} {c}" for n, c in picks.items())
+        )
+    else:
+        print(f"layer choices over {opt.steps_taken} steps: {counts} ({opt.skipped_steps} skipped; {certified})")
     print(f"validation: loss {val['val/loss']:.4f}, accuracy {val['val/acc']:.2%}")
-    only = [name for name, count in counts.items() if count == opt.steps_taken - opt.skipped_steps]
-    if only and opt.steps_taken > 1 and opt.certified:
+    only = [n for n, c in counts.items() if c == moved]
+    if len(only) == 1 and moved > 1 and opt.certified:
         print(
             f"({only[0]} won every step: the certified constants of the layers below it grow with its weights — "
-            "bottom panel of the chart. `--constants adaptive` measures the curvature instead: the choices "
-            "spread over the layers, uncertified.)"
+            "bottom panel of the chart.)"
         )
     print(f"metrics (CSV):      {csv_dir / 'metrics.csv'}")
-    print(f"checkpoint:         {checkpoint.last_model_path}  (resume: see docs/guide/checkpoints.md)")
+    if main:
+        print(f"checkpoint:         {checkpoint.last_model_path}  (resume: see docs/guide/checkpoints.md)")
     if monitor.png_path is not None:
         print(f"layer-choice chart: {monitor.png_path}")
     if wandb_dir is not None:
         hint = f"  (offline; to upload: wandb sync {wandb_dir})" if "offline" in wandb_dir.name else ""
         print(f"W&B run:            {wandb_dir}{hint}")
     return {
+        "constants": constants,
         "steps": opt.steps_taken,
+        "layers_per_step": opt.layers_per_step,
         "choice_counts": counts,
+        "greedy_picks": picks,
+        "decrease_shares": shares,
         "skipped_steps": opt.skipped_steps,
         "certified": opt.certified,
         "val_loss": val["val/loss"],
         "val_accuracy": val["val/acc"],
         "metrics_csv": csv_dir / "metrics.csv",
-        "checkpoint": Path(checkpoint.last_model_path),
+        "checkpoint": Path(checkpoint.last_model_path) if main else None,
         "png": monitor.png_path,
         "wandb_dir": wandb_dir,
     }
+
+
+def _compare(results: list[dict[str, Any]]) -> None:
+    """The two runs side by side: what moved, how well it trained, what is proved."""
+    print(f"{'constants':<13}{'steps':>6}  {'layers moved':<34}{'val/loss':>9}{'val/acc':>9}  certified")
+    for r in results:
+        if r["layers_per_step"] > 1:
+            moved = f"every layer, every step ({len(r['choice_counts'])})"
+        else:
+            moved = " ".join(f"{n}:{c}" for n, c in r["choice_counts"].items() if c)
+        certified = "every step" if r["certified"] else "no (estimated)"
+        numbers = f"{r['val_loss']:>9.4f}{r['val_accuracy']:>9.2%}"
+        print(f"{r['constants']:<13}{r['steps']:>6}  {moved:<34}{numbers}  {certified}")
 
 
 def _finish_wandb(loggers: list[Logger]) -> Path | None:

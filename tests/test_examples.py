@@ -63,12 +63,18 @@ def logged(path: Path, key: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the README's main job
-def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
+def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir, capsys):
+    """`make demo`: the defaults (every layer moves, not certified), then the paper's certified
+    algorithm from the same weights; both printed, logged and charted."""
     from examples import digits
 
     result = digits.main(["--epochs", "1", "--max-steps", "4", "--out", str(workdir / "logs")])
-    assert result["steps"] == 4 and result["skipped_steps"] == 0 and result["certified"]
-    assert sum(result["choice_counts"].values()) == 4
+    assert result["constants"] == "adaptive" and result["steps"] == 4 and result["skipped_steps"] == 0
+    assert not result["certified"] and result["layers_per_step"] == 3
+    assert result["choice_counts"] == dict.fromkeys(["net.fc1", "net.fc2", "net.fc3"], 4)  # every layer, every step
+    assert sum(result["greedy_picks"].values()) == 4
+    assert result["decrease_shares"].keys() == result["choice_counts"].keys()
+    assert sum(result["decrease_shares"].values()) == pytest.approx(1.0)
     assert len(logged(result["metrics_csv"], "dsgd/layer")) == 4
     assert logged(result["metrics_csv"], "val/acc")
     assert result["png"] is not None and result["png"].stat().st_size > 10_000
@@ -76,6 +82,49 @@ def test_digits_script_logs_to_csv_and_wandb_and_saves_the_chart(workdir):
     run = result["wandb_dir"]
     assert run is not None and run.name.startswith("offline-run-")
     assert any(f.stat().st_size > 0 for f in run.glob("run-*.wandb"))
+
+    contrast = result["contrast"]
+    assert contrast["constants"] == "data" and contrast["certified"] and contrast["layers_per_step"] == 1
+    assert contrast["steps"] == 4 and sum(contrast["choice_counts"].values()) == 4
+    assert contrast["choice_counts"] == contrast["greedy_picks"]  # one layer per step: the pick is the move
+    assert contrast["png"] is not None and contrast["png"].parent == workdir / "logs" / "digits_data" / "version_0"
+    assert contrast["wandb_dir"] is None and contrast["checkpoint"] is None  # one W&B run, one checkpoint
+    out = capsys.readouterr().out
+    assert "share of the estimated decrease | greedy pick" in out and "every layer moved at every step" in out
+    table = out[out.index("constants     steps") :].splitlines()
+    assert table[1].startswith("adaptive") and "no (estimated)" in table[1]
+    assert table[2].startswith("data") and table[2].endswith("every step")
+
+
+def test_epoch_table_shares_are_the_promised_decrease_of_the_moved_layers(capsys):
+    """The share printed per layer is Σ_t ‖g_i‖²_*/L_i over the steps that moved layer i, over the
+    total: a layer not moved contributes nothing, whatever its score."""
+    from types import SimpleNamespace
+
+    from examples.common import EpochTable
+    from lightning_dsgd.optimizer import StepRecord
+
+    table = EpochTable()
+    optimizer = SimpleNamespace(layer_names=["a", "b", "c"], layers_per_step=3, selection_counts=[0, 0, 0])
+    trainer = SimpleNamespace(optimizers=[optimizer], current_epoch=0, max_epochs=1, callback_metrics={})
+    table.on_train_start(trainer, None)  # type: ignore[arg-type]
+    table.on_train_epoch_start(trainer, None)  # type: ignore[arg-type]
+
+    def step(scores: list[float], moved: tuple[int, ...], best: int) -> None:
+        t = torch.tensor(scores)
+        optimizer.last_step = StepRecord(
+            step=0, layer=best, layer_name=None, scores=t, constants=t, dual_norms=t, stationarity=t[0],
+            guaranteed_decrease=t.sum(), eta=1.0, selection="greedy", certified=False, skipped=False,
+            skip_reason=None, loss=None, layers=moved,
+        )  # fmt: skip
+        table.on_train_batch_end(trainer, None, torch.tensor(1.0))  # type: ignore[arg-type]
+
+    step([1.0, 2.0, 5.0], (0, 1, 2), best=2)
+    step([3.0, 9.0, float("nan")], (0, 1), best=1)  # c not moved: its (NaN) score is left out
+    table.on_train_epoch_end(trainer, None)  # type: ignore[arg-type]
+    assert table.shares() == pytest.approx({"a": 4 / 20, "b": 11 / 20, "c": 5 / 20})
+    assert table.picks == [0, 1, 1]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("b:55% c:25% a:20% | c:1 b:1")
 
 
 def test_the_checkpoint_the_guide_cites_is_written_by_the_demo_and_resumes(workdir):
@@ -87,11 +136,11 @@ def test_the_checkpoint_the_guide_cites_is_written_by_the_demo_and_resumes(workd
     cited = set(re.findall(r"lightning_logs/digits/version_0/checkpoints/[\w.=-]+\.ckpt", guide))
     assert len(cited) == 1
     (path,) = cited
-    result = digits.main(["--epochs", "1", "--max-steps", "3", "--wandb", "off"])
+    result = digits.main(["--epochs", "1", "--max-steps", "3", "--wandb", "off", "--contrast", "off"])
     assert result["checkpoint"] == Path(path) and (workdir / path).is_file()
     assert f"--ckpt-path {path}" in guide  # the guide's command continues that run
-    resumed = digits.main(["--max-steps", "5", "--wandb", "off", "--ckpt-path", path])
-    assert resumed["steps"] == 5 and sum(resumed["choice_counts"].values()) == 5
+    resumed = digits.main(["--max-steps", "5", "--wandb", "off", "--ckpt-path", path, "--contrast", "off"])
+    assert resumed["steps"] == 5 and set(resumed["choice_counts"].values()) == {5}  # every layer, 5 steps
 
 
 def test_digits_run_resumed_from_a_checkpoint_continues_exactly(workdir):
@@ -131,7 +180,7 @@ def test_digits_script_without_wandb_logs_to_csv_only(workdir, monkeypatch, caps
     from examples import digits
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails
-    result = digits.main(["--epochs", "2", "--batch-size", "0", "--norm", "linf"])  # 1 step/epoch
+    result = digits.main(["--epochs", "2", "--batch-size", "0", "--norm", "linf", "--contrast", "off"])  # 1 step/epoch
     assert result["wandb_dir"] is None and result["steps"] == 2
     assert "wandb is not installed" in capsys.readouterr().out
     assert (workdir / "lightning_logs" / "digits" / "version_0" / "metrics.csv").is_file()
@@ -204,7 +253,7 @@ def test_config_trains_through_the_cli(workdir, config):
     assert len(logged(log_dir / "metrics.csv", "dsgd/layer")) == 3
     assert (log_dir / "dsgd_layers.png").is_file()
     certified = trainer.optimizers[0].certified
-    assert certified == (config in ("digits.yaml", "mnist.yaml", "mnist_full_batch.yaml"))
+    assert certified == (config in ("mnist.yaml", "mnist_full_batch.yaml"))  # digits.yaml: the defaults
 
 
 def test_full_batch_config_checks_every_step_against_its_guarantee(workdir):
@@ -322,7 +371,9 @@ def test_example_script_runs_its_config(tmp_path, script):
     data = fake_data(name, tmp_path)
     result = run([sys.executable, str(ROOT / "examples" / name), *flags, *TINY, *data], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "layer choices" in result.stdout
+    # The epoch table: steps per layer for one layer per step (MNIST: data constants); for every layer
+    # per step (adaptive: CIFAR-10, the transformer), each layer's share of the decrease and the greedy pick.
+    assert ("layer choices" if name == "mnist.py" else "share of the estimated decrease | greedy pick") in result.stdout
     assert list(tmp_path.glob("lightning_logs/*/version_0/metrics.csv"))
 
 

@@ -337,7 +337,9 @@ class DSGDMonitor(Callback):
         directory = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks
         if self._plot_enabled and trainer.is_global_zero and self.history.steps:
             title = "DSGD (observing " + type(trainer.optimizers[0]).__name__ + ")" if self._observing else "DSGD"
-            self.png_path = save_history_png(self.history, self.layer_names, Path(directory) / PNG_NAME, title)
+            every_layer = self._optimizer is not None and self._optimizer.layers_per_step > 1
+            path = Path(directory) / PNG_NAME
+            self.png_path = save_history_png(self.history, self.layer_names, path, title, every_layer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._observing and self._optimizer is not None:

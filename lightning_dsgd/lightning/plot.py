@@ -61,9 +61,12 @@ def require_matplotlib() -> None:
         raise ImportError(MATPLOTLIB_HINT) from error
 
 
-def save_history_png(history: History, layer_names: list[str], path: str | Path, title: str = "DSGD") -> Path:
+def save_history_png(
+    history: History, layer_names: list[str], path: str | Path, title: str = "DSGD", every_layer: bool = False
+) -> Path:
     """Save three panels over the logged steps to ``path`` (PNG, 900×900 px): the chosen layer
-    (filled: certified, hollow: not certified, red ×: skipped); the stationarity measure and the
+    (filled: certified, hollow: not certified, red ×: skipped) — with ``every_layer`` (several
+    layers moved per step) the layer of largest promised decrease, the greedy pick; the stationarity measure and the
     promised decrease — "guaranteed" on certified steps, "estimated" on the others — (and, in
     full-batch mode, the realized decrease) on a log scale; each layer's smoothness constant ``L_i``
     on a log scale."""
@@ -93,8 +96,9 @@ def save_history_png(history: History, layer_names: list[str], path: str | Path,
         ticks, labels = [-1, *ticks], ["skipped", *labels]
     ax_layer.set_yticks(ticks, labels)
     ax_layer.set_ylim(min(ticks) - 0.5, n - 0.5)
-    ax_layer.set_ylabel("chosen layer (count)")
-    ax_layer.set_title(f"{title}: chosen layer at {len(steps)} logged steps")
+    what = "greedy pick (largest estimated decrease; every layer moves)" if every_layer else "chosen layer"
+    ax_layer.set_ylabel("greedy pick (count)" if every_layer else "chosen layer (count)")
+    ax_layer.set_title(f"{title}: {what} at {len(steps)} logged steps")
     ax_layer.legend(loc="upper right", fontsize="small")
 
     ax_bounds.plot(steps, _positive(history.stationarity), label="stationarity  max_i ‖g_i‖*/√L_i", color="C1")

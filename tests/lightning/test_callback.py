@@ -301,6 +301,24 @@ def test_the_chart_never_calls_an_uncertified_estimate_guaranteed():
     assert [label for label, _ in decrease_series(history)] == ["estimated decrease (not certified)"]
 
 
+@pytest.mark.parametrize(
+    ("settings", "label"),
+    [(DSGDSettings(), "greedy pick (count)"), (DSGDSettings(constants="data"), "chosen layer (count)")],
+)
+def test_the_chart_names_the_greedy_pick_when_every_layer_moves(tmp_path, monkeypatch, settings, label):
+    """With the defaults every layer moves: the top panel's layer is the greedy pick, not "the"
+    chosen layer; with one layer per step (certified) it is the layer moved."""
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    trainer(tmp_path, max_steps=3, log_every_n_steps=1, callbacks=[DSGDMonitor(plot=True)]).fit(
+        DSGDClassifier(dsgd=settings)
+    )
+    (figure,) = figures
+    assert figure.axes[0].get_ylabel() == label
+
+
 # ---------------------------------------------------------------------------- full batch
 def full_batch_run(tmp_path, settings: DSGDSettings, epochs: int, **monitor_kwargs):
     logger, record = RecordingLogger(), RecordChoices()

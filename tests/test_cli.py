@@ -136,9 +136,6 @@ def test_help_introduces_dsgd_and_version_names_the_package():
     assert version.stdout.startswith(f"lightning-dsgd {lightning_dsgd.__version__} (lightning ")
 
 
-@pytest.mark.xfail(
-    strict=False, reason="DSGDSettings accepts norm='rows' once the settings change (issue 14, settings.py) lands"
-)
 def test_rows_norm_from_the_command_line():
     result = cli(["fit", *DIGITS, *QUIET, "--dsgd.norm=rows"])
     assert result.model.dsgd_optimizer.geometry.name == "rows"

@@ -111,3 +111,21 @@ class RecordChoices(Callback):
             },
             f"{self.out_dir}/rank{trainer.global_rank}.pt",
         )
+
+
+def quiet_trainer(tmp_path, **kwargs) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or validation; ``kwargs``
+    override any of these."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.lightning_models import Classifier, RecordChoices
+from helpers.lightning_models import Classifier, RecordChoices, quiet_trainer
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,20 +30,8 @@ def report(group: str, tried: int, held: int) -> None:
 
 
 def trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        max_epochs=4,  # a run that never steps ends (and fails its assertions) instead of hanging
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    # max_epochs: a run that never steps ends (and fails its assertions) instead of hanging
+    return quiet_trainer(tmp_path, **{"max_epochs": 4, **kwargs})
 
 
 # ---------------------------------------------------------------------- kill -9, then resume

@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices
+from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices, quiet_trainer
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -20,20 +20,8 @@ from lightning_dsgd import DSGD, DSGDMixin, DSGDSettings, DSGDSingleDeviceStrate
 
 
 def trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        max_epochs=4,  # a run that never steps ends (and fails its assertions) instead of hanging
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    # max_epochs: a run that never steps ends (and fails its assertions) instead of hanging
+    return quiet_trainer(tmp_path, **{"max_epochs": 4, **kwargs})
 
 
 def weights(module: nn.Module) -> list[Tensor]:

@@ -8,28 +8,13 @@ import glob
 import pytest
 import torch
 from helpers.lightning_models import Classifier, DSGDClassifier, RecordChoices
+from helpers.lightning_models import quiet_trainer as trainer
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_dsgd import DSGD, DSGDMixin, DSGDSettings
-
-
-def trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
 
 
 def reference_run(

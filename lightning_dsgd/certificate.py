@@ -6,18 +6,21 @@ only when the loss handed to ``DSGD.step`` (the closure's result, ``loss=``, or
 `DSGD.check_loss`) is, in its graph::
 
     NllLossBackward0(reduction=mean, no class weights)
-      ← LogSoftmaxBackward0(over the class dimension)
-      ← [views, reshapes, dtype casts]*
+      ← LogSoftmaxBackward0(over dimension 1, the classes of a (batch, classes) tensor)
+      ← [views, reshapes, clones]*
       ← the output of the chain's last layer, recorded by a forward hook
 
-Anything else — ``F.mse_loss``, a penalty added, label smoothing, a loss of another module's
-output — gives the reason why not.
+computed in float32 or wider. Anything else — ``F.mse_loss``, a penalty added, label smoothing, a
+softmax over another dimension, a transpose or a cast of the logits, a loss of another module's
+output — gives the reason why not. What is read is the loss *handed over*: a closure that
+backpropagates another loss than the one it returns is outside what this check can see.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 #: Autograd nodes that only move or cast the logits (no change of the values that matter).
@@ -26,12 +29,9 @@ _PASS_THROUGH = frozenset(
         "ViewBackward0",
         "ReshapeAliasBackward0",
         "UnsafeViewBackward0",
-        "ToCopyBackward0",
         "CloneBackward0",
         "SqueezeBackward0",
         "SqueezeBackward1",
-        "PermuteBackward0",
-        "TransposeBackward0",
         "ContiguousBackward0",
     }
 )
@@ -90,6 +90,8 @@ def cross_entropy_problem(loss: Tensor, outputs: ChainOutputs) -> str | None:
     node = loss.grad_fn
     if node is None:
         return "the loss handed to step has no autograd graph (it was detached)"
+    if torch.finfo(loss.dtype).bits < 32:
+        return f"the loss is computed in {loss.dtype}, below float32"
     while node.name() == "DivBackward0" and _divides_by_one(node):  # Lightning's loss / accumulation (1)
         node = node.next_functions[0][0]
     if node.name() != "NllLossBackward0":
@@ -103,6 +105,9 @@ def cross_entropy_problem(loss: Tensor, outputs: ChainOutputs) -> str | None:
     log_softmax = node.next_functions[0][0]
     if log_softmax is None or log_softmax.name() != "LogSoftmaxBackward0":
         return "the negative log-likelihood is not taken of a log_softmax (use F.cross_entropy on the logits)"
+    ndim = len(log_softmax._input_metadata[0].shape)  # shapes outlive backward; saved tensors do not
+    if ndim < 2 or log_softmax._saved_dim % ndim != 1:
+        return "the softmax is not taken over the classes (dimension 1 of a (batch, classes) tensor)"
     current = log_softmax.next_functions[0][0]
     while current is not None and current not in outputs.nodes and current.name() in _PASS_THROUGH:
         current = current.next_functions[0][0]

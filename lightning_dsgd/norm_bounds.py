@@ -1,6 +1,6 @@
 """Upper bounds on per-layer weight norms, kept across steps without recomputing them.
 
-DSGD moves one layer per step by a step ``Δ`` whose norm it knows, so a norm ``ν ≥ ‖W‖`` (the
+DSGD moves each layer it updates by a step ``Δ`` whose norm it knows, so a norm ``ν ≥ ‖W‖`` (the
 operator norms ``a_j`` of the certified constants, the weight norms of the adaptive trust region) can
 follow the weight by the triangle inequality instead of another SVD::
 

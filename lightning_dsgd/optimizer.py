@@ -5,9 +5,12 @@ Each ``step``::
     g_i  = ∇_{W_i} f(w)                      # from the closure's backward, for every layer
     s_i  = ‖g_i‖²_(i)* / L_i(w)              # twice the guaranteed decrease of layer i
     i*   = argmax_i s_i                      # ties → lowest index; non-finite never wins
-    W_i* ← W_i* − (η / L_i*) · ρ_i*(g_i*)    # only this layer moves
+    W_i* ← W_i* − (η / L_i*) · ρ_i*(g_i*)    # the paper's algorithm: only this layer moves
 
-Full batch, the loss then drops by at least ``η(1 − η/2)·s_i*`` whenever the step is certified.
+With the certified constants (``constants="data"`` or ``"architecture"``) one layer moves and, full
+batch, the loss drops by at least ``η(1 − η/2)·s_i*`` whenever the step is certified. With the
+default adaptive constants every layer moves along its own ``ρ_i`` with its own ``η/L_i``
+(``layers_per_step``), uncertified.
 ``η`` is the param groups' ``lr`` (one group per layer), so LR schedulers schedule ``η``.
 """
 
@@ -238,17 +241,24 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model = ConstantModel(
             self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning
         )
+        if adaptive_options and self.constant_model.adaptive is None:
+            raise ValueError(
+                f"adaptive_options={dict(adaptive_options)} tune the adaptive constants, but constants={constants!r} "
+                "are certified and fixed: drop adaptive_options, or use constants='adaptive'."
+            )
         self.constant_model.reduce_max = reduce_max
         self.gather = gather
         # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
         self.external_uncertified_reason: str | None = None
         # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
-        self._checks_loss = self.certified and isinstance(loss, str)
+        # Decided by the constants alone (not the parameters' dtype, which may change after this).
+        self._checks_loss = self.constant_model.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
         # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
         # tolerance: fewer exact norms (SVDs) when every layer moves every step.
         self._weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
+        self._trust_radii: Tensor | None = None  # this step's max_relative_step · max(‖W_i‖, 1)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -283,19 +293,18 @@ class DSGD(torch.optim.Optimizer):
             return "layers_per_step > 1: each constant assumes the other layers fixed"
         if self.momentum != 0.0:
             return "momentum > 0 steps along the velocity, not the certified direction"
-        return self.external_uncertified_reason
+        return (
+            low_precision_reason(p.dtype for layer in self.layers for p in layer.params)
+            or self.external_uncertified_reason
+        )
 
     @property
     def certified(self) -> bool:
         """True when every step that is not skipped carries the guaranteed decrease: a rigorous
-        model, rigorous constants, one layer per step, no momentum and parameters of 32 bits or
-        more (each step's record also checks the forward's precision: ``precision_reason``)."""
-        return (
-            self.constant_model.certified
-            and self.layers_per_step == 1
-            and self.momentum == 0.0
-            and low_precision_reason(p.dtype for layer in self.layers for p in layer.params) is None
-        )
+        model, rigorous constants, one layer per step, no momentum, parameters of 32 bits or more
+        and nothing else voiding it (``uncertified_reason``); each step's record also checks the
+        loss and the forward's precision (``not_certified_reason``)."""
+        return self.uncertified_reason is None
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -494,14 +503,14 @@ class DSGD(torch.optim.Optimizer):
         """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
         layer by at most ``max_relative_step · max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
         trust region against an estimate far below the curvature (before the first measurement)
-        or driven down by mini-batch noise (after it). On device, no host sync."""
+        or driven down by mini-batch noise (after it); ``‖W_i‖`` is the followed upper bound of
+        ``norm_bounds`` (within its 25% tolerance). On device, no host sync."""
         adaptive = self.constant_model.adaptive
         assert adaptive is not None
-        eta = device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
-        floor = (
-            eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
-        )
-        return torch.maximum(constants, floor)
+        # One η (the usual case, scheduled or not) multiplies as a Python number: no upload per value.
+        eta = etas[0] if len(set(etas)) == 1 else device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
+        self._trust_radii = adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0)
+        return torch.maximum(constants, eta * dual_norms / self._trust_radii)
 
     def _block_norms(self) -> Tensor:
         """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
@@ -583,9 +592,16 @@ class DSGD(torch.optim.Optimizer):
                 direction = buffer.mul_(self.momentum * downhill).add_(direction)
             self._momentum[index] = direction
         scale = scored.etas[index] / scored.constants[index]
-        step = direction * (-scale)
-        step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
         adaptive = self.constant_model.adaptive
+        if self.momentum == 0.0:
+            step_norm = scale * scored.dual_norms[index]
+        else:
+            velocity_norm = geometry.norm(direction)
+            if adaptive is not None:  # the trust region bounds the step along the velocity too
+                radius = self._trust_radii[index]
+                scale = torch.minimum(scale, radius / velocity_norm.clamp(min=torch.finfo(velocity_norm.dtype).tiny))
+            step_norm = scale * velocity_norm
+        step = direction * (-scale)
         track_block = adaptive is not None  # block norms serve _cap_steps only
         before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
         self._apply(layer, step)
@@ -784,10 +800,11 @@ class DSGD(torch.optim.Optimizer):
                 )
 
     def discard_input_norms(self) -> None:
-        """Forget the input norms recorded since the last step (they belong to no scored step)."""
+        """Forget the input norms, the outputs and the loss verdict recorded since the last step
+        (they belong to no scored step)."""
         self.constant_model.recorder.reset()
         if self._outputs is not None:
-            self._outputs.reset()
+            self._outputs.take()
 
     def record_input_norms(self, enabled: bool) -> None:
         """Switch the input-norm forward hooks on or off (off saves their cost on forwards that

@@ -86,6 +86,46 @@ def test_a_skip_names_the_real_layer_and_cause():
     assert opt.last_step.skipped and "non-finite gradient (inf/NaN) in layer(s)" in opt.last_step.skip_reason
 
 
+def test_the_loss_check_does_not_depend_on_the_dtype_at_construction():
+    """Built on bfloat16 parameters (not certified then), trained in float32: the loss is still checked."""
+    model = mlp([4, 6, 3], seed=0).to(torch.bfloat16)
+    opt = DSGD(model, constants="data")
+    model.float()
+    x, y = classification_data(16, 4, 3, dtype=torch.float32)
+    loss = nn.functional.mse_loss(model(x), nn.functional.one_hot(y, 3).float())
+    loss.backward()
+    opt.step(loss=loss)
+    assert not opt.last_step.certified and "MseLossBackward0" in opt.last_step.not_certified_reason
+    opt.zero_grad()
+    opt.step(make_closure(model, opt, x, y))
+    assert opt.last_step.certified
+
+
+def test_adaptive_options_with_certified_constants_are_refused():
+    with pytest.raises(ValueError, match="are certified and fixed"):
+        DSGD(mlp([4, 6, 3], seed=0), constants="data", adaptive_options={"max_relative_step": 1e-6})
+
+
+def test_the_trust_region_bounds_steps_along_the_velocity():
+    """With momentum the step follows the velocity, up to 1/(1 − μ) longer than η‖g‖*/L: the
+    adaptive trust region must bound that step too (to its radius, from a bound within 25% of ‖W‖)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = DSGD(model, momentum=0.9, norm="frobenius", adaptive_options={"max_relative_step": 0.1})
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 10, generator=g), torch.randint(0, 3, (256,), generator=g)
+    worst = 0.0
+    for _ in range(40):
+        i = torch.randint(0, 256, (32,), generator=g)
+        blocks = [m for m in model if isinstance(m, nn.Linear)]
+        before = [torch.cat([m.weight.detach().flatten(), m.bias.detach()]).clone() for m in blocks]
+        opt.step(make_closure(model, opt, x[i], y[i]))
+        for m, b in zip(blocks, before, strict=True):
+            a = torch.cat([m.weight.detach().flatten(), m.bias.detach()])
+            worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1.0)))
+    assert worst <= 0.1 * 1.25 + 1e-6, worst
+
+
 def test_a_nonfinite_weight_is_a_skip_in_every_constants_mode():
     """The adaptive trust region measures ‖W‖ exactly: a NaN weight must give a skip, not a LAPACK error."""
     for constants in ("data", "architecture", "adaptive"):
@@ -127,6 +167,17 @@ def test_the_certificate_needs_the_mean_cross_entropy_of_the_chain():
     ]:
         rec = run(loss_fn)
         assert not rec.certified and not rec.skipped and reason in rec.not_certified_reason
+    # outside the proved class although the graph ends in NLL(log_softmax(chain output))
+    y_batch = torch.randint(0, 16, (3,))
+    for loss_fn, reason in [
+        (lambda z: nn.functional.nll_loss(nn.functional.log_softmax(z, dim=0), y), "not taken over the classes"),
+        (lambda z: nn.functional.cross_entropy(z.T, y_batch), "not of the chain's last layer's output"),
+        (lambda z: nn.functional.cross_entropy(z.bfloat16(), y), "below float32"),
+        (lambda z: nn.functional.cross_entropy(z.half().float(), y), "not of the chain's last layer's output"),
+    ]:
+        rec = run(loss_fn)
+        assert not rec.certified and reason in rec.not_certified_reason
+    assert run(lambda z: nn.functional.cross_entropy(z.view(16, 3), y)).certified  # a view changes nothing
     # no loss handed to step: nothing to check, so no certificate
     opt.zero_grad()
     full_batch_loss(model, x, y).backward()

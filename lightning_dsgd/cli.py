@@ -40,7 +40,8 @@ DESCRIPTION = (
     "lightning-dsgd: train a LightningModule with DSGD, duality structure gradient descent (Flynn, "
     "arXiv 1708.00523): each layer steps along its norm's duality map with its own step size η/L_i (by default "
     "every layer, with adaptive constants; --dsgd.constants=data gives the paper's algorithm, one layer per step, "
-    "certified for tanh/sigmoid MLPs). Lightning's command line (LightningCLI) with DSGD as the optimizer: --dsgd.* sets the DSGD settings "
+    "certified for tanh/sigmoid MLPs). Lightning's command line (LightningCLI) with DSGD as the optimizer: "
+    "--dsgd.* sets the DSGD settings "
     "('lightning-dsgd fit --dsgd.help' lists them), --model and --data take any LightningModule and "
     "LightningDataModule. Example: lightning-dsgd fit --config examples/configs/digits.yaml"
 )

@@ -140,6 +140,7 @@ def test_readme_usage_example_runs_outside_the_repository(tmp_path):
     assert "steps 2" in result.stdout
     (log_dir,) = work.glob("lightning_logs/digits/version_0")
     assert (log_dir / "dsgd_layers.png").is_file() and "dsgd_layers/chosen/" in (log_dir / "metrics.csv").read_text()
+    assert list(work.glob("lightning_logs/wandb/offline-run-*/*.wandb")), "the offline W&B run of the README"
 
 
 # ---------------------------------------------------------------------- the site

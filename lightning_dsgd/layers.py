@@ -1,8 +1,9 @@
 """Finding the layers of a model, and recording the norms of their inputs.
 
 A *layer* is one module that owns trainable parameters; its weight and bias form one block
-(ALGORITHM.md §1). The rigorous class of ALGORITHM.md §3 is a *chain*: ``nn.Linear`` layers with
-exactly one ``nn.Tanh`` or ``nn.Sigmoid`` between consecutive layers and linear logits at the end.
+(docs/theory.md, "Layers and blocks"). The rigorous class (docs/theory.md, "The rigorous class") is
+a *chain*: ``nn.Linear`` layers with exactly one ``nn.Tanh`` or ``nn.Sigmoid`` between consecutive
+layers and linear logits at the end.
 A chain is found in an ``nn.Sequential`` anywhere inside the model (nested ``nn.Sequential``
 bodies are flattened), or declared by the user as the list of its modules in forward order.
 """

@@ -1,4 +1,4 @@
-"""``DSGD``: duality structure gradient descent as a ``torch.optim.Optimizer`` (ALGORITHM.md §4).
+"""``DSGD``: duality structure gradient descent as a ``torch.optim.Optimizer`` (docs/theory.md, "The algorithm").
 
 Each ``step``::
 

@@ -1,4 +1,4 @@
-"""DSGD on the models users have (ALGORITHM.md §3, outside the rigorous class): every layer type
+"""DSGD on the models users have (docs/theory.md, "The rigorous class", outside the rigorous class): every layer type
 gets a block, a norm and finite constants; overrides; real architectures train with defaults;
 adaptive constants and the options for large models."""
 

@@ -1,4 +1,5 @@
-"""DSGD.step: selection, the update rule, guarantees, state, and errors (ALGORITHM.md §4, §6.3–6.4)."""
+"""DSGD.step: selection, the update rule, guarantees, state, and errors
+(docs/theory.md, "The algorithm"; docs/theory.md, "The guarantees")."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_direction(norm: str, g: np.ndarray) -> np.ndarray:
-    """ρ(G) computed independently with numpy (ALGORITHM.md §1)."""
+    """ρ(G) computed independently with numpy (docs/theory.md, "Norms, dual norms and duality maps")."""
     if norm == "frobenius":
         return g
     if norm == "spectral":
@@ -190,7 +191,7 @@ def test_full_batch_loss_decreases_by_at_least_the_guarantee(norm, mode, selecti
 
 
 def test_stationarity_sum_is_bounded_by_the_initial_gap():
-    """ALGORITHM.md §5: Σ_t ‖∇f(w_t)‖²_{w_t*} ≤ (f(w_0) − f(w_T)) / (η(1−η/2))."""
+    """docs/theory.md, "The guarantees": Σ_t ‖∇f(w_t)‖²_{w_t*} ≤ (f(w_0) − f(w_T)) / (η(1−η/2))."""
     model = mlp([6, 10, 4], seed=5)
     x, y = classification_data(64, 6, 4, seed=5)
     opt = DSGD(model)

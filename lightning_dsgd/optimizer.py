@@ -228,7 +228,7 @@ class DSGD(torch.optim.Optimizer):
         self.full_batch = full_batch
         self.undo_shortfalls = undo_shortfalls
         self.geometries: dict[str, Geometry] = {name: make_geometry(name) for name in {x.norm for x in self.layers}}
-        groups = [{"params": layer.params, "lr": eta, "layer_name": layer.name} for layer in self.layers]
+        groups = [{"params": layer.params, "lr": eta, "name": layer.name} for layer in self.layers]
         super().__init__(_merge_shared(groups), {"lr": eta})
         self._group_of = _group_index(groups, self.param_groups)
 
@@ -717,10 +717,12 @@ class DSGD(torch.optim.Optimizer):
         """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry
         (distributed
         checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
-        Lightning mixin then restores the rest from its own checkpoint entry."""
+        Lightning mixin then restores the rest from its own checkpoint entry. Param groups saved
+        under the former key ``"layer_name"`` load under ``"name"``."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("dsgd", None)
-        if extra is None and not all("layer_name" in group for group in state_dict.get("param_groups", [])):
+        state_dict["param_groups"] = [_renamed(group) for group in state_dict.get("param_groups", [])]
+        if extra is None and not all("name" in group for group in state_dict["param_groups"]):
             raise ValueError("This state dict was not saved by DSGD (it has no 'dsgd' entry).")
         if extra is not None:
             self._check_compatible(extra)
@@ -730,7 +732,9 @@ class DSGD(torch.optim.Optimizer):
 
     def extra_state_dict(self) -> dict[str, Any]:
         """Everything beyond torch's optimizer state needed to continue identically: counters,
-        the random and cyclic selection state, the constant model and momentum buffers."""
+        the random and cyclic selection state, the constant model and momentum buffers. The buffers
+        are here, not in torch's per-parameter ``state``: each belongs to a block ``[W, b]`` (or a
+        slice of a fused projection), and torch would cast it to the parameter's dtype on load."""
         return {
             "norm": self.geometry.name,
             "constants": self.constants_mode,
@@ -815,15 +819,24 @@ def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in groups:
         owner = next((seen[id(p)] for p in group["params"] if id(p) in seen), None)
         if owner is None:
-            owner = {"params": [], "lr": group["lr"], "layer_name": group["layer_name"]}
+            owner = {"params": [], "lr": group["lr"], "name": group["name"]}
             merged.append(owner)
         else:
-            owner["layer_name"] += "," + group["layer_name"]
+            owner["name"] += "," + group["name"]
         for p in group["params"]:
             if id(p) not in seen:
                 owner["params"].append(p)
                 seen[id(p)] = owner
     return merged
+
+
+def _renamed(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group with the former key ``"layer_name"`` (a checkpoint saved before the rename) under ``"name"``."""
+    if "layer_name" not in group:
+        return group
+    group = dict(group)
+    group.setdefault("name", group.pop("layer_name"))
+    return group
 
 
 def _group_index(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[int]:

@@ -406,6 +406,36 @@ def test_state_dict_round_trip_continues_identically(selection, mode):
     assert resumed.selection_counts == opt.selection_counts
 
 
+def test_param_groups_are_named_after_their_layers_and_the_former_key_still_loads():
+    """The group key is ``"name"`` (Lightning's LearningRateMonitor logs ``lr-DSGD/<layer>``); a state
+    saved under the former key ``"layer_name"`` resumes identically, with and without the ``"dsgd"`` entry."""
+    x, y = classification_data(32, 4, 3, seed=2)
+    model = mlp([4, 6, 6, 3], seed=2)
+    opt = DSGD(model, momentum=0.5, constants="data")
+    assert [group["name"] for group in opt.param_groups] == opt.layer_names
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["param_groups"]:
+        group["layer_name"] = group.pop("name")
+    weights = copy.deepcopy(model.state_dict())
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+
+    resumed_model = mlp([4, 6, 6, 3], seed=9)
+    resumed_model.load_state_dict(weights)
+    resumed = DSGD(resumed_model, momentum=0.5, constants="data")
+    resumed.load_state_dict(state)
+    assert all("layer_name" not in group for group in resumed.param_groups)
+    assert [group["name"] for group in resumed.param_groups] == resumed.layer_names
+    for _ in range(3):
+        resumed.step(make_closure(resumed_model, resumed, x, y))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    torch_only = {k: v for k, v in state.items() if k != "dsgd"}
+    DSGD(mlp([4, 6, 6, 3]), constants="data").load_state_dict(torch_only)
+
+
 def test_load_state_dict_refuses_other_settings():
     model = mlp([4, 6, 3])
     state = DSGD(model, norm="linf").state_dict()

@@ -307,7 +307,7 @@ def _check_scheduled_eta(dsgd: DSGD, step: int) -> None:
         eta = float(group["lr"])
         if not 0.0 < eta < 2.0:
             raise ValueError(
-                f"η reached {eta:g} at step {step} (layer {group['layer_name']!r}): an η schedule must keep η in "
+                f"η reached {eta:g} at step {step} (layer {group['name']!r}): an η schedule must keep η in "
                 "(0, 2), or DSGD stops moving. Give the schedule a floor (e.g. CosineAnnealingLR(eta_min=1e-3)) "
                 "or end training (max_steps) before it reaches 0."
             )

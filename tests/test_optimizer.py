@@ -103,7 +103,7 @@ def test_layers_are_found_in_forward_order_with_qualified_names():
 
     opt = DSGD(Net())
     assert opt.layer_names == ["body.1", "body.3.0", "body.4"]
-    assert [g["layer_name"] for g in opt.param_groups] == opt.layer_names
+    assert [g["name"] for g in opt.param_groups] == opt.layer_names
 
 
 def test_a_declared_chain_for_a_hand_written_forward():

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dsgd.distributed import default_gatherer, default_reducer
+from lightning_dsgd.lightning.loss import global_mean_loss
 from lightning_dsgd.lightning.settings import DSGDSettings, as_settings
 from lightning_dsgd.optimizer import DSGD
 
@@ -105,9 +106,7 @@ class DSGDMixin:
             steps_before = dsgd.steps_taken
             # The loss reaches DSGD.step through Lightning's precision plugin (full_batch compares
             # consecutive losses, so data-parallel ranks hand it the loss of the global batch).
-            step_loss = loss.detach()
-            if settings.full_batch and self.trainer.world_size > 1:  # type: ignore[attr-defined]
-                step_loss = self.trainer.strategy.reduce(step_loss.clone(), reduce_op="mean")  # type: ignore[attr-defined]
+            step_loss = global_mean_loss(self.trainer, loss) if settings.full_batch else loss.detach()  # type: ignore[attr-defined]
             optimizer.step(loss=step_loss)
             if dsgd.steps_taken == steps_before:
                 scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]

@@ -14,8 +14,9 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from lightning_dsgd.chain import Chain, find_chain
 from lightning_dsgd.geometry import FrobeniusGeometry, Geometry, LinfGeometry, SpectralGeometry, make_geometry
-from lightning_dsgd.layers import Chain, Layer, find_chain
+from lightning_dsgd.layers import Layer
 from lightning_dsgd.optimizer import DSGD, StepRecord
 from lightning_dsgd.smoothness import CROSS_ENTROPY, SIGMOID, TANH, ActivationBounds, LossBounds
 

@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dsgd.adaptive import AdaptiveConstants
+from lightning_dsgd.chain import Chain
 from lightning_dsgd.distributed import Reducer, full, version_key
 from lightning_dsgd.geometry import Geometry, reduction_dtype
-from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
+from lightning_dsgd.input_norms import InputNormRecorder
+from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant
 from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
@@ -120,7 +122,7 @@ class ConstantModel:
 
     def _take_input_norms(self) -> list[Tensor | None] | None:
         maxima = list(self.recorder.maxima)
-        watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
+        watched = [i for i, layer in enumerate(self.recorder.layers) if layer.kind in InputNormRecorder.WATCHED]
         missing = [i for i in watched if maxima[i] is None]
         if self.chain is None:  # estimates: a module called functionally (MHA's out_proj) stays unmeasured
             watched = [i for i in watched if maxima[i] is not None]

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
+from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
-from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
+from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
@@ -44,7 +45,6 @@ _POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 # What DSGD(model) and the Lightning mixin use when the user says nothing (docs/benchmarks.md
 # defends the choice); constants="data" is the paper's certified algorithm.
 DEFAULT_CONSTANTS: ConstantsMode = "adaptive"
-_RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
 
 
 @dataclass(frozen=True)
@@ -203,17 +203,18 @@ class DSGD(torch.optim.Optimizer):
         self.loss_bounds = _loss_bounds(loss)
 
         layers = discover_layers(model, norm, overrides)
-        found = find_chain(model, layers, chain)
-        rigorous = isinstance(found, Chain) and self.loss_bounds.certified and norm in _RIGOROUS_NORMS
-        if isinstance(found, Chain) and not rigorous:
-            found = "the loss is not certified" if not self.loss_bounds.certified else f"norm={norm!r}"
+        self.chain: Chain | None
+        self.not_rigorous_reason: str | None
+        self.chain, self.not_rigorous_reason = find_chain(
+            model, layers, chain, loss_certified=self.loss_bounds.certified, norm=norm
+        )
+        rigorous = self.chain is not None
         if not rigorous and constants == "architecture":
             raise ValueError(
                 f"constants='architecture' exists only for the rigorous class ({RIGOROUS_CLASS}), and here "
-                f"{found}. Use constants='data' or 'adaptive' (estimated, corrected by the curvature met)."
+                f"{self.not_rigorous_reason}. Use constants='data' or 'adaptive' (estimated, corrected by the "
+                "curvature met)."
             )
-        self.chain: Chain | None = found if isinstance(found, Chain) else None
-        self.not_rigorous_reason: str | None = None if rigorous else str(found)
         self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
         self._model = model
         n = len(self.layers)

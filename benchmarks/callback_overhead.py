@@ -8,9 +8,9 @@ measured from step ``--warmup`` to the end of training (setup and the end-of-fit
 and the median is reported. The time is this process's CPU time (``--clock process``, robust to
 other processes on a shared machine) or wall-clock time (``--clock wall``, for GPUs).
 
-    python benchmarks/callback_overhead.py
-    python benchmarks/callback_overhead.py --width 512 --steps 400 --threads 4
-    python benchmarks/callback_overhead.py --observe-norm frobenius   # cheaper observation (no SVD)
+    python -m benchmarks.callback_overhead
+    python -m benchmarks.callback_overhead --width 512 --steps 400 --threads 4
+    python -m benchmarks.callback_overhead --observe-norm frobenius   # cheaper observation (no SVD)
 """
 
 from __future__ import annotations

@@ -21,15 +21,14 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_dsgd.adaptive import check_adaptive_options
+from lightning_dsgd.adaptive import TrustRegion, check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
-from lightning_dsgd.norm_bounds import NormBounds
-from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
+from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 # Every option's values are defined here once; DSGDSettings and the CLI derive from these types.
@@ -247,9 +246,10 @@ class DSGD(torch.optim.Optimizer):
         self._checks_loss = self.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
-        # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
-        # tolerance: fewer exact norms (SVDs) when every layer moves every step.
-        self._weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
+        adaptive = self.constant_model.adaptive
+        self._trust_region = (
+            None if adaptive is None else TrustRegion(self.layers, self.geometry_of, adaptive.max_relative_step)
+        )
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -402,8 +402,8 @@ class DSGD(torch.optim.Optimizer):
 
         constants = self.constant_model.compute(batch, dual_norms.dtype, dual_norms.device, observe)
         constants = constants.to(dual_norms.dtype)
-        if adaptive is not None:
-            constants = self._cap_steps(constants, dual_norms, etas)
+        if self._trust_region is not None:
+            constants = self._trust_region.cap(constants, dual_norms, etas)
         moving = dual_norms > 0
         usable = torch.isfinite(constants) & (constants > 0)
         finite = torch.isfinite(dual_norms) & (usable | ~moving)
@@ -491,33 +491,6 @@ class DSGD(torch.optim.Optimizer):
                 "the Trainer's fit) after changing the model."
             )
 
-    def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
-        """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
-        layer by at most ``max_relative_step · max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
-        trust region against an estimate far below the curvature (before the first measurement)
-        or driven down by mini-batch noise (after it). On device, no host sync."""
-        adaptive = self.constant_model.adaptive
-        assert adaptive is not None
-        eta = device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
-        floor = (
-            eta * dual_norms / (adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0))
-        )
-        return torch.maximum(constants, floor)
-
-    def _block_norms(self) -> Tensor:
-        """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
-        keys = [_block_key(layer) for layer in self.layers]
-        return torch.stack(self._weight_norms.values(range(len(self.layers)), keys))
-
-    def _exact_weight_norms(self, indices: list[int]) -> Tensor:
-        values = []
-        for i in indices:
-            layer = self.layers[i]
-            weight = layer.weight_matrix(full(layer.weight.detach()))
-            bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
-            values.append(self.geometry_of(layer).norm(augment(weight, bias)))
-        return torch.stack(values)
-
     def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
         """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
         depends only on the seed and the step count, so every rank and a resumed run draw alike."""
@@ -586,16 +559,15 @@ class DSGD(torch.optim.Optimizer):
         scale = scored.etas[index] / scored.constants[index]
         step = direction * (-scale)
         step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
-        adaptive = self.constant_model.adaptive
-        track_block = adaptive is not None  # block norms serve _cap_steps only
-        before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
+        region = self._trust_region
+        before, block_before = version_key(layer.weight), None if region is None else region.before_step(layer)
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
         self.constant_model.note_step(index, before, bound)
-        if track_block:
-            after = _block_key(layer)
-            self._weight_norms.advance(index, block_before, after, bound, layer.weight.dtype, min(step.shape))
+        if region is not None:
+            region.after_step(index, block_before, bound, step.shape)
+        adaptive = self.constant_model.adaptive
         if adaptive is not None:
             adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
         return layer, step
@@ -748,7 +720,7 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
-            "weight_norms": self._weight_norms.state_dict(),
+            "weight_norms": {} if self._trust_region is None else self._trust_region.weight_norms.state_dict(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
 
@@ -761,7 +733,8 @@ class DSGD(torch.optim.Optimizer):
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
-        self._weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
+        if self._trust_region is not None:
+            self._trust_region.weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 
@@ -805,11 +778,6 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.recorder.remove()
         if self._outputs is not None:
             self._outputs.remove()
-
-
-def _block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """Changes whenever the layer's weight or bias is written."""
-    return version_key(layer.weight), None if layer.bias is None else version_key(layer.bias)
 
 
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,11 +21,11 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_dsgd.adaptive import TrustRegion, check_adaptive_options
+from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
+from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.precision import full_precision, low_precision_reason
@@ -236,7 +236,7 @@ class DSGD(torch.optim.Optimizer):
         tuning = {"idle_shrink": 0.8} if full_batch else {}
         tuning.update(adaptive_options or {})
         self.constant_model = ConstantModel(
-            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning
+            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning, self.geometry_of
         )
         self.constant_model.reduce_max = reduce_max
         self.gather = gather
@@ -246,10 +246,6 @@ class DSGD(torch.optim.Optimizer):
         self._checks_loss = self.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
-        adaptive = self.constant_model.adaptive
-        self._trust_region = (
-            None if adaptive is None else TrustRegion(self.layers, self.geometry_of, adaptive.max_relative_step)
-        )
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -393,17 +389,7 @@ class DSGD(torch.optim.Optimizer):
             self._check_layers_attached()
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
-        adaptive = self.constant_model.adaptive
-
-        def observe(base: Tensor) -> None:
-            assert adaptive is not None
-            blocks = {i: augment(*grads[i]) for i in adaptive.pending if grads[i] is not None}  # type: ignore[misc]
-            adaptive.observe(blocks, base)
-
-        constants = self.constant_model.compute(batch, dual_norms.dtype, dual_norms.device, observe)
-        constants = constants.to(dual_norms.dtype)
-        if self._trust_region is not None:
-            constants = self._trust_region.cap(constants, dual_norms, etas)
+        constants = self.constant_model.compute(batch, grads, dual_norms, etas)
         moving = dual_norms > 0
         usable = torch.isfinite(constants) & (constants > 0)
         finite = torch.isfinite(dual_norms) & (usable | ~moving)
@@ -559,17 +545,11 @@ class DSGD(torch.optim.Optimizer):
         scale = scored.etas[index] / scored.constants[index]
         step = direction * (-scale)
         step_norm = scale * (scored.dual_norms[index] if self.momentum == 0.0 else geometry.norm(direction))
-        region = self._trust_region
-        before, block_before = version_key(layer.weight), None if region is None else region.before_step(layer)
+        before = self.constant_model.before_step(index)
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
-        self.constant_model.note_step(index, before, bound)
-        if region is not None:
-            region.after_step(index, block_before, bound, step.shape)
-        adaptive = self.constant_model.adaptive
-        if adaptive is not None:
-            adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
+        self.constant_model.after_step(index, before, bound, step, block_grad, step_norm, scored.constants[index])
         return layer, step
 
     @staticmethod
@@ -601,8 +581,7 @@ class DSGD(torch.optim.Optimizer):
         for layer, step in steps:
             self._apply(layer, -step)
             index = self.layers.index(layer)
-            if self.constant_model.adaptive is not None:
-                self.constant_model.adaptive.grow(index, 2.0)
+            self.constant_model.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]
         return realized, (
             f"undid the previous step of {names}: it decreased the loss by {realized_value:.3e}, "
@@ -720,9 +699,13 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
-            "weight_norms": {} if self._trust_region is None else self._trust_region.weight_norms.state_dict(),
+            "weight_norms": self._trust_region_state(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
+
+    def _trust_region_state(self) -> dict:
+        region = self.constant_model.trust_region
+        return {} if region is None else region.weight_norms.state_dict()
 
     def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
         self._check_compatible(extra)
@@ -733,8 +716,9 @@ class DSGD(torch.optim.Optimizer):
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
-        if self._trust_region is not None:
-            self._trust_region.weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
+        region = self.constant_model.trust_region
+        if region is not None:
+            region.weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 

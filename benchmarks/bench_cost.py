@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from bench_common import (
+from torch import nn
+
+from benchmarks.bench_common import (
     GPT,
     Device,
     interleaved,
@@ -37,8 +39,6 @@ from bench_common import (
     mlp_widths,
     tanh_mlp,
 )
-from torch import nn
-
 from lightning_dsgd import DSGD
 
 NORMS = ("spectral", "frobenius", "linf")

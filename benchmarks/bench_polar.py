@@ -3,8 +3,8 @@ stack of same-shape blocks by the certified matmul path (``polar_directions``: P
 iteration, float64 certificate, ``⟨G, D⟩``) against the exact path (``svdvals`` of every block, and
 the ``svd`` of the one block moved, counted once per step as ``svd / layers``).
 
-    python benchmarks/bench_polar.py --threads 1            # the table behind POLAR_MIN_SIDE["cpu"]
-    python benchmarks/bench_polar.py --device cuda          # the same on a GPU (then update "cuda")
+    python -m benchmarks.bench_polar --threads 1            # the table behind POLAR_MIN_SIDE["cpu"]
+    python -m benchmarks.bench_polar --device cuda          # the same on a GPU (then update "cuda")
 
 Calls alternate (polar, exact) and the median of the repeats is printed with the ratio; the
 tightness ``c / ‖G‖_*`` of the matmul path is printed beside it.
@@ -13,14 +13,10 @@ tightness ``c / ‖G‖_*`` of the matmul path is printed beside it.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from bench_common import interleaved, make_device, median
 
+from benchmarks.bench_common import interleaved, make_device, median
 from lightning_dsgd.geometry import SpectralGeometry
 from lightning_dsgd.polar import polar_directions
 

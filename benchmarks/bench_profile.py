@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from bench_common import Device, make_muon, median, mlp_widths, tanh_mlp
 from torch import nn
 
+from benchmarks.bench_common import Device, make_muon, median, mlp_widths, tanh_mlp
 from lightning_dsgd import DSGD
 from lightning_dsgd.geometry import SpectralGeometry, augment
 

@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from bench_common import Device, head_module, make_adam, make_muon, make_sgd
-from bench_tasks import Task, accuracy, cross_entropy
 from torch import nn
 
+from benchmarks.bench_common import Device, head_module, make_adam, make_muon, make_sgd
+from benchmarks.bench_tasks import Task, accuracy, cross_entropy
 from lightning_dsgd import DSGD
 
 Builder = Callable[[nn.Module, Task, int], torch.optim.Optimizer]

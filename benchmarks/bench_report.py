@@ -7,10 +7,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench_cost import GPT_PATHS, Config, GPTConfig, Scaling, Timing
-from bench_profile import Profile
-from bench_quality import ArmResult, Run, mean_std, run_length, selection_fractions
-from bench_tasks import Task
+from benchmarks.bench_cost import GPT_PATHS, Config, GPTConfig, Scaling, Timing
+from benchmarks.bench_profile import Profile
+from benchmarks.bench_quality import ArmResult, Run, mean_std, run_length, selection_fractions
+from benchmarks.bench_tasks import Task
 
 PEER_ARMS = ("SGD", "Adam", "Muon")
 

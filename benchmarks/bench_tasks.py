@@ -37,11 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from bench_common import ROOT, Device, tanh_mlp
 from torch import Tensor, nn
 
+from benchmarks.bench_common import ROOT, Device, tanh_mlp
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Task:
     """One quality benchmark: data on the device, a seeded model factory and the run budget.
 
@@ -265,21 +266,21 @@ def make_tasks(
             full = name == "digits-full"
             tasks.append(
                 Task(
-                    name,
-                    f"digits, {'full batch' if full else 'batch 64'}",
-                    _factory(lambda: tanh_mlp([64, 128, 128, 10]), device),
-                    tx,
-                    ty,
-                    tx,
-                    ty,
-                    vx,
-                    vy,
-                    None if full else 64,
-                    steps(200 if full else 400),
-                    1 if full else every(10, 400),
-                    (0.5, 0.1),
-                    "tanh MLP 64-128-128-10",
-                    True,
+                    name=name,
+                    title=f"digits, {'full batch' if full else 'batch 64'}",
+                    make_model=_factory(lambda: tanh_mlp([64, 128, 128, 10]), device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=tx,
+                    eval_y=ty,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=None if full else 64,
+                    steps=steps(200 if full else 400),
+                    eval_every=1 if full else every(10, 400),
+                    targets=(0.5, 0.1),
+                    model_text="tanh MLP 64-128-128-10",
+                    rigorous=True,
                 )
             )
         elif name == "rings":
@@ -288,21 +289,21 @@ def make_tasks(
             tx, ty, vx, vy = _on(device, tx, ty, vx, vy)
             tasks.append(
                 Task(
-                    name,
-                    "rings (hidden 2-D subspace), full batch",
-                    _factory(lambda: tanh_mlp([16, 128, 128, 4]), device),
-                    tx,
-                    ty,
-                    tx,
-                    ty,
-                    vx,
-                    vy,
-                    None,
-                    steps(300),
-                    1,
-                    (1.0, 0.3),
-                    "tanh MLP 16-128-128-4",
-                    True,
+                    name=name,
+                    title="rings (hidden 2-D subspace), full batch",
+                    make_model=_factory(lambda: tanh_mlp([16, 128, 128, 4]), device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=tx,
+                    eval_y=ty,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=None,
+                    steps=steps(300),
+                    eval_every=1,
+                    targets=(1.0, 0.3),
+                    model_text="tanh MLP 16-128-128-4",
+                    rigorous=True,
                 )
             )
         elif name == "cnn":
@@ -312,21 +313,21 @@ def make_tasks(
             )
             tasks.append(
                 Task(
-                    name,
-                    "digits as images, ReLU CNN, batch 64",
-                    _factory(ReluCNN, device),
-                    tx,
-                    ty,
-                    tx,
-                    ty,
-                    vx,
-                    vy,
-                    64,
-                    steps(300),
-                    every(10, 300),
-                    (0.5, 0.1),
-                    "conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
-                    False,
+                    name=name,
+                    title="digits as images, ReLU CNN, batch 64",
+                    make_model=_factory(ReluCNN, device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=tx,
+                    eval_y=ty,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=64,
+                    steps=steps(300),
+                    eval_every=every(10, 300),
+                    targets=(0.5, 0.1),
+                    model_text="conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
+                    rigorous=False,
                 )
             )
         elif name == "transformer":
@@ -335,43 +336,43 @@ def make_tasks(
             tx, ty, vx, vy = _on(device, tx, ty, vx, vy)
             tasks.append(
                 Task(
-                    name,
-                    "sequence reversal, tiny transformer, batch 64",
-                    _factory(TinyTransformer, device),
-                    tx,
-                    ty,
-                    tx,
-                    ty,
-                    vx,
-                    vy,
-                    64,
-                    steps(300),
-                    every(10, 300),
-                    (1.5, 0.5),
-                    "embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
-                    False,
+                    name=name,
+                    title="sequence reversal, tiny transformer, batch 64",
+                    make_model=_factory(TinyTransformer, device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=tx,
+                    eval_y=ty,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=64,
+                    steps=steps(300),
+                    eval_every=every(10, 300),
+                    targets=(1.5, 0.5),
+                    model_text="embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
+                    rigorous=False,
                 )
             )
         elif name == "charlm":
             tx, ty, vx, vy = _on(device, *text_windows(os.path.join(ROOT, "examples", "data", "sample.txt")))
             tasks.append(
                 Task(
-                    name,
-                    "character language model, bundled text, batch 16",
-                    _factory(CharLM, device),
-                    tx,
-                    ty,
-                    tx,
-                    ty,
-                    vx,
-                    vy,
-                    16,
-                    steps(300),
-                    every(10, 300),
-                    (2.2, 1.2),
-                    "byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
+                    name=name,
+                    title="character language model, bundled text, batch 16",
+                    make_model=_factory(CharLM, device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=tx,
+                    eval_y=ty,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=16,
+                    steps=steps(300),
+                    eval_every=every(10, 300),
+                    targets=(2.2, 1.2),
+                    model_text="byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
                     "layer norm, linear 64→256",
-                    False,
+                    rigorous=False,
                 )
             )
         elif name == "mnist":
@@ -390,21 +391,21 @@ def make_tasks(
             tx, ty, vx, vy, ex, ey = _on(device, tx, ty, vx, vy, tx[subset], ty[subset])
             tasks.append(
                 Task(
-                    name,
-                    f"MNIST ({len(ty)} train), batch 128",
-                    _factory(lambda: tanh_mlp([784, 256, 256, 10]), device),
-                    tx,
-                    ty,
-                    ex,
-                    ey,
-                    vx,
-                    vy,
-                    128,
-                    steps(600),
-                    every(50, 600),
-                    (0.5, 0.2),
-                    "tanh MLP 784-256-256-10",
-                    True,
+                    name=name,
+                    title=f"MNIST ({len(ty)} train), batch 128",
+                    make_model=_factory(lambda: tanh_mlp([784, 256, 256, 10]), device),
+                    train_x=tx,
+                    train_y=ty,
+                    eval_x=ex,
+                    eval_y=ey,
+                    val_x=vx,
+                    val_y=vy,
+                    batch_size=128,
+                    steps=steps(600),
+                    eval_every=every(50, 600),
+                    targets=(0.5, 0.2),
+                    model_text="tanh MLP 784-256-256-10",
+                    rigorous=True,
                 )
             )
         else:

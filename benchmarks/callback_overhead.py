@@ -8,9 +8,9 @@ measured from step ``--warmup`` to the end of training (setup and the end-of-fit
 and the median is reported. The time is this process's CPU time (``--clock process``, robust to
 other processes on a shared machine) or wall-clock time (``--clock wall``, for GPUs).
 
-    python benchmarks/callback_overhead.py
-    python benchmarks/callback_overhead.py --width 512 --steps 400 --threads 4
-    python benchmarks/callback_overhead.py --observe-norm frobenius   # cheaper observation (no SVD)
+    python -m benchmarks.callback_overhead
+    python -m benchmarks.callback_overhead --width 512 --steps 400 --threads 4
+    python -m benchmarks.callback_overhead --observe-norm frobenius   # cheaper observation (no SVD)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.bench_common import tanh_mlp
 from lightning_dsgd import DSGDMixin, DSGDSettings
 from lightning_dsgd.lightning.callback import DSGDMonitor
 
@@ -37,13 +38,7 @@ class MLP(LightningModule):
     def __init__(self, features: int, width: int, depth: int, classes: int, batches: int, batch_size: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        widths = [features] + [width] * (depth - 1) + [classes]
-        modules: list[nn.Module] = []
-        for k in range(depth):
-            if k > 0:
-                modules.append(nn.Tanh())
-            modules.append(nn.Linear(widths[k], widths[k + 1]))
-        self.net = nn.Sequential(*modules)
+        self.net = tanh_mlp([features] + [width] * (depth - 1) + [classes])
         x = torch.randn(batches * batch_size, features)
         self.data = TensorDataset(x, (x @ torch.randn(features, classes)).argmax(1))
         self.batch_size = batch_size

@@ -11,8 +11,8 @@ and the multiplier follows ``target = safety · κ``: it **grows at once** when 
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
 (``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
 so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
-(every step stays within the trust region ``max_relative_step``, see ``DSGD._cap_steps``); once
-measured, idling takes it at most to ``idle_reach``
+(every step stays within the trust region ``max_relative_step``, see
+[TrustRegion][lightning_dsgd.adaptive.TrustRegion]); once measured, idling takes it at most to ``idle_reach``
 times its last measured value — by default 1.0, i.e. a measured layer keeps its constant until it
 moves again. (0.7 reaches low losses faster on tanh MLPs but made a transformer stall and cyclic
 selection diverge on a CNN and a transformer in ``benchmarks/harness.py``.)
@@ -22,11 +22,16 @@ device: no host synchronisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lightning_dsgd.distributed import full, version_key
+from lightning_dsgd.geometry import Geometry, augment
+from lightning_dsgd.layers import Layer
+from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant
 
 
@@ -173,3 +178,65 @@ class AdaptiveConstants:
         self.pending = {
             int(i): _Pending(**{k: v.to(device) for k, v in fields.items()}) for i, fields in state["pending"].items()
         }
+
+
+class TrustRegion:
+    """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
+    layer by at most ``max_relative_step · max(‖[W_i, b_i]‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
+    trust region against an estimate far below the curvature (before the first measurement) or
+    driven down by mini-batch noise (after it). The weight norms are upper bounds followed across
+    steps ([NormBounds][lightning_dsgd.norm_bounds.NormBounds]), with a loose tolerance (the region
+    is a heuristic): few exact norms (SVDs) when every layer moves every step. On device, no host sync.
+    """
+
+    def __init__(
+        self, layers: Sequence[Layer], geometry_of: Callable[[Layer], Geometry], max_relative_step: float
+    ) -> None:
+        self.layers = list(layers)
+        self._geometry_of = geometry_of
+        self.max_relative_step = max_relative_step
+        self.weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
+        self.radii: Tensor | None = None  # this step's max_relative_step · max(‖[W_i, b_i]‖, 1)
+
+    def cap(self, constants: Tensor, dual_norms: Tensor, etas: Sequence[float]) -> Tensor:
+        """``max(L_i, η_i ‖g_i‖_* / r_i)`` with the radii ``r_i = max_relative_step ·
+        max(‖[W_i, b_i]‖, 1)`` (kept in ``radii`` for steps along another direction)."""
+        # One η (the usual case, scheduled or not) multiplies as a Python number: no upload per value.
+        eta = etas[0] if len(set(etas)) == 1 else device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
+        self.radii = self.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0)
+        return torch.maximum(constants, eta * dual_norms / self.radii)
+
+    def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
+        """The step size ``scale`` along a direction of norm ``direction_norm`` (momentum's
+        velocity, up to ``1/(1 − μ)`` longer than ``ρ(g)``), cut to the layer's radius."""
+        assert self.radii is not None, "cap() sets this step's radii"
+        tiny = torch.finfo(direction_norm.dtype).tiny
+        return torch.minimum(scale, self.radii[index] / direction_norm.clamp(min=tiny))
+
+    def before_step(self, layer: Layer) -> tuple:
+        """The version of the layer's weight and bias before a step (see ``after_step``)."""
+        return block_key(layer)
+
+    def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: torch.Size) -> None:
+        """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality)."""
+        layer = self.layers[index]
+        self.weight_norms.advance(index, before, block_key(layer), bound, layer.weight.dtype, min(step_shape))
+
+    def _block_norms(self) -> Tensor:
+        """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
+        keys = [block_key(layer) for layer in self.layers]
+        return torch.stack(self.weight_norms.values(range(len(self.layers)), keys))
+
+    def _exact_weight_norms(self, indices: list[int]) -> Tensor:
+        values = []
+        for i in indices:
+            layer = self.layers[i]
+            weight = layer.weight_matrix(full(layer.weight.detach()))
+            bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
+            values.append(self._geometry_of(layer).norm(augment(weight, bias)))
+        return torch.stack(values)
+
+
+def block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """Changes whenever the layer's weight or bias is written."""
+    return version_key(layer.weight), None if layer.bias is None else version_key(layer.bias)

@@ -1,6 +1,6 @@
 """How DSGD knows the loss it certifies: it reads the autograd graph of the loss it is handed.
 
-The certified constants of a chain (ALGORITHM.md §3) hold for ``f(w) = mean_t CE(z_t, y_t)``,
+The certified constants of a chain (docs/theory.md, "The rigorous class") hold for ``f(w) = mean_t CE(z_t, y_t)``,
 the mean softmax cross-entropy of the chain's logits ``z`` and nothing else. A step is certified
 only when the loss handed to ``DSGD.step`` (the closure's result, ``loss=``, or
 `DSGD.check_loss`) is, in its graph::

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dsgd.adaptive import AdaptiveConstants
+from lightning_dsgd.adaptive import AdaptiveConstants, TrustRegion
+from lightning_dsgd.chain import Chain
 from lightning_dsgd.distributed import Reducer, full, version_key
-from lightning_dsgd.geometry import Geometry, reduction_dtype
-from lightning_dsgd.layers import Chain, InputNormRecorder, Layer
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment, reduction_dtype
+from lightning_dsgd.input_norms import InputNormRecorder
+from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant
 from lightning_dsgd.smoothness import LossBounds, architecture_input_bounds, mlp_constants
@@ -42,7 +44,10 @@ class BatchInputs:
 
 
 class ConstantModel:
-    """Computes ``L_i(w)`` for every layer at each step (see the module docstring)."""
+    """Computes ``L_i(w)`` for every layer at each step (see the module docstring): the one object
+    the optimizer asks for constants and tells about its steps; it owns the input-norm recorder,
+    the followed operator norms and, with estimated constants, the adaptive multipliers and their
+    trust region."""
 
     def __init__(
         self,
@@ -52,7 +57,8 @@ class ConstantModel:
         chain: Chain | None,
         mode: str,
         data_bound: float | None,
-        adaptive_options: dict | None = None,
+        adaptive_options: dict | None,
+        geometry_of: Callable[[Layer], Geometry],
     ) -> None:
         self.layers = layers
         self.geometry = geometry
@@ -74,32 +80,58 @@ class ConstantModel:
             if not self.certified
             else None
         )
+        self.trust_region = (
+            None if self.adaptive is None else TrustRegion(layers, geometry_of, self.adaptive.max_relative_step)
+        )
         if chain is not None:
             self._s_tensors: tuple[tuple[torch.dtype, torch.device], Tensor, Tensor] | None = None
             self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
             self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
 
     def compute(
-        self,
-        batch: BatchInputs,
-        dtype: torch.dtype,
-        device: torch.device,
-        observe: Callable[[Tensor], None] | None = None,
+        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
     ) -> Tensor:
-        """This step's constants from the batch's inputs
-        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]); ``observe(base)``
-        lets the adaptive model see the new gradients against the current base constants before
-        they are used."""
+        """This step's constants (in the dtype of ``dual_norms``) from the batch's inputs
+        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]). Adaptive: the
+        multipliers first see the new gradients against the current base constants, and the
+        constants are capped by the trust region."""
+        dtype, device = dual_norms.dtype, dual_norms.device
         input_bounds = batch.input_bounds
         if self.chain is not None:
             base = self._certified(input_bounds, dtype, device)
         else:
             base = self._estimate(input_bounds, dtype, device)
-        if self.adaptive is None:
-            return base
-        if observe is not None:
-            observe(base)
-        return self.adaptive.constants(base)
+        if self.adaptive is None or self.trust_region is None:
+            return base.to(dtype)
+        grad_of = {i: grads[i] for i in self.adaptive.pending}
+        self.adaptive.observe({i: augment(*g) for i, g in grad_of.items() if g is not None}, base)
+        constants = self.adaptive.constants(base).to(dtype)
+        return self.trust_region.cap(constants, dual_norms, etas)
+
+    # ------------------------------------------------------------------ the steps taken
+    def before_step(self, index: int) -> tuple:
+        """What [after_step][lightning_dsgd.constants.ConstantModel.after_step] needs of layer
+        ``index`` before it moves: the versions of its weight (and bias)."""
+        layer = self.layers[index]
+        return version_key(layer.weight), None if self.trust_region is None else self.trust_region.before_step(layer)
+
+    def after_step(
+        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+    ) -> None:
+        """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as computed)
+        under ``constant``, at the gradient ``grad``: follow its norms, and let the adaptive model
+        measure the curvature along the step at the next gradient."""
+        weight_before, block_before = before
+        self.note_step(index, weight_before, bound)
+        if self.trust_region is not None:
+            self.trust_region.after_step(index, block_before, bound, step.shape)
+        if self.adaptive is not None:
+            self.adaptive.remember(index, step, grad, step_norm, constant)
+
+    def grow(self, index: int, factor: float) -> None:
+        """Raise layer ``index``'s adaptive constant by ``factor`` (a step that broke its promise was undone)."""
+        if self.adaptive is not None:
+            self.adaptive.grow(index, factor)
 
     # ------------------------------------------------------------------ input norms
     def take_batch(self) -> BatchInputs:
@@ -120,7 +152,7 @@ class ConstantModel:
 
     def _take_input_norms(self) -> list[Tensor | None] | None:
         maxima = list(self.recorder.maxima)
-        watched = [i for i, layer in enumerate(self.recorder._layers) if layer.kind in InputNormRecorder.WATCHED]
+        watched = [i for i, layer in enumerate(self.recorder.layers) if layer.kind in InputNormRecorder.WATCHED]
         missing = [i for i in watched if maxima[i] is None]
         if self.chain is None:  # estimates: a module called functionally (MHA's out_proj) stays unmeasured
             watched = [i for i in watched if maxima[i] is not None]

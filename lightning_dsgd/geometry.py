@@ -1,4 +1,4 @@
-"""Per-layer norms, their dual norms and duality maps (ALGORITHM.md §1).
+"""Per-layer norms, their dual norms and duality maps (docs/theory.md, "Norms, dual norms and duality maps").
 
 A layer block is the augmented matrix ``[W, b]`` of shape ``out × (in + 1)``: the bias is folded
 in as the last column, matching the augmented input ``[x; 1]``. Every geometry provides

@@ -1,4 +1,4 @@
-"""``DSGD``: duality structure gradient descent as a ``torch.optim.Optimizer`` (ALGORITHM.md §4).
+"""``DSGD``: duality structure gradient descent as a ``torch.optim.Optimizer`` (docs/theory.md, "The algorithm").
 
 Each ``step``::
 
@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
+from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like, version_key
+from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
-from lightning_dsgd.layers import RIGOROUS_CLASS, Chain, Layer, discover_layers, find_chain
-from lightning_dsgd.norm_bounds import NormBounds
-from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
+from lightning_dsgd.layers import Layer, discover_layers
+from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 # Every option's values are defined here once; DSGDSettings and the CLI derive from these types.
@@ -47,7 +47,6 @@ _POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 # What DSGD(model) and the Lightning mixin use when the user says nothing (docs/benchmarks.md
 # defends the choice); constants="data" is the paper's certified algorithm.
 DEFAULT_CONSTANTS: ConstantsMode = "adaptive"
-_RIGOROUS_NORMS = ("spectral", "frobenius", "linf")
 
 
 @dataclass(frozen=True)
@@ -206,17 +205,18 @@ class DSGD(torch.optim.Optimizer):
         self.loss_bounds = _loss_bounds(loss)
 
         layers = discover_layers(model, norm, overrides)
-        found = find_chain(model, layers, chain)
-        rigorous = isinstance(found, Chain) and self.loss_bounds.certified and norm in _RIGOROUS_NORMS
-        if isinstance(found, Chain) and not rigorous:
-            found = "the loss is not certified" if not self.loss_bounds.certified else f"norm={norm!r}"
+        self.chain: Chain | None
+        self.not_rigorous_reason: str | None
+        self.chain, self.not_rigorous_reason = find_chain(
+            model, layers, chain, loss_certified=self.loss_bounds.certified, norm=norm
+        )
+        rigorous = self.chain is not None
         if not rigorous and constants == "architecture":
             raise ValueError(
                 f"constants='architecture' exists only for the rigorous class ({RIGOROUS_CLASS}), and here "
-                f"{found}. Use constants='data' or 'adaptive' (estimated, corrected by the curvature met)."
+                f"{self.not_rigorous_reason}. Use constants='data' or 'adaptive' (estimated, corrected by the "
+                "curvature met)."
             )
-        self.chain: Chain | None = found if isinstance(found, Chain) else None
-        self.not_rigorous_reason: str | None = None if rigorous else str(found)
         self.layers: list[Layer] = self.chain.layers if self.chain is not None else layers
         self._model = model
         n = len(self.layers)
@@ -231,7 +231,7 @@ class DSGD(torch.optim.Optimizer):
         self.full_batch = full_batch
         self.undo_shortfalls = undo_shortfalls
         self.geometries: dict[str, Geometry] = {name: make_geometry(name) for name in {x.norm for x in self.layers}}
-        groups = [{"params": layer.params, "lr": eta, "layer_name": layer.name} for layer in self.layers]
+        groups = [{"params": layer.params, "lr": eta, "name": layer.name} for layer in self.layers]
         super().__init__(_merge_shared(groups), {"lr": eta})
         self._group_of = _group_index(groups, self.param_groups)
 
@@ -239,7 +239,7 @@ class DSGD(torch.optim.Optimizer):
         tuning = {"idle_shrink": 0.8} if full_batch else {}
         tuning.update(adaptive_options or {})
         self.constant_model = ConstantModel(
-            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning
+            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning, self.geometry_of
         )
         if adaptive_options and self.constant_model.adaptive is None:
             raise ValueError(
@@ -255,10 +255,6 @@ class DSGD(torch.optim.Optimizer):
         self._checks_loss = self.constant_model.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
-        # Bounds on ‖[W_i, b_i]‖ for the adaptive trust region only (a heuristic), so a loose
-        # tolerance: fewer exact norms (SVDs) when every layer moves every step.
-        self._weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
-        self._trust_radii: Tensor | None = None  # this step's max_relative_step · max(‖W_i‖, 1)
         self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -401,17 +397,7 @@ class DSGD(torch.optim.Optimizer):
             self._check_layers_attached()
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
-        adaptive = self.constant_model.adaptive
-
-        def observe(base: Tensor) -> None:
-            assert adaptive is not None
-            blocks = {i: augment(*grads[i]) for i in adaptive.pending if grads[i] is not None}  # type: ignore[misc]
-            adaptive.observe(blocks, base)
-
-        constants = self.constant_model.compute(batch, dual_norms.dtype, dual_norms.device, observe)
-        constants = constants.to(dual_norms.dtype)
-        if adaptive is not None:
-            constants = self._cap_steps(constants, dual_norms, etas)
+        constants = self.constant_model.compute(batch, grads, dual_norms, etas)
         moving = dual_norms > 0
         usable = torch.isfinite(constants) & (constants > 0)
         finite = torch.isfinite(dual_norms) & (usable | ~moving)
@@ -499,33 +485,6 @@ class DSGD(torch.optim.Optimizer):
                 "the Trainer's fit) after changing the model."
             )
 
-    def _cap_steps(self, constants: Tensor, dual_norms: Tensor, etas: list[float]) -> Tensor:
-        """Uncertified constants are estimates: raise ``L_i`` where needed so that a step moves its
-        layer by at most ``max_relative_step · max(‖W_i‖, 1)`` (``‖Δ_i‖ = η ‖g_i‖_* / L_i``) — a
-        trust region against an estimate far below the curvature (before the first measurement)
-        or driven down by mini-batch noise (after it); ``‖W_i‖`` is the followed upper bound of
-        ``norm_bounds`` (within its 25% tolerance). On device, no host sync."""
-        adaptive = self.constant_model.adaptive
-        assert adaptive is not None
-        # One η (the usual case, scheduled or not) multiplies as a Python number: no upload per value.
-        eta = etas[0] if len(set(etas)) == 1 else device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
-        self._trust_radii = adaptive.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0)
-        return torch.maximum(constants, eta * dual_norms / self._trust_radii)
-
-    def _block_norms(self) -> Tensor:
-        """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""
-        keys = [_block_key(layer) for layer in self.layers]
-        return torch.stack(self._weight_norms.values(range(len(self.layers)), keys))
-
-    def _exact_weight_norms(self, indices: list[int]) -> Tensor:
-        values = []
-        for i in indices:
-            layer = self.layers[i]
-            weight = layer.weight_matrix(full(layer.weight.detach()))
-            bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
-            values.append(self.geometry_of(layer).norm(augment(weight, bias)))
-        return torch.stack(values)
-
     def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
         """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
         depends only on the seed and the step count, so every rank and a resumed run draw alike."""
@@ -592,27 +551,20 @@ class DSGD(torch.optim.Optimizer):
                 direction = buffer.mul_(self.momentum * downhill).add_(direction)
             self._momentum[index] = direction
         scale = scored.etas[index] / scored.constants[index]
-        adaptive = self.constant_model.adaptive
+        trust_region = self.constant_model.trust_region
         if self.momentum == 0.0:
             step_norm = scale * scored.dual_norms[index]
         else:
             velocity_norm = geometry.norm(direction)
-            if adaptive is not None:  # the trust region bounds the step along the velocity too
-                radius = self._trust_radii[index]
-                scale = torch.minimum(scale, radius / velocity_norm.clamp(min=torch.finfo(velocity_norm.dtype).tiny))
+            if trust_region is not None:  # the trust region bounds the step along the velocity too
+                scale = trust_region.limit(index, scale, velocity_norm)
             step_norm = scale * velocity_norm
         step = direction * (-scale)
-        track_block = adaptive is not None  # block norms serve _cap_steps only
-        before, block_before = version_key(layer.weight), _block_key(layer) if track_block else None
+        before = self.constant_model.before_step(index)
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
-        self.constant_model.note_step(index, before, bound)
-        if track_block:
-            after = _block_key(layer)
-            self._weight_norms.advance(index, block_before, after, bound, layer.weight.dtype, min(step.shape))
-        if adaptive is not None:
-            adaptive.remember(index, step, block_grad, step_norm, scored.constants[index])
+        self.constant_model.after_step(index, before, bound, step, block_grad, step_norm, scored.constants[index])
         return layer, step
 
     @staticmethod
@@ -644,8 +596,7 @@ class DSGD(torch.optim.Optimizer):
         for layer, step in steps:
             self._apply(layer, -step)
             index = self.layers.index(layer)
-            if self.constant_model.adaptive is not None:
-                self.constant_model.adaptive.grow(index, 2.0)
+            self.constant_model.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]
         return realized, (
             f"undid the previous step of {names}: it decreased the loss by {realized_value:.3e}, "
@@ -733,10 +684,12 @@ class DSGD(torch.optim.Optimizer):
         """Inverse of [state_dict][lightning_dsgd.optimizer.DSGD.state_dict]. A state without the ``"dsgd"`` entry
         (distributed
         checkpoint utilities keep only ``state`` and ``param_groups``) loads the torch part; the
-        Lightning mixin then restores the rest from its own checkpoint entry."""
+        Lightning mixin then restores the rest from its own checkpoint entry. Param groups saved
+        under the former key ``"layer_name"`` load under ``"name"``."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("dsgd", None)
-        if extra is None and not all("layer_name" in group for group in state_dict.get("param_groups", [])):
+        state_dict["param_groups"] = [_renamed(group) for group in state_dict.get("param_groups", [])]
+        if extra is None and not all("name" in group for group in state_dict["param_groups"]):
             raise ValueError("This state dict was not saved by DSGD (it has no 'dsgd' entry).")
         if extra is not None:
             self._check_compatible(extra)
@@ -746,7 +699,9 @@ class DSGD(torch.optim.Optimizer):
 
     def extra_state_dict(self) -> dict[str, Any]:
         """Everything beyond torch's optimizer state needed to continue identically: counters,
-        the random and cyclic selection state, the constant model and momentum buffers."""
+        the random and cyclic selection state, the constant model and momentum buffers. The buffers
+        are here, not in torch's per-parameter ``state``: each belongs to a block ``[W, b]`` (or a
+        slice of a fused projection), and torch would cast it to the parameter's dtype on load."""
         return {
             "norm": self.geometry.name,
             "constants": self.constants_mode,
@@ -759,9 +714,13 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
-            "weight_norms": self._weight_norms.state_dict(),
+            "weight_norms": self._trust_region_state(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
+
+    def _trust_region_state(self) -> dict:
+        region = self.constant_model.trust_region
+        return {} if region is None else region.weight_norms.state_dict()
 
     def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
         self._check_compatible(extra)
@@ -772,7 +731,9 @@ class DSGD(torch.optim.Optimizer):
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
         self.constant_model.load_state_dict(extra["constant_model"], device)
-        self._weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
+        region = self.constant_model.trust_region
+        if region is not None:
+            region.weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
         names = self.layer_names
         self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
 
@@ -819,11 +780,6 @@ class DSGD(torch.optim.Optimizer):
             self._outputs.remove()
 
 
-def _block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """Changes whenever the layer's weight or bias is written."""
-    return version_key(layer.weight), None if layer.bias is None else version_key(layer.bias)
-
-
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One param group per parameter set: blocks that share a parameter (q, k and v of a fused
     attention projection) share its group, since torch allows a parameter in one group only."""
@@ -832,15 +788,24 @@ def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in groups:
         owner = next((seen[id(p)] for p in group["params"] if id(p) in seen), None)
         if owner is None:
-            owner = {"params": [], "lr": group["lr"], "layer_name": group["layer_name"]}
+            owner = {"params": [], "lr": group["lr"], "name": group["name"]}
             merged.append(owner)
         else:
-            owner["layer_name"] += "," + group["layer_name"]
+            owner["name"] += "," + group["name"]
         for p in group["params"]:
             if id(p) not in seen:
                 owner["params"].append(p)
                 seen[id(p)] = owner
     return merged
+
+
+def _renamed(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group with the former key ``"layer_name"`` (a checkpoint saved before the rename) under ``"name"``."""
+    if "layer_name" not in group:
+        return group
+    group = dict(group)
+    group.setdefault("name", group.pop("layer_name"))
+    return group
 
 
 def _group_index(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[int]:

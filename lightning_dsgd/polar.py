@@ -1,4 +1,6 @@
-"""The matmul-only spectral path: a certified Polar-Express direction (ALGORITHM.md §1, theory page).
+"""The matmul-only spectral path: a certified Polar-Express direction.
+
+The maths: docs/theory.md, "The matmul path: a certified Polar-Express direction".
 
 For a block ``G`` (``m × n``, oriented so that ``m ≤ n``) the odd polynomial iteration
 

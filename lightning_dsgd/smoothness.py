@@ -1,4 +1,4 @@
-"""Per-layer smoothness constants ``L_i(w)`` of ALGORITHM.md §3.
+"""Per-layer smoothness constants ``L_i(w)`` (docs/theory.md, "The per-layer constants").
 
 For an MLP ``z_k = W_k [x_{k-1}; 1]``, ``x_k = σ_k(z_k)`` with linear logits and a loss whose
 gradient and curvature in the output norm are bounded by ``G`` and ``H``, and for every ``Δ``

@@ -1,4 +1,4 @@
-"""DSGD on the models users have (ALGORITHM.md §3, outside the rigorous class): every layer type
+"""DSGD on the models users have (docs/theory.md, "The rigorous class", outside the rigorous class): every layer type
 gets a block, a norm and finite constants; overrides; real architectures train with defaults;
 adaptive constants and the options for large models."""
 
@@ -112,6 +112,36 @@ def test_fused_attention_blocks_update_their_own_rows():
         assert changed.tolist() == [chosen * 4 <= r < chosen * 4 + 4 for r in range(12)]
     else:
         assert not changed.any()
+
+
+def test_attention_blocks_state_the_argument_they_multiply():
+    """q, k and v read the query, key and value (declared, not inferred from the name); the input norms
+    follow: a key of another scale changes the recorded norm of k only."""
+    from lightning_dsgd.input_norms import InputNormRecorder
+
+    for grouping, expected in (("module", [(0, "query"), (1, "key"), (2, "value")]), ("fused", [(0, "query")])):
+        layers = discover_layers(nn.MultiheadAttention(4, 2), "spectral", {"*": {"grouping": grouping}})
+        assert [layer.argument for layer in layers if layer.kind == "attention"] == expected
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    recorder = InputNormRecorder(discover_layers(attention, "spectral"), "l2")
+    q = torch.ones(2, 3, 4)
+    attention(q, 5 * q, q)
+    norms = [float(m) for m, layer in zip(recorder.maxima, recorder.layers, strict=True) if layer.kind == "attention"]
+    assert norms[1] > 4 * norms[0] and norms[0] == pytest.approx(norms[2])
+
+
+def test_find_chain_returns_the_chain_or_the_reason():
+    from lightning_dsgd.chain import find_chain
+
+    model = mlp([4, 6, 3])
+    layers = discover_layers(model, "spectral")
+    chain, reason = find_chain(model, layers)
+    assert chain is not None and reason is None and chain.layers == layers
+    assert find_chain(model, layers, loss_certified=False) == (None, "the loss is not certified")
+    assert find_chain(model, layers, norm="rows") == (None, "norm='rows'")
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    chain, reason = find_chain(conv, discover_layers(conv, "spectral"))
+    assert chain is None and "is not a whole nn.Linear block" in reason
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,10 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = os.path.join(ROOT, "benchmarks")
-sys.path.insert(0, BENCHMARKS)
+from benchmarks import bench_quality, bench_tasks
+from benchmarks.bench_common import make_device
 
-import bench_quality  # noqa: E402
-import bench_tasks  # noqa: E402
-from bench_common import make_device  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -27,9 +24,10 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
     out = tmp_path / "benchmarks.md"
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, "harness.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.harness", "--quick", "--out", str(out)],
         check=True,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
         capture_output=True,
         text=True,
         timeout=170,

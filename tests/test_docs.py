@@ -1,7 +1,7 @@
 """The documentation keeps up with the code: every error message the package raises is listed on the
 troubleshooting page; the README's example runs; its picture and links exist; every page of the
-site is in the navigation; docstrings cross-reference in Markdown (no Sphinx roles); and the site
-builds with ``mkdocs build --strict`` with every reference rendered (also run by CI: ``make docs``)."""
+site is in the navigation; docstrings cross-reference in Markdown (no Sphinx roles) and cite theory sections that exist;
+and the site builds with ``mkdocs build --strict`` with every reference rendered (also run by CI: ``make docs``)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,24 @@ def test_docstrings_use_markdown_cross_references_not_sphinx_roles():
         if SPHINX_ROLE.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+THEORY_CITATION = re.compile(r'docs/theory\.md, "([^"\n]+)"')
+
+
+def test_docstrings_cite_theory_sections_that_exist():
+    """Docstrings cite the maths as ``docs/theory.md, "`` followed by a heading in quotes;
+    every cited heading is on that page (and no docstring cites a spec file that is not in the repository)."""
+    headings = {
+        line.lstrip("#").strip() for line in (DOCS / "theory.md").read_text().splitlines() if line.startswith("#")
+    }
+    sources = [*sorted(PACKAGE.rglob("*.py")), *sorted((ROOT / "tests").rglob("*.py"))]
+    cited = {(path.relative_to(ROOT), title) for path in sources for title in THEORY_CITATION.findall(path.read_text())}
+    assert len(cited) >= 6
+    missing = [f"{path}: {title!r}" for path, title in sorted(cited) if title not in headings]
+    assert not missing, "\n".join(missing)
+    stale = [str(path.relative_to(ROOT)) for path in sources if "ALGORITHM" + ".md" in path.read_text()]
+    assert not stale, stale
 
 
 def _mkdocs() -> str | None:

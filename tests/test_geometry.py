@@ -1,4 +1,4 @@
-"""Duality identities of the per-layer geometries (ALGORITHM.md §1 and §6.1).
+"""Duality identities of the per-layer geometries (docs/theory.md, "Norms, dual norms and duality maps").
 
 For every norm the tests pin down, against references computed here with numpy and never with
 the package:
@@ -54,7 +54,8 @@ def ref_dual(name: str, m: Matrix) -> float:
 
 
 def ref_operator(name: str, w: Matrix) -> float:
-    """The operator norm a(W) of ALGORITHM.md §1: spectral for Frobenius and spectral."""
+    """The operator norm a(W) of docs/theory.md, "Norms, dual norms and duality maps":
+    spectral for Frobenius and spectral."""
     if name in ("frobenius", "spectral"):
         return float(np.linalg.svd(w, compute_uv=False).max())
     return max(math.fsum(np.abs(row)) for row in w)  # correctly rounded row sums
@@ -75,7 +76,8 @@ def ref_maximiser(name: str, m: Matrix) -> Matrix:
 
 
 def ref_duality_map(name: str, m: Matrix) -> Matrix:
-    """ρ(M) as tabulated in ALGORITHM.md §1; unique for full-rank M without ties or zero rows."""
+    """ρ(M) as tabulated in docs/theory.md, "Norms, dual norms and duality maps";
+    unique for full-rank M without ties or zero rows."""
     if name == "frobenius":
         return m.copy()
     return ref_dual(name, m) * ref_maximiser(name, m)
@@ -212,7 +214,8 @@ def test_duality_identities_on_named_shapes(name: str, case: str, bias: bool) ->
 @pytest.mark.parametrize("name", NORMS)
 @pytest.mark.parametrize("case", ["tall", "wide", "square", "row_1xn", "col_nx1", "huge", "tiny"])
 def test_duality_map_matches_the_tabulated_formula(name: str, case: str) -> None:
-    """On full-rank matrices without ties ρ is unique; it must be the one of ALGORITHM.md §1."""
+    """On full-rank matrices without ties ρ is unique; it must be the one of
+    docs/theory.md, "Norms, dual norms and duality maps"."""
     m = NAMED[case]
     got = make_geometry(name).duality_map(t(m)).numpy()
     np.testing.assert_allclose(got, ref_duality_map(name, m), rtol=1e-9, atol=1e-12 * np.abs(got).max())

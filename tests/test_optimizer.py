@@ -1,4 +1,5 @@
-"""DSGD.step: selection, the update rule, guarantees, state, and errors (ALGORITHM.md §4, §6.3–6.4)."""
+"""DSGD.step: selection, the update rule, guarantees, state, and errors
+(docs/theory.md, "The algorithm"; docs/theory.md, "The guarantees")."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_direction(norm: str, g: np.ndarray) -> np.ndarray:
-    """ρ(G) computed independently with numpy (ALGORITHM.md §1)."""
+    """ρ(G) computed independently with numpy (docs/theory.md, "Norms, dual norms and duality maps")."""
     if norm == "frobenius":
         return g
     if norm == "spectral":
@@ -102,7 +103,7 @@ def test_layers_are_found_in_forward_order_with_qualified_names():
 
     opt = DSGD(Net())
     assert opt.layer_names == ["body.1", "body.3.0", "body.4"]
-    assert [g["layer_name"] for g in opt.param_groups] == opt.layer_names
+    assert [g["name"] for g in opt.param_groups] == opt.layer_names
 
 
 def test_a_declared_chain_for_a_hand_written_forward():
@@ -190,7 +191,7 @@ def test_full_batch_loss_decreases_by_at_least_the_guarantee(norm, mode, selecti
 
 
 def test_stationarity_sum_is_bounded_by_the_initial_gap():
-    """ALGORITHM.md §5: Σ_t ‖∇f(w_t)‖²_{w_t*} ≤ (f(w_0) − f(w_T)) / (η(1−η/2))."""
+    """docs/theory.md, "The guarantees": Σ_t ‖∇f(w_t)‖²_{w_t*} ≤ (f(w_0) − f(w_T)) / (η(1−η/2))."""
     model = mlp([6, 10, 4], seed=5)
     x, y = classification_data(64, 6, 4, seed=5)
     opt = DSGD(model)
@@ -403,6 +404,36 @@ def test_state_dict_round_trip_continues_identically(selection, mode):
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed.selection_counts == opt.selection_counts
+
+
+def test_param_groups_are_named_after_their_layers_and_the_former_key_still_loads():
+    """The group key is ``"name"`` (Lightning's LearningRateMonitor logs ``lr-DSGD/<layer>``); a state
+    saved under the former key ``"layer_name"`` resumes identically, with and without the ``"dsgd"`` entry."""
+    x, y = classification_data(32, 4, 3, seed=2)
+    model = mlp([4, 6, 6, 3], seed=2)
+    opt = DSGD(model, momentum=0.5, constants="data")
+    assert [group["name"] for group in opt.param_groups] == opt.layer_names
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["param_groups"]:
+        group["layer_name"] = group.pop("name")
+    weights = copy.deepcopy(model.state_dict())
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+
+    resumed_model = mlp([4, 6, 6, 3], seed=9)
+    resumed_model.load_state_dict(weights)
+    resumed = DSGD(resumed_model, momentum=0.5, constants="data")
+    resumed.load_state_dict(state)
+    assert all("layer_name" not in group for group in resumed.param_groups)
+    assert [group["name"] for group in resumed.param_groups] == resumed.layer_names
+    for _ in range(3):
+        resumed.step(make_closure(resumed_model, resumed, x, y))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    torch_only = {k: v for k, v in state.items() if k != "dsgd"}
+    DSGD(mlp([4, 6, 6, 3]), constants="data").load_state_dict(torch_only)
 
 
 def test_load_state_dict_refuses_other_settings():

@@ -21,7 +21,7 @@ from lightning_dsgd.geometry import SpectralGeometry
 
 
 def polar_reference(g: np.ndarray) -> np.ndarray:
-    """``‖G‖_* · U Vᵀ`` on the numerical rank, with numpy (ALGORITHM.md §1)."""
+    """``‖G‖_* · U Vᵀ`` on the numerical rank, with numpy (docs/theory.md, "Norms, dual norms and duality maps")."""
     u, s, vh = np.linalg.svd(g, full_matrices=False)
     rank = int((s > s[0] * max(g.shape) * np.finfo(g.dtype).eps).sum())
     return s[:rank].sum() * u[:, :rank] @ vh[:rank]

@@ -1,4 +1,4 @@
-"""The smoothness constants L_i(w) and the descent inequality (★) of ALGORITHM.md §3 and §6.2."""
+"""The smoothness constants L_i(w) and the descent inequality (★) (docs/theory.md, "The per-layer constants")."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MODES = ["data", "architecture"]
 
 # ---------------------------------------------------------------------------- the formula
 def reference_constants(a, r, s1, s2, g, h):
-    """ALGORITHM.md §3 written out literally, 1-based as in the spec, in plain Python floats."""
+    """docs/theory.md, "The per-layer constants" written out literally, 1-based, in plain Python floats."""
     n = len(a)
     a = [None, *a]
     s1 = [None, *s1]

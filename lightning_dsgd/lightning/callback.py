@@ -32,6 +32,7 @@ scored steps only).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,14 +41,67 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_dsgd.distributed import default_reducer
+from lightning_dsgd.lightning.loss import global_mean_loss
 from lightning_dsgd.lightning.metrics import LayerSelectionFrequency
 from lightning_dsgd.lightning.plot import History, require_matplotlib, save_history_png
 from lightning_dsgd.lightning.settings import DSGDSettings
 from lightning_dsgd.optimizer import DSGD, StepRecord
 
 PNG_NAME = "dsgd_layers.png"
+
+
+@dataclass
+class _Pending:
+    """The last step taken, until the next one tells its realized decrease."""
+
+    loss: Tensor | None  # the full-batch loss (full_batch=True)
+    guaranteed: Tensor  # its guaranteed decrease
+    step: int | None  # its logger step, if it was logged
+    index: int | None  # its entry in the history, if it was logged
+    epoch: int  # the epoch it was taken in
+
+    def state(self) -> tuple[float | None, float, int | None, int | None]:
+        return (None if self.loss is None else float(self.loss), float(self.guaranteed), self.step, self.index)
+
+    @classmethod
+    def from_state(cls, state: tuple, epoch: int, device: torch.device) -> _Pending:
+        loss, guaranteed, step, index = state
+        loss = None if loss is None else torch.tensor(loss, device=device)
+        return cls(loss, torch.tensor(guaranteed, device=device), step, index, epoch)
+
+
+class _Observer:
+    """Observe-only mode: a DSGD built on the module scores (never steps) the gradients another
+    optimizer is about to use, on the steps that will be logged only."""
+
+    def __init__(self, optimizer: DSGD) -> None:
+        self.optimizer = optimizer
+        self._scores_this_batch = False
+        self._batch = -1
+        self._record: StepRecord | None = None
+
+    def batch_start(self, scores: bool) -> None:
+        """Record input norms in this batch's forward passes only if its step is scored."""
+        self._scores_this_batch = scores
+        self.optimizer.record_input_norms(scores)
+
+    def before_optimizer_step(self, batch: int) -> None:
+        """Gradients are final (unscaled) here: score them once per batch (several optimizers may step)."""
+        if batch == self._batch:
+            return
+        self._batch = batch
+        if self._scores_this_batch:
+            self._record = self.optimizer.score()
+        else:  # the next score must see only its own step's forward passes
+            self.optimizer.discard_input_norms()
+
+    def take(self) -> StepRecord | None:
+        """This batch's scored record (once), or None."""
+        record, self._record = self._record, None
+        return record
 
 
 class DSGDMonitor(Callback):
@@ -101,17 +155,12 @@ class DSGDMonitor(Callback):
         self.png_path: Path | None = None
         self.selection: LayerSelectionFrequency | None = None
         self.layer_names: list[str] = []
-        self._optimizer: DSGD | None = None  # the trainer's DSGD, or the observer
-        self._observing = False
+        self._optimizer: DSGD | None = None  # the trainer's DSGD, or the observer's
+        self._observer: _Observer | None = None  # observe-only mode
         self._seen: StepRecord | None = None
-        self._observed: StepRecord | None = None
-        self._observed_batch = -1
-        self._score_this_batch = False
         self._last: tuple[StepRecord, int] | None = None  # this epoch's latest record and its step
         self._violations: Tensor | None = None
-        # The last step's (loss, guaranteed decrease, logger step if logged, history index if logged).
-        self._previous: tuple[Tensor | None, Tensor, int | None, int | None] | None = None
-        self._previous_epoch = 0  # the epoch of that step
+        self._previous: _Pending | None = None
         self._loaded: dict[str, Any] = {}
         self._plot_enabled = False
 
@@ -121,6 +170,7 @@ class DSGDMonitor(Callback):
         return 0 if self._violations is None else int(self._violations)
 
     # ------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -128,9 +178,10 @@ class DSGDMonitor(Callback):
             require_matplotlib()
         self._plot_enabled = self.plot is True or (self.plot is None and _matplotlib_available())
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find what to read (after checkpoint restore): the trainer's DSGD, or an observer."""
-        self._optimizer, self._observing = None, False
+        self._optimizer, self._observer = None, None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if isinstance(optimizer, DSGD):
             self._optimizer = optimizer
@@ -141,7 +192,7 @@ class DSGDMonitor(Callback):
             except ValueError as error:
                 rank_zero_warn(f"DSGDMonitor: observe-only mode is off, DSGD cannot score this model. {error}")
                 return
-            self._observing = True
+            self._observer = _Observer(self._optimizer)
             if self.full_batch:
                 rank_zero_warn(
                     "DSGDMonitor(full_batch=True) is ignored in observe-only mode: DSGD does not take the step."
@@ -158,49 +209,42 @@ class DSGDMonitor(Callback):
         self._violations = torch.tensor(self._loaded.get("violations", 0), device=pl_module.device)
         previous = self._loaded.get("previous")
         if previous is not None:
-            loss, bound, step, index = previous
-            loss = None if loss is None else torch.tensor(loss, device=pl_module.device)
-            self._previous = (loss, torch.tensor(bound, device=pl_module.device), step, index)
+            self._previous = _Pending.from_state(previous, self._loaded.get("previous_epoch", 0), pl_module.device)
         self._loaded = {}
         if trainer.is_global_zero:
             for logger in _wandb_loggers(trainer):
                 _define_wandb_metrics(logger, self.layer_names)
 
     # ------------------------------------------------------------------ every step
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Observe-only mode: decide now whether this step is scored (it will be logged), so that
         the input norms are recorded in its forward passes only."""
-        if self._observing:
-            self._score_this_batch = self._logs_step(trainer) or (
-                self.logging_interval == "epoch" and _last_step_of_epoch(trainer)
-            )
-            self._optimizer.record_input_norms(self._score_this_batch)  # type: ignore[union-attr]
+        if self._observer is not None:
+            epoch_end = self.logging_interval == "epoch" and _last_step_of_epoch(trainer)
+            self._observer.batch_start(self._logs_step(trainer) or epoch_end)
 
+    @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         """Observing: the certificate of the scored step needs the loss's graph (DSGD.check_loss)."""
-        if self._observing and self._optimizer is not None:
-            self._optimizer.check_loss(loss)
+        if self._observer is not None:
+            self._observer.optimizer.check_loss(loss)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Observe-only mode: gradients are final (unscaled) here; score them at logging steps."""
-        if not self._observing:
-            return
-        batch = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if batch == self._observed_batch:  # a second optimizer in the same batch
-            return
-        self._observed_batch = batch
-        if self._score_this_batch:
-            self._observed = self._optimizer.score()  # type: ignore[union-attr]
-        else:  # the next score must see only its own step's forward passes
-            self._optimizer.discard_input_norms()  # type: ignore[union-attr]
+        if self._observer is not None:
+            self._observer.before_optimizer_step(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._optimizer is None:
             return
-        if self._observing:
-            record, self._observed = self._observed, None
+        observing = self._observer is not None
+        if self._observer is not None:
+            record = self._observer.take()
             if record is None:
                 return
         else:
@@ -208,21 +252,21 @@ class DSGDMonitor(Callback):
             if record is None or record is self._seen:  # no step on this batch (accumulation)
                 return
             self._seen = record
-        logged = self.logging_interval != "epoch" if self._observing else self._logs_step(trainer)
+        logged = self.logging_interval != "epoch" if observing else self._logs_step(trainer)
         if trainer.is_global_zero:  # every rank chose the same: count once
             for layer in record.layers or ((record.layer,) if record.layer is not None else ()):
                 self.selection.update(layer)  # type: ignore[union-attr]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._last = (record, step)
-        loss = self._full_batch_loss(trainer, outputs) if self.full_batch and not self._observing else None
-        if not self._observing:
+        loss = self._full_batch_loss(trainer, outputs) if self.full_batch and not observing else None
+        if not observing:
             self._realized_decrease(trainer, record, loss)
         if logged:
             self._log_step(trainer, pl_module, record, step)
-        if not self._observing:
+        if not observing:
             index = len(self.history.steps) - 1 if logged else None
-            self._previous = (loss, record.guaranteed_decrease.detach(), step if logged else None, index)
-            self._previous_epoch = trainer.current_epoch
+            guaranteed = record.guaranteed_decrease.detach()
+            self._previous = _Pending(loss, guaranteed, step if logged else None, index, trainer.current_epoch)
 
     def _logs_step(self, trainer: Trainer) -> bool:
         return self.logging_interval != "epoch" and _should_log(trainer)
@@ -275,8 +319,8 @@ class DSGDMonitor(Callback):
         from the previous and the current loss. Count it, and log it if that step was logged."""
         if self._previous is None:
             return
-        realized = record.realized_decrease
-        previous_loss = self._previous[0]
+        realized = record.realized_decrease  # the optimizer's own, where it records it
+        previous_loss = self._previous.loss
         if realized is None and previous_loss is not None and loss is not None:
             realized = previous_loss.to(loss.dtype) - loss
         if realized is not None:
@@ -286,14 +330,13 @@ class DSGDMonitor(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return None
-        loss = loss.detach().clone()
-        if trainer.world_size > 1:  # the full data set is split over the ranks: its loss is the mean
-            loss = trainer.strategy.reduce(loss, reduce_op="mean")
-        return loss
+        return global_mean_loss(trainer, loss)  # the full data set is split over the ranks
 
     def _close_previous(self, trainer: Trainer, realized: Tensor) -> None:
-        _, guaranteed, step, index = self._previous  # type: ignore[misc]
-        threshold = guaranteed.to(realized.dtype) * (1.0 - self.decrease_rtol) - self.decrease_atol
+        previous = self._previous
+        assert previous is not None
+        step, index = previous.step, previous.index
+        threshold = previous.guaranteed.to(realized.dtype) * (1.0 - self.decrease_rtol) - self.decrease_atol
         self._violations = self._violations + (realized < threshold).long()  # type: ignore[operator]
         if step is None:
             return
@@ -301,9 +344,10 @@ class DSGDMonitor(Callback):
         self.history.realized[index] = realized_value  # type: ignore[index]
         metrics = {"dsgd/realized_decrease": realized_value, "dsgd/bound_violations": self.bound_violations}
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
-        _send(trainer, {**metrics, "epoch": self._previous_epoch}, step)
+        _send(trainer, {**metrics, "epoch": previous.epoch}, step)
 
     # ------------------------------------------------------------------ per epoch, end of fit
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.selection is None or self._optimizer is None:
             return
@@ -324,49 +368,49 @@ class DSGDMonitor(Callback):
             trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
             if record.layer_name is not None:
                 wandb_extra["dsgd/layer_name"] = record.layer_name
-            if not self._observing and self._previous is not None:  # its realized decrease is logged when known
-                loss, bound, _, _ = self._previous
-                self._previous = (loss, bound, step, len(self.history.steps) - 1)
+            if self._observer is None and self._previous is not None:  # its realized decrease is logged when known
+                self._previous.step, self._previous.index = step, len(self.history.steps) - 1
         metrics.update({f"dsgd_epoch/frequency/{name}": c for name, c in zip(self.layer_names, counts, strict=True)})
         _send(trainer, metrics, step, wandb_extra)
         if trainer.is_global_zero:
             for logger in _wandb_loggers(trainer):
                 _log_wandb_epoch(logger, self.layer_names, counts, trainer.current_epoch, step)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = self.dirpath or trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks
         if self._plot_enabled and trainer.is_global_zero and self.history.steps:
-            title = "DSGD (observing " + type(trainer.optimizers[0]).__name__ + ")" if self._observing else "DSGD"
+            observing = self._observer is not None
+            title = "DSGD (observing " + type(trainer.optimizers[0]).__name__ + ")" if observing else "DSGD"
             every_layer = self._optimizer is not None and self._optimizer.layers_per_step > 1
             path = Path(directory) / PNG_NAME
             self.png_path = save_history_png(self.history, self.layer_names, path, title, every_layer)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._observing and self._optimizer is not None:
-            self._optimizer.remove_hooks()
-        self._optimizer, self._observing, self._seen, self._observed = None, False, None, None
+        if self._observer is not None:
+            self._observer.optimizer.remove_hooks()
+        self._optimizer, self._observer, self._seen = None, None, None
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
-        previous = None
-        if self._previous is not None:
-            loss, bound, step, index = self._previous
-            previous = (None if loss is None else float(loss), float(bound), step, index)
         counts = self.selection.counts.tolist() if self.selection is not None else None
         return {
             "history": self.history.state_dict(),
             "epoch_counts": [list(c) for c in self.epoch_counts],
             "selection_counts": counts,  # this epoch so far; rank 0 holds them all
             "violations": self.bound_violations,
-            "previous": previous,
-            "previous_epoch": self._previous_epoch,
+            "previous": None if self._previous is None else self._previous.state(),
+            "previous_epoch": 0 if self._previous is None else self._previous.epoch,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = History(**state_dict["history"])
         self.epoch_counts = [list(c) for c in state_dict["epoch_counts"]]
         self._loaded = {key: state_dict[key] for key in ("selection_counts", "violations", "previous")}
-        self._previous_epoch = state_dict.get("previous_epoch", 0)
+        self._loaded["previous_epoch"] = state_dict.get("previous_epoch", 0)
 
 
 # ---------------------------------------------------------------------- helpers

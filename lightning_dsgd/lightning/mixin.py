@@ -26,7 +26,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dsgd.distributed import default_gatherer, default_reducer
+from lightning_dsgd.lightning.loss import global_mean_loss
 from lightning_dsgd.lightning.settings import DSGDSettings, as_settings
 from lightning_dsgd.optimizer import DSGD
 
@@ -44,8 +45,13 @@ except ImportError:  # pragma: no cover - torch without FSDP2
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # type checkers see the LightningModule the mixin is always combined with
+    _Base = LightningModule
+else:
+    _Base = object
 
-class DSGDMixin:
+
+class DSGDMixin(_Base):
     """Mix into a LightningModule: ``class MyModel(DSGDMixin, MyModule)`` (any base order works;
     ``class Net(DSGDMixin, LightningModule)`` with its own ``training_step`` too).
 
@@ -83,7 +89,7 @@ class DSGDMixin:
     @property
     def dsgd_optimizer(self) -> DSGD:
         """The raw [DSGD][lightning_dsgd.DSGD] optimizer (reads and writes reach it, unlike the Lightning wrapper)."""
-        return self.trainer.optimizers[0]  # type: ignore[attr-defined,return-value]
+        return cast(DSGD, self.trainer.optimizers[0])
 
     # ------------------------------------------------------------------ the training step
     def _dsgd_after_training_step(self, output: Any) -> Any:
@@ -98,22 +104,21 @@ class DSGDMixin:
         window = settings.accumulate_grad_batches
         closes_window = self._closes_accumulation_window(window)
         with self._gradient_sync(enabled=closes_window):
-            self.manual_backward(loss / window if window > 1 else loss)  # type: ignore[attr-defined]
+            self.manual_backward(loss / window if window > 1 else loss)
         if closes_window:
-            _check_scheduled_eta(dsgd, self.trainer.global_step)  # type: ignore[attr-defined]
-            optimizer = self.optimizers()  # type: ignore[attr-defined]
+            _check_scheduled_eta(dsgd, self.trainer.global_step)
+            optimizer = self.optimizers()
+            assert not isinstance(optimizer, list)  # DSGD is the only optimizer (checked at configure)
             steps_before = dsgd.steps_taken
             # The loss reaches DSGD.step through Lightning's precision plugin (full_batch compares
             # consecutive losses, so data-parallel ranks hand it the loss of the global batch).
-            step_loss = loss.detach()
-            if settings.full_batch and self.trainer.world_size > 1:  # type: ignore[attr-defined]
-                step_loss = self.trainer.strategy.reduce(step_loss.clone(), reduce_op="mean")  # type: ignore[attr-defined]
+            step_loss = global_mean_loss(self.trainer, loss) if settings.full_batch else loss.detach()
             optimizer.step(loss=step_loss)
             if dsgd.steps_taken == steps_before:
-                scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+                scaler = getattr(self.trainer.precision_plugin, "scaler", None)
                 if scaler is None:
                     raise RuntimeError(
-                        f"DSGD.step did not run at step {self.trainer.global_step} and no GradScaler skipped it: "  # type: ignore[attr-defined]
+                        f"DSGD.step did not run at step {self.trainer.global_step} and no GradScaler skipped it: "
                         "something between the Lightning optimizer and DSGD dropped the step. Use the plain "
                         "precision plugins (precision='32-true', 'bf16-mixed', '16-mixed')."
                     )
@@ -121,7 +126,7 @@ class DSGDMixin:
                     f"the GradScaler found inf/NaN in the float16 gradients (loss scale now {scaler.get_scale():g})"
                 )
             optimizer.zero_grad()
-            self._step_eta_schedulers("step", self.trainer.global_step)  # type: ignore[attr-defined]
+            self._step_eta_schedulers("step", self.trainer.global_step)
         return output
 
     # ------------------------------------------------------------------ helpers
@@ -130,7 +135,7 @@ class DSGDMixin:
         in automatic mode."""
         if window == 1:
             return True
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         return ready % window == 0 or ready == trainer.num_training_batches
 
@@ -140,10 +145,10 @@ class DSGDMixin:
         if enabled:
             yield
             return
-        fsdp_modules = [m for m in self.modules() if isinstance(m, FSDPModule)]  # type: ignore[attr-defined]
+        fsdp_modules = [m for m in self.modules() if isinstance(m, FSDPModule)]
         for module in fsdp_modules:
             module.set_requires_gradient_sync(False, recurse=False)
-        strategy = self.trainer.strategy  # type: ignore[attr-defined]
+        strategy = self.trainer.strategy
         block = getattr(strategy, "block_backward_sync", contextlib.nullcontext)
         try:
             with block():
@@ -154,30 +159,30 @@ class DSGDMixin:
 
     def _step_eta_schedulers(self, interval: str, count: int) -> None:
         """Manual optimization does not step schedulers: do it as automatic mode would."""
-        for config in self.trainer.lr_scheduler_configs:  # type: ignore[attr-defined]
+        for config in self.trainer.lr_scheduler_configs:
             if config.interval != interval or count % config.frequency != 0:
                 continue
             config.scheduler.step()
 
 
 # ---------------------------------------------------------------------- class wiring
-def _wire(cls: type) -> None:
+def _wire(cls: Any) -> None:
     """Install the mixin's ``training_step`` driver, optimizer, manual mode and callback in
     ``cls`` itself, so that no base order or override can bypass them."""
     own = cls.__dict__
     step = getattr(cls, "training_step", None)
     if step is not None and not getattr(step, "_dsgd_driven", False):
-        cls.training_step = _driven(step)  # type: ignore[attr-defined]
+        cls.training_step = _driven(step)
     configure = own.get("configure_optimizers")
     if configure is not None:
-        cls.configure_optimizers = _checked_optimizers(configure)  # type: ignore[attr-defined]
+        cls.configure_optimizers = _checked_optimizers(configure)
     elif not getattr(getattr(cls, "configure_optimizers", None), "_dsgd", False):
-        cls.configure_optimizers = _configure_dsgd  # type: ignore[attr-defined]
+        cls.configure_optimizers = _configure_dsgd
     if "automatic_optimization" not in own:
-        cls.automatic_optimization = DSGDMixin.__dict__["automatic_optimization"]  # type: ignore[attr-defined]
+        cls.automatic_optimization = DSGDMixin.__dict__["automatic_optimization"]
     callbacks = getattr(cls, "configure_callbacks", None)
     if callbacks is not None and not getattr(callbacks, "_dsgd", False):
-        cls.configure_callbacks = _with_dsgd_callbacks(callbacks)  # type: ignore[attr-defined]
+        cls.configure_callbacks = _with_dsgd_callbacks(callbacks)
 
 
 def _driven(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -307,7 +312,7 @@ def _check_scheduled_eta(dsgd: DSGD, step: int) -> None:
         eta = float(group["lr"])
         if not 0.0 < eta < 2.0:
             raise ValueError(
-                f"η reached {eta:g} at step {step} (layer {group['layer_name']!r}): an η schedule must keep η in "
+                f"η reached {eta:g} at step {step} (layer {group['name']!r}): an η schedule must keep η in "
                 "(0, 2), or DSGD stops moving. Give the schedule a floor (e.g. CosineAnnealingLR(eta_min=1e-3)) "
                 "or end training (max_steps) before it reaches 0."
             )

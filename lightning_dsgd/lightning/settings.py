@@ -7,6 +7,7 @@ every setting is checked when ``DSGDSettings`` is built — before any Trainer o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 from lightning_dsgd.optimizer import (
     DEFAULT_CONSTANTS,
+    DSGD,
     ConstantsMode,
     LossName,
     NonFinitePolicy,
@@ -119,21 +121,11 @@ class DSGDSettings:
         return out
 
 
-_OPTIMIZER_FIELDS = (
-    "norm",
-    "constants",
-    "eta",
-    "selection",
-    "loss",
-    "data_bound",
-    "overrides",
-    "nonfinite",
-    "seed",
-    "momentum",
-    "layers_per_step",
-    "full_batch",
-    "undo_shortfalls",
-    "adaptive_options",
+#: The settings that are DSGD's keyword arguments, read from its signature (in its order).
+_OPTIMIZER_FIELDS = tuple(
+    name
+    for name in inspect.signature(DSGD.__init__).parameters
+    if name in {field.name for field in dataclasses.fields(DSGDSettings)}
 )
 
 

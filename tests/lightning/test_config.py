@@ -90,3 +90,20 @@ def test_strategy_settings_apply_to_a_module_without_the_mixin(tmp_path):
 def test_negative_verification_interval_is_refused():
     with pytest.raises(ValueError, match="verify_every_n_steps must be"):
         DSGDSingleDeviceStrategy(verify_every_n_steps=-1)
+
+
+def test_settings_are_the_optimizers_arguments_with_its_defaults_and_types():
+    """Options defined once: every DSGD keyword argument (but the model's own chain and the
+    distributed hooks the mixin supplies) is a setting, with the same default and annotation."""
+    import dataclasses
+    import inspect
+
+    parameters = inspect.signature(DSGD.__init__).parameters
+    fields = {field.name: field for field in dataclasses.fields(DSGDSettings)}
+    supplied = {"self", "model", "chain", "reduce_max", "gather"}
+    assert set(parameters) - supplied <= set(fields)
+    assert list(DSGDSettings().optimizer_kwargs()) == [name for name in parameters if name not in supplied]
+    for name in DSGDSettings().optimizer_kwargs():
+        assert fields[name].default == parameters[name].default, name
+    for name in ("constants", "selection", "nonfinite"):  # the same Literal, not a copy of its values
+        assert fields[name].type == parameters[name].annotation, name

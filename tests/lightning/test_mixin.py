@@ -108,6 +108,17 @@ def test_eta_schedules(tmp_path, interval):
         assert record.etas == [1.0] * 16
 
 
+def test_learning_rate_monitor_logs_eta_per_layer_name(tmp_path):
+    """The param groups are keyed ``"name"``, the key Lightning's LearningRateMonitor reads."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = LearningRateMonitor(logging_interval="step")
+    model = DSGDClassifier()
+    trainer(tmp_path, max_steps=2, callbacks=[monitor], logger=CSVLogger(tmp_path)).fit(model)
+    assert sorted(monitor.lrs) == sorted(f"lr-DSGD/{name}" for name in model.dsgd_optimizer.layer_names)
+
+
 def test_eta_schedule_per_epoch_changes_after_the_window(tmp_path):
     settings = DSGDSettings(
         eta_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),

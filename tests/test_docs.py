@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,13 @@ def test_readme_usage_example_runs_outside_the_repository(tmp_path):
     assert "steps 2" in result.stdout
     (log_dir,) = work.glob("lightning_logs/digits/version_0")
     assert (log_dir / "dsgd_layers.png").is_file() and "dsgd_layers/chosen/" in (log_dir / "metrics.csv").read_text()
-    assert list(work.glob("lightning_logs/wandb/offline-run-*/*.wandb")), "the offline W&B run of the README"
+    # the offline W&B run (its .wandb file is written by W&B's service process, which may finish after ours)
+    assert list(work.glob("lightning_logs/wandb/offline-run-*")), "the README's offline W&B run"
+    for _ in range(60):
+        if list(work.glob("lightning_logs/wandb/offline-run-*/*.wandb")):
+            break
+        time.sleep(0.5)
+    assert list(work.glob("lightning_logs/wandb/offline-run-*/*.wandb")), "the README's W&B run file"
 
 
 # ---------------------------------------------------------------------- the site

@@ -14,7 +14,7 @@ import io
 import pytest
 import torch
 from helpers.architectures import ReluCNN, TinyTransformer
-from helpers.devices import MetaHost
+from helpers.devices import MetaHost, host_reads_per_step
 from helpers.models import classification_data, make_closure, mlp
 from helpers.precision import HALF, applied_over_certified, cuda_like_linalg  # noqa: F401  (fixture)
 from torch import nn
@@ -100,15 +100,7 @@ def test_every_tensor_follows_the_parameters_and_one_host_sync_per_step(monkeypa
     build, expected = CASES[case]
     model, settings, loss_fn = build()
     opt = DSGD(model, **settings)
-    per_step = []
-    for _ in range(6):
-        opt.zero_grad()
-        with torch.enable_grad():
-            loss_fn().backward()
-        with MetaHost() as host:
-            opt.step()
-        per_step.append(host.total)
-        assert opt.last_step.scores.device.type == "meta"
+    per_step, host = host_reads_per_step(opt, loss_fn, 6)
     assert per_step[3:] == [expected] * 3, (per_step, dict(host.syncs), dict(host.uploads))
 
 

@@ -234,22 +234,14 @@ def test_autocast_and_reduced_float32_matmul_precision_do_not_weaken_the_certifi
 def test_matmul_path_keeps_every_tensor_on_the_device_and_one_host_sync_per_step(monkeypatch):
     """Parameters on the ``meta`` device stand for a GPU (tests/helpers/devices.py): the matmul
     path makes nothing on the CPU and reads nothing back (its fallback is chosen on the device)."""
-    from helpers.devices import MetaHost
+    from helpers.devices import host_reads_per_step
     from test_gpu_readiness import _draw_on_device, _mlp_case
 
     _draw_on_device(monkeypatch)
     model, settings, loss_fn = _mlp_case(256)()
     opt = DSGD(model, **settings)
     opt.geometries["spectral"].polar = "always"
-    per_step = []
-    for _ in range(5):
-        opt.zero_grad()
-        with torch.enable_grad():
-            loss_fn().backward()
-        with MetaHost() as host:
-            opt.step()
-        per_step.append(host.total)
-        assert opt.last_step.dual_norms.device.type == "meta"
+    per_step, host = host_reads_per_step(opt, loss_fn, 5)
     assert per_step[3:] == [1, 1], (per_step, dict(host.syncs), dict(host.uploads))
     assert opt.geometries["spectral"].polar_fallbacks.device.type == "meta"  # the matmul path ran
 

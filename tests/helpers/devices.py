@@ -86,3 +86,19 @@ def _target(args: tuple, kwargs: dict) -> str | None:
         if isinstance(value, Tensor):
             return value.device.type
     return None
+
+
+def host_reads_per_step(opt: Any, loss_fn: Any, steps: int) -> tuple[list[int], MetaHost]:
+    """Run ``steps`` DSGD steps on a model whose parameters live on the ``meta`` device, the
+    backward outside the count; return the reads and uploads counted in each step (and the
+    last step's counter, for the failure message)."""
+    per_step = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss_fn().backward()
+        with MetaHost() as host:
+            opt.step()
+        per_step.append(host.total)
+        assert opt.last_step.dual_norms.device.type == "meta"
+    return per_step, host

@@ -124,7 +124,9 @@ def outside_the_repository(tmp_path: Path) -> dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "lightning_dsgd").symlink_to(PACKAGE, target_is_directory=True)
-    return {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # WANDB_SERVICE: a W&B service started by an earlier test of this process; a fresh user has none
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    return {**env, "PYTHONPATH": str(site), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 def test_readme_usage_example_runs_outside_the_repository(tmp_path):

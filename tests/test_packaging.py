@@ -67,7 +67,7 @@ def test_the_wheel_installs_into_a_fresh_environment_and_trains(tmp_path):
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "WANDB_SERVICE")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     where = run([str(python), "-c", "import lightning_dsgd; print(lightning_dsgd.__file__)"], cwd=work, env=env)
     assert Path(where.stdout.strip()).is_relative_to(venv)  # the wheel's copy, not the repository's

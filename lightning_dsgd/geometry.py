@@ -75,11 +75,17 @@ class Geometry:
         raise NotImplementedError
 
     def dual_norms_and_bases(
-        self, grads: Sequence[BlockGrad], rank_bounds: Sequence[int | None] | None = None, seed: int = 0
+        self,
+        grads: Sequence[BlockGrad],
+        rank_bounds: Sequence[int | None] | None = None,
+        seed: int = 0,
+        directions: bool = False,
     ) -> tuple[Tensor, list[Basis]]:
         """``dual_norms(grads)`` and, per block, the basis its ``duality_map`` must use (``None``:
         none). ``rank_bounds[i] ≥ rank(G_i)`` (``None``: unknown) may let a geometry work in a
-        smaller space; ``seed`` fixes any randomness (the same on every rank)."""
+        smaller space; ``seed`` fixes any randomness (the same on every rank). ``directions``: every
+        block will be stepped on, so a geometry may hand back the direction itself when it comes
+        with the dual norm (the spectral map's SVD)."""
         return self.dual_norms(grads), [None] * len(grads)
 
     def duality_map(self, block: Tensor, basis: Basis = None) -> Tensor:
@@ -219,8 +225,15 @@ class SpectralGeometry(Geometry):
         return k if k <= fraction * min(shape[-2:]) else None
 
     def dual_norms_and_bases(
-        self, grads: Sequence[BlockGrad], rank_bounds: Sequence[int | None] | None = None, seed: int = 0
+        self,
+        grads: Sequence[BlockGrad],
+        rank_bounds: Sequence[int | None] | None = None,
+        seed: int = 0,
+        directions: bool = False,
     ) -> tuple[Tensor, list[Basis]]:
+        """With ``directions`` (every layer moves) one batched SVD per group gives both the nuclear
+        norm and ``U Vᵀ`` (handed to ``duality_map`` as a [PolarDirection][lightning_dsgd.polar.PolarDirection]
+        ``(U Vᵀ, ‖G_r‖_*)``), instead of ``svdvals`` now and a second SVD per layer at the step."""
         device = self._device(grads)
         groups: dict[tuple[tuple[int, ...], torch.dtype, int | str | None], list[int]] = defaultdict(list)
         blocks: dict[int, Tensor] = {}
@@ -256,10 +269,22 @@ class SpectralGeometry(Geometry):
                     bases[i] = basis[j]
                 stack = stack @ basis
             # LAPACK is faster on tall matrices (2.8× on a 256 × 1025 block, 1 CPU thread).
-            singular = signal_singular_values(torch.linalg.svdvals(stack.mT if shape[0] < shape[1] else stack), shape)
+            wide = shape[0] < shape[1]
+            oriented = stack.mT if wide else stack
+            if directions:
+                u, s, vh = torch.linalg.svd(oriented, full_matrices=False)
+                singular = signal_singular_values(s, shape)
+                unit = (u * (singular > 0).unsqueeze(-2).to(u.dtype)) @ vh  # U Vᵀ of the signal part
+                unit = unit.mT if wide else unit
+                if isinstance(k, int):
+                    unit = unit @ basis.mT  # U (QV)ᵀ, the sketch's direction
+            else:
+                singular = signal_singular_values(torch.linalg.svdvals(oriented), shape)
             nuclear = _nan_where_not(finite, singular.sum(-1)).to(dtype)
             for j, i in enumerate(idx):
                 values[i] = nuclear[j]
+                if directions:
+                    bases[i] = PolarDirection(unit[j], nuclear[j])
         zero = torch.zeros((), device=device, dtype=dtype)
         return torch.stack([zero if v is None else v for v in values]), bases
 

@@ -498,7 +498,7 @@ class DSGD(torch.optim.Optimizer):
                 values, found = torch.zeros(len(idx), device=device), [None] * len(idx)
             else:
                 values, found = geometry.dual_norms_and_bases(
-                    [grads[i] for i in idx], [rank_bounds[i] for i in idx], seed
+                    [grads[i] for i in idx], [rank_bounds[i] for i in idx], seed, self.layers_per_step > 1
                 )
             for k, i in enumerate(idx):
                 out[i], bases[i] = values[k], found[k]

@@ -72,8 +72,9 @@ _U64 = torch.finfo(torch.float64).eps / 2
 
 @dataclass(frozen=True)
 class PolarDirection:
-    """A block's matmul-path direction: ``D`` with ``‖D‖₂ ≤ 1`` proved, and ``c ≤ ⟨G, D⟩`` (the
-    recorded dual norm, 0-dim). ``ρ = c · D``."""
+    """A block's direction computed while scoring: ``D`` with ``‖D‖₂ ≤ 1`` and ``c ≤ ⟨G, D⟩`` (the
+    recorded dual norm, 0-dim); ``ρ = c · D``. The matmul path proves ``‖D‖₂ ≤ 1``; the exact path
+    hands ``U Vᵀ`` of its SVD (``c = ‖G_r‖_*``) when every layer moves."""
 
     direction: Tensor
     inner: Tensor

@@ -107,9 +107,9 @@ def test_rank_bounds_are_the_rows_of_every_forward_since_the_last_step():
     seen: list[list[int | None]] = []
     original = opt.geometry.dual_norms_and_bases
 
-    def spy(grads, rank_bounds=None, seed=0):
+    def spy(grads, rank_bounds=None, seed=0, directions=False):
         seen.append(list(rank_bounds))
-        return original(grads, rank_bounds, seed)
+        return original(grads, rank_bounds, seed, directions)
 
     opt.geometries["spectral"].dual_norms_and_bases = spy  # type: ignore[method-assign]
     opt.step(make_closure(model, opt, x, y))
@@ -196,3 +196,26 @@ def test_architecture_mode_takes_the_rank_bounds_from_the_first_layer(data_bound
     assert opt.constant_model.take_batch().rank_bounds == [16, 16, 16]
     opt.step(make_closure(model, opt, x, y))
     assert not opt.last_step.skipped and opt.last_step.certified
+
+
+@pytest.mark.parametrize("shape", [(24, 37), (37, 24), (30, 30)])
+@pytest.mark.parametrize("rank_bound", [None, 4])
+def test_directions_handed_from_scoring_equal_the_map_computed_at_the_step(shape, rank_bound):
+    """Every layer moves (the adaptive default): one SVD per block gives the dual norm and U Vᵀ;
+    the direction must be the one the step would compute, with the same dual norm."""
+    g = torch.Generator().manual_seed(3)
+    m, n = shape
+    weight = torch.randn(m, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g, dtype=torch.float64)
+    bias = torch.randn(m, generator=g, dtype=torch.float64)
+    geometry = SpectralGeometry()
+    bounds = [rank_bound]
+    plain, plain_bases = geometry.dual_norms_and_bases([(weight, bias)], bounds, seed=5)
+    direct, direct_bases = geometry.dual_norms_and_bases([(weight, bias)], bounds, seed=5, directions=True)
+    block = torch.cat([weight, bias[:, None]], dim=1)
+    torch.testing.assert_close(direct, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        geometry.duality_map(block, direct_bases[0]), geometry.duality_map(block, plain_bases[0]), rtol=1e-9, atol=1e-12
+    )
+    step = geometry.duality_map(block, direct_bases[0])
+    torch.testing.assert_close((block * step).sum(), direct[0] ** 2, rtol=1e-10, atol=0)  # ⟨G, ρ⟩ = ‖G‖*²
+    assert torch.linalg.matrix_norm(step, ord=2) <= direct[0] * (1 + 1e-12)  # ‖ρ‖₂ = ‖G‖*

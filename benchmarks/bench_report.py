@@ -83,9 +83,11 @@ def gpt_section(config: GPTConfig, timings: dict[int, Timing], device: str, thre
         "`optimizer.step()` alone on one batch's gradients, arms interleaved call by call (the forward that "
         "DSGD's data constants need runs untimed before each step). Muon+AdamW: `torch.optim.Muon` (5 bfloat16 "
         "Newton–Schulz steps) on the hidden matrices, AdamW on embeddings, LayerNorms, biases and head. Spectral "
-        "DSGD scores every block (Linear layers spectral, embeddings by rows, LayerNorms ℓ∞) and moves one: "
+        "DSGD scores every block (Linear layers spectral, embeddings by rows, LayerNorms ℓ∞) and, the model "
+        "being outside the rigorous class (estimated constants), moves every block: "
         "*DSGD spectral* takes each block's path from the measured crossover (`lightning_dsgd.polar.use_polar`), "
-        "*exact* forces the SVD path (`svdvals` for every score, `svd` for the block moved), *matmul* forces the "
+        "*exact* forces the SVD path (one batched `svd` per shape group gives every score and direction), "
+        "*matmul* forces the "
         'certified Polar-Express path (`SpectralGeometry(polar="always")`, theory page).',
         "",
         *gpt_table(timings),

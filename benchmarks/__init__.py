@@ -3,8 +3,8 @@
 this checkout's ``lightning_dsgd``, not an installed one).
 
 * ``harness``: the benchmark page (docs/benchmarks.md): cost (``bench_cost``), profile
-  (``bench_profile``), quality (``bench_quality`` on the tasks of ``bench_tasks``), written by
-  ``bench_report``; shared helpers in ``bench_common``;
+  (``bench_profile``), distributed runs (``bench_distributed``), quality (``bench_quality`` on the
+  tasks of ``bench_tasks``), written by ``bench_report``; shared helpers in ``bench_common``;
 * ``bench_polar``: the crossover table behind the matmul path's size threshold (docs/theory.md);
 * ``callback_overhead``: the monitor's cost per step (docs/guide/callback.md).
 """

@@ -11,7 +11,9 @@ Runs every section and writes the Markdown page ``docs/benchmarks.md`` and its p
 4. the optimizer step on a GPT-shaped model (4 pre-norm blocks, widths 256, 512, 1024, 1024 tokens):
    spectral DSGD on each path against Muon+AdamW (``bench_cost.measure_gpt``; ~7 min on 1 CPU
    thread, mostly width 1024; ``--sections gpt`` alone);
-5. optimization quality on digits (full and mini-batch), a generated task whose hidden layers must
+5. memory and bytes communicated per rank in a 2-process FSDP2 run against AdamW, and DSGD's scoring
+   time per rank under 2-process DDP against one process (``bench_distributed``; spawned gloo processes);
+6. optimization quality on digits (full and mini-batch), a generated task whose hidden layers must
    learn, a ReLU CNN, a tiny transformer and MNIST when its files are present (``bench_quality``).
 
     python -m benchmarks.harness                      # default suite, ~20 min on 2 CPU cores
@@ -54,6 +56,7 @@ from benchmarks.bench_cost import (
     measure_gpt,
     scale,
 )
+from benchmarks.bench_distributed import DistConfig, Distributed, distributed_section, measure_distributed
 from benchmarks.bench_profile import Profile, profile_spectral
 from benchmarks.bench_quality import PARTS, ArmResult, Plan, run_part
 from benchmarks.bench_report import (
@@ -77,7 +80,7 @@ from benchmarks.bench_report import (
 )
 from benchmarks.bench_tasks import ALL_TASKS, Task, make_tasks
 
-SECTIONS = ("cost", "scaling", "lightning", "profile", "gpt", "quality")
+SECTIONS = ("cost", "scaling", "lightning", "profile", "gpt", "distributed", "quality")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Suite:
     tasks: tuple[str, ...]
     step_scale: float
     plan: Plan
+    distributed: DistConfig
 
 
 DEFAULT = Suite(
@@ -140,6 +144,7 @@ DEFAULT = Suite(
         muon_grid=[3e-3, 1e-2, 3e-2],
         max_extend=3,
     ),
+    distributed=DistConfig(),
 )
 
 QUICK = Suite(
@@ -176,6 +181,7 @@ QUICK = Suite(
         muon_grid=[1e-2, 3e-2],
         max_extend=1,
     ),
+    distributed=DistConfig(width=64, depth=3, batch=16, fsdp_steps=1, ddp_repeats=2),
 )
 
 COST_ARMS = [*PEERS] + [dsgd_arm(n, c) for n in NORMS for c in CONSTANTS]
@@ -247,6 +253,7 @@ class Outcome:
     scalings: list[Scaling] = field(default_factory=list)
     profile: Profile | None = None
     gpt: dict[int, Timing] = field(default_factory=dict)
+    distributed: Distributed | None = None
     quality: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -347,6 +354,8 @@ def write_page(outcome: Outcome, suite: Suite, out: str, images: str, device: De
         ]
     if outcome.gpt:
         lines += gpt_section(suite.gpt, outcome.gpt, device.describe(), int(env.get("threads", "1")))
+    if outcome.distributed is not None:
+        lines += distributed_section(outcome.distributed)
     if outcome.quality:
         lines += quality_section(outcome.quality, suite, images, image)
     lines += ["## Reading the numbers", ""]
@@ -589,6 +598,8 @@ def main(argv: list[str] | None = None) -> Outcome:
             return timings
 
         outcome.gpt = timed("gpt", gpt)
+    if "distributed" in sections:
+        outcome.distributed = timed("distributed", lambda: measure_distributed(suite.distributed, args.device))
     if "quality" in sections:
         tasks, notes = make_tasks(list(suite.tasks), device, suite.step_scale, args.mnist_dir)
         outcome.notes += notes
@@ -613,6 +624,7 @@ def _jsonable(outcome: Outcome) -> dict:
         "scalings": [dataclasses.asdict(s) for s in outcome.scalings],
         "profile": None if outcome.profile is None else dataclasses.asdict(outcome.profile),
         "gpt": {width: dataclasses.asdict(t) for width, t in outcome.gpt.items()},
+        "distributed": None if outcome.distributed is None else dataclasses.asdict(outcome.distributed),
         "quality": [
             {"task": e.task.name, "results": [dataclasses.asdict(r) for r in e.results]} for e in outcome.quality
         ],

@@ -1,0 +1,619 @@
+"""What DSGD costs each rank of a 2-process run: memory and communication under FSDP2 against AdamW,
+and the scoring time per rank under DDP against one process.
+
+Real processes (``torch.multiprocessing``, spawned), ``gloo`` on CPU or ``nccl`` with one GPU per
+rank (``--device cuda``), plain PyTorch (no Lightning), DSGD built as the Lightning integration
+builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())``.
+
+* **FSDP2**: a tanh MLP of equal widths, every ``Linear`` and the root under ``fully_shard``
+  (parameters and gradients are ``DTensor`` shards). Per rank and per step, AdamW and DSGD alike:
+
+  - *memory*: on CPU, the bytes of live tensors, from the allocator events of the torch profiler
+    (``profile_memory=True``), whose window opens before the model is built, so that the running sum
+    of allocations minus frees is every tensor the rank holds; on CUDA, ``torch.cuda``'s
+    ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays between steps (shards of
+    parameters, gradients and optimizer state), the peak inside ``optimizer.step()`` and the peak over
+    the whole step (zero_grad, forward, backward, step), each the largest over the measured steps;
+  - *communication*: [CollectiveBytes][benchmarks.bench_distributed.CollectiveBytes] sees every
+    collective at the dispatcher (``c10d`` ops from ``torch.distributed``, ``_c10d_functional`` ops
+    from DTensor and functional collectives) and counts its payload: the gathered output of an
+    all-gather, the full input of a reduce-scatter, the tensor of an all-reduce or broadcast, the
+    input of an all-to-all. Bytes on the wire depend on the algorithm (a ring all-gather sends
+    ``(w−1)/w`` of its output per rank); the payload is what the program asks to move. The check that
+    it sees everything: FSDP2's own all-gathers in forward+backward sum to twice the parameters'
+    bytes (gathered for the forward, again for the backward), its reduce-scatters to once.
+
+* **DDP**: the same MLP family under ``DistributedDataParallel``, the global batch split over the
+  ranks, against one process on the whole global batch: ``DSGD.score()`` (the scoring stage: every
+  layer's gradient, dual norm, constant and the agreed choice) and ``DSGD.step()`` timed per rank,
+  each call after a barrier, median over repeats. One thread per process.
+
+When ``DSGD`` takes the ``share_work`` option (layers split among the ranks), both settings are
+measured.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.bench_common import mlp_widths, tanh_mlp
+from lightning_dsgd import DSGD
+from lightning_dsgd.distributed import all_gather_rows, all_reduce_max
+
+#: The DSGD option that splits the layers among the ranks, measured on and off when present.
+SHARE_OPTION = "share_work"
+ADAMW_LR = 1e-4
+MIB = 2.0**20
+
+
+# ---------------------------------------------------------------------------------------------- bytes
+#: Collectives that move no payload (or re-dispatch to a counted one).
+_NOT_PAYLOAD = {"wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier", "recv_any_source_"}
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def payload_bytes(namespace: str, name: str, args: tuple, out: Any) -> int | None:
+    """The payload of one collective per rank (``None``: not a counted collective).
+
+    ``c10d`` ops take ``(tensors, …)`` or ``(outputs, inputs, …)``: the larger side is the gathered
+    output or the scattered input. ``_c10d_functional`` ops return their result: the larger of
+    inputs and result likewise."""
+    if name in _NOT_PAYLOAD:
+        return None
+    if namespace == "c10d":
+        return max(_nbytes(args[0]), _nbytes(args[1]) if len(args) > 1 else 0)
+    if namespace == "_c10d_functional":
+        return max(_nbytes(list(args)), _nbytes(out))
+    return None
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Counts calls and payload bytes of every collective run while active, by ``phase`` (set by the
+    caller) and op name (``c10d::allreduce_``, ``_c10d_functional::all_gather_into_tensor``, …)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.calls: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        namespace = func.namespace
+        if namespace in ("c10d", "_c10d_functional"):
+            name = func._schema.name.split("::")[-1]
+            size = payload_bytes(namespace, name, args, out)
+            if size is not None:
+                key = f"{namespace}::{name}"
+                self.bytes[self.phase][key] += size
+                self.calls[self.phase][key] += 1
+        return out
+
+    def total(self, phase: str | None = None) -> int:
+        phases = [phase] if phase is not None else list(self.bytes)
+        return sum(sum(self.bytes[p].values()) for p in phases if p in self.bytes)
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class ProfiledMemory:
+    """Live CPU tensor bytes from the profiler's allocator events; ``mark(name)`` brackets phases.
+    Open it before the model is built: the running sum is then absolute."""
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+    def __enter__(self) -> ProfiledMemory:
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._profile.__exit__(*exc)
+
+    @contextmanager
+    def mark(self, name: str) -> Iterator[None]:
+        with torch.profiler.record_function(name):
+            yield
+
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """Per prefix: (largest live bytes inside any range whose name starts with it, live bytes at
+        the end of the last such range)."""
+        events = self._profile.profiler.kineto_results.events()
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        ranges = {p: sorted((e.start_ns(), e.end_ns()) for e in events if e.name().startswith(p)) for p in prefixes}
+        out: dict[str, tuple[int, int]] = {}
+        for prefix, spans in ranges.items():
+            live, peak, end, k = 0, 0, 0, 0
+            for start, nbytes in memory:
+                while k < len(spans) and start > spans[k][1]:
+                    k += 1
+                live += nbytes
+                if k < len(spans) and spans[k][0] <= start <= spans[k][1]:
+                    peak = max(peak, live)
+                if spans and start <= spans[-1][1]:
+                    end = live
+            out[prefix] = (peak, end)
+        return out
+
+
+class CudaMemory:
+    """``torch.cuda``'s allocator statistics per marked phase (phases may nest: the peak seen before an
+    inner phase resets the statistics counts for every open one)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.found: dict[str, tuple[int, int]] = {}
+        self._open: list[str] = []
+
+    def __enter__(self) -> CudaMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _fold(self) -> None:
+        torch.cuda.synchronize(self.device)
+        peak, now = torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
+        for prefix in self._open:
+            self.found[prefix] = (max(self.found.get(prefix, (0, 0))[0], peak), now)
+
+    @contextmanager
+    def mark(self, name: str) -> Iterator[None]:
+        self._fold()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._open.append(name.rsplit("/", 1)[0])
+        try:
+            yield
+        finally:
+            self._fold()
+            self._open.pop()
+
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        return {p: self.found.get(p, (0, 0)) for p in prefixes}
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class DistConfig:
+    """The runs: a tanh MLP ``width → … → width → classes`` of ``depth`` Linear layers, ``batch``
+    rows per rank (the single-process run of the DDP comparison takes ``world × batch``)."""
+
+    width: int = 1024
+    depth: int = 6
+    classes: int = 16
+    batch: int = 64
+    world: int = 2
+    fsdp_steps: int = 3
+    ddp_warmup: int = 1
+    ddp_repeats: int = 5
+    threads: int = 1
+
+    def describe(self) -> str:
+        widths = mlp_widths(self.width, self.width, self.depth, self.classes)
+        return f"tanh MLP {'-'.join(map(str, widths))}, {self.batch} rows per rank"
+
+
+def sharing_option() -> str | None:
+    """``SHARE_OPTION`` when this checkout's DSGD takes it, else ``None``."""
+    return SHARE_OPTION if SHARE_OPTION in inspect.signature(DSGD).parameters else None
+
+
+def dsgd_arms() -> list[tuple[str, dict[str, Any]]]:
+    option = sharing_option()
+    if option is None:
+        return [("DSGD", {})]
+    return [(f"DSGD, {option}={value}", {option: value}) for value in (False, True)]
+
+
+@dataclass
+class FSDPArm:
+    """Per rank: bytes resident between steps, peaks in the optimizer step and the whole step,
+    payload bytes per step by phase and collective, and the median step time (counters on)."""
+
+    arm: str
+    resident: list[int]
+    optimizer_peak: list[int]
+    step_peak: list[int]
+    comm: list[dict[str, dict[str, float]]]
+    step_seconds: list[float]
+
+
+@dataclass
+class DDPArm:
+    """Per rank: median seconds of ``DSGD.score()`` and ``DSGD.step()``."""
+
+    arm: str
+    score_seconds: list[float]
+    step_seconds: list[float]
+
+
+@dataclass
+class Distributed:
+    config: DistConfig
+    device: str
+    option: str | None
+    param_bytes: int  # the whole model's parameters, at full size (as FSDP2 pads them)
+    fsdp: list[FSDPArm] = field(default_factory=list)
+    ddp: list[DDPArm] = field(default_factory=list)
+    single: DDPArm | None = None
+
+
+# ---------------------------------------------------------------------------------------------- the ranks
+def _model(config: DistConfig, device: torch.device) -> nn.Sequential:
+    torch.manual_seed(0)
+    return tanh_mlp(mlp_widths(config.width, config.width, config.depth, config.classes)).to(device)
+
+
+def _data(config: DistConfig, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, config.width, generator=g)
+    y = torch.randint(0, config.classes, (rows,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def padded_param_bytes(model: nn.Module, world: int) -> int:
+    """Bytes of every parameter at full size, dim 0 padded to a multiple of ``world`` (FSDP2's shards)."""
+    total = 0
+    for p in model.parameters():
+        rows = -(-p.shape[0] // world) * world
+        total += rows * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+    return total
+
+
+def _dsgd(model: nn.Module, kwargs: dict[str, Any], world: int) -> DSGD:
+    if world > 1:
+        return DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows(), **kwargs)
+    return DSGD(model, **kwargs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
+    """Every arm in turn on this rank: memory, bytes per step and step time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (config.world,))
+    x_all, y_all = _data(config, config.world * config.batch, device)
+    mine = slice(rank * config.batch, (rank + 1) * config.batch)
+    x, y = x_all[mine], y_all[mine]
+    arms: list[tuple[str, dict[str, Any] | None]] = [("AdamW", None), *dsgd_arms()]
+    results = []
+    for arm, kwargs in arms:
+        dist.barrier()
+        meter: ProfiledMemory | CudaMemory = CudaMemory(device) if device.type == "cuda" else ProfiledMemory()
+        counter = CollectiveBytes()
+        times = []
+        with meter:
+            model = _model(config, device)
+            for module in model:
+                if isinstance(module, nn.Linear):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if kwargs is None:
+                optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, weight_decay=0.0)
+            else:
+                optimizer = _dsgd(model, kwargs, config.world)
+            with counter:
+                for step in range(1 + config.fsdp_steps):  # step 0: warm-up (AdamW allocates its state)
+                    measured = step > 0
+                    tag = "bench" if measured else "warmup"
+                    _sync(device)
+                    begin = time.perf_counter()
+                    with meter.mark(f"{tag}-step/{step}"):
+                        optimizer.zero_grad(set_to_none=True)
+                        counter.phase = "forward_backward" if measured else "warmup"
+                        loss = nn.functional.cross_entropy(model(x), y)
+                        loss.backward()
+                        counter.phase = "optimizer" if measured else "warmup"
+                        with meter.mark(f"{tag}-optimizer/{step}"):
+                            optimizer.step()
+                    _sync(device)
+                    if measured:
+                        times.append(time.perf_counter() - begin)
+            param_bytes = padded_param_bytes(model, config.world)
+            del model, optimizer, loss
+        peaks = meter.peaks(("bench-step", "bench-optimizer"))
+        steps = config.fsdp_steps
+        comm = {
+            phase: {op: count / steps for op, count in ops.items()}
+            for phase, ops in counter.bytes.items()
+            if phase != "warmup"
+        }
+        results.append(
+            {
+                "arm": arm,
+                "resident": peaks["bench-step"][1],
+                "optimizer_peak": peaks["bench-optimizer"][0],
+                "step_peak": peaks["bench-step"][0],
+                "comm": comm,
+                "step_seconds": statistics.median(times),
+            }
+        )
+    return {"param_bytes": param_bytes, "arms": results}
+
+
+def _ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
+    """``DSGD.score()`` and ``DSGD.step()`` per rank, arms interleaved call by call; ``world == 1``:
+    one process on the whole global batch."""
+    x_all, y_all = _data(config, config.world * config.batch, device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rows = len(x_all) // world
+    x, y = x_all[rank * rows : (rank + 1) * rows], y_all[rank * rows : (rank + 1) * rows]
+    arms = dsgd_arms() if world > 1 else [("DSGD, one process", {})]
+    runs = []
+    for _, kwargs in arms:
+        model = _model(config, device)
+        forward: nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        runs.append((forward, _dsgd(model, kwargs, world)))
+
+    def backward(forward: nn.Module, optimizer: DSGD) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(forward(x), y).backward()
+
+    def timed(call) -> float:  # type: ignore[no-untyped-def]
+        if world > 1:
+            dist.barrier()
+        _sync(device)
+        begin = time.perf_counter()
+        call()
+        _sync(device)
+        return time.perf_counter() - begin
+
+    score: list[list[float]] = [[] for _ in arms]
+    step: list[list[float]] = [[] for _ in arms]
+    for repeat in range(config.ddp_warmup + config.ddp_repeats):
+        for k, (forward, optimizer) in enumerate(runs):
+            backward(forward, optimizer)
+            seconds = timed(optimizer.score)
+            backward(forward, optimizer)
+            step_seconds = timed(optimizer.step)
+            if repeat >= config.ddp_warmup:
+                score[k].append(seconds)
+                step[k].append(step_seconds)
+    return {
+        "arms": [
+            {"arm": arm, "score_seconds": statistics.median(score[k]), "step_seconds": statistics.median(step[k])}
+            for k, (arm, _) in enumerate(arms)
+        ]
+    }
+
+
+def _worker(rank: int, job: str, config: DistConfig, device_name: str, port: int, world: int, out: str) -> None:
+    torch.set_num_threads(config.threads)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        result = _fsdp_rank(rank, config, device) if job == "fsdp" else _ddp_rank(rank, config, device)
+        with open(os.path.join(out, f"{job}-{rank}.json"), "w", encoding="utf-8") as handle:
+            json.dump(result, handle)
+    finally:
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(job: str, config: DistConfig, device_name: str, world: int) -> list[dict[str, Any]]:
+    """Run ``job`` in ``world`` spawned processes; return each rank's result, in rank order."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(
+            _worker,
+            args=(job, config, device_name, free_port(), world, out),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out, f"{job}-{rank}.json"), encoding="utf-8") as handle:
+                results.append(json.load(handle))
+    return results
+
+
+def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distributed:
+    """The FSDP2 and DDP runs of ``config.world`` processes, and the single-process run."""
+    device = torch.device(device_name)
+    if device.type == "cuda" and torch.cuda.device_count() < config.world:
+        raise SystemExit(
+            f"the distributed section needs {config.world} GPUs (one per rank), found {torch.cuda.device_count()}: "
+            "run it on CPU (gloo) or on a machine with more GPUs, or leave 'distributed' out of --sections."
+        )
+    fsdp = launch("fsdp", config, device_name, config.world)
+    ddp = launch("ddp", config, device_name, config.world)
+    single = launch("ddp", config, device_name, 1)[0]["arms"][0]
+    result = Distributed(config, device.type, sharing_option(), fsdp[0]["param_bytes"])
+    for k, first in enumerate(fsdp[0]["arms"]):
+        ranks = [r["arms"][k] for r in fsdp]
+        result.fsdp.append(
+            FSDPArm(
+                first["arm"],
+                [r["resident"] for r in ranks],
+                [r["optimizer_peak"] for r in ranks],
+                [r["step_peak"] for r in ranks],
+                [r["comm"] for r in ranks],
+                [r["step_seconds"] for r in ranks],
+            )
+        )
+    for k, first in enumerate(ddp[0]["arms"]):
+        ranks = [r["arms"][k] for r in ddp]
+        result.ddp.append(DDPArm(first["arm"], [r["score_seconds"] for r in ranks], [r["step_seconds"] for r in ranks]))
+    result.single = DDPArm(single["arm"], [single["score_seconds"]], [single["step_seconds"]])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def _mib(value: float) -> str:
+    mib = value / MIB
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.1f}" if mib >= 10 else f"{mib:.2f}"
+
+
+def _per_rank(values: list[float]) -> str:
+    return " / ".join(_mib(v) for v in values)
+
+
+def comm_bytes(arm: FSDPArm, phase: str | None = None, op: str | None = None) -> float:
+    """Payload bytes per step, the largest over the ranks, of one phase and op family (``None``: all)."""
+    found = []
+    for rank in arm.comm:
+        total = 0.0
+        for p, ops in rank.items():
+            if phase is None or p == phase:
+                total += sum(v for name, v in ops.items() if op is None or op in name)
+        found.append(total)
+    return max(found)
+
+
+def distributed_section(result: Distributed) -> list[str]:
+    """The distributed section of the page: tables, the communication check and the targets."""
+    from benchmarks.bench_report import ms, ratio
+
+    config = result.config
+    adamw = next(a for a in result.fsdp if a.arm == "AdamW")
+    memory = (
+        "`torch.cuda.max_memory_allocated` per phase"
+        if result.device == "cuda"
+        else "the torch profiler's allocator events (`profile_memory=True`), summed from before the model is built, "
+        "so every live tensor counts"
+    )
+    backend = "nccl" if result.device == "cuda" else "gloo, CPU"
+    option = (
+        f"DSGD splits the layers among the ranks when `{result.option}=True`; both settings are measured."
+        if result.option
+        else f"This DSGD has no `{SHARE_OPTION}` option: every rank gathers every full gradient and scores every layer."
+    )
+    lines = [
+        "## Distributed: memory and communication per rank",
+        "",
+        f"{config.world} processes ({backend}, {config.threads} thread each), plain PyTorch, DSGD built as the "
+        "Lightning integration builds it (default settings, `reduce_max` and `gather` over the ranks). " + option,
+        "",
+        f"**FSDP2** ({config.describe()}; every `Linear` and the root under `fully_shard`; "
+        f"{config.fsdp_steps} measured steps after one warm-up; parameters {_mib(result.param_bytes)} MiB at full "
+        f"size). Memory per rank (MiB, rank 0 / rank 1) from {memory}: *resident* between steps (shards of "
+        "parameters, gradients, optimizer state), the peak inside `optimizer.step()`, the peak over the whole "
+        "step. Communication: payload bytes per step and rank of every collective seen at the dispatcher "
+        "(gathered output of an all-gather, full input of a reduce-scatter, the tensor of an all-reduce), "
+        "largest over the ranks.",
+        "",
+        "| optimizer | resident | peak in step() | peak, whole step | × AdamW (whole step) | "
+        "moved in fwd+bwd (MiB) | moved in step() (MiB) | total (MiB) | × AdamW | step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in result.fsdp:
+        total = comm_bytes(arm)
+        lines.append(
+            f"| {arm.arm} | {_per_rank(arm.resident)} | {_per_rank(arm.optimizer_peak)} | "
+            f"{_per_rank(arm.step_peak)} | {ratio(max(arm.step_peak), max(adamw.step_peak))} | "
+            f"{_mib(comm_bytes(arm, 'forward_backward'))} | {_mib(comm_bytes(arm, 'optimizer'))} | {_mib(total)} | "
+            f"{ratio(total, comm_bytes(adamw))} | {ms(max(arm.step_seconds))} |"
+        )
+    gathered = comm_bytes(adamw, "forward_backward", "allgather")
+    scattered = comm_bytes(adamw, "forward_backward", "reduce_scatter")
+    lines += [
+        "",
+        f"Check of the byte counter: FSDP2's own all-gathers in forward+backward move {_mib(gathered)} MiB per step "
+        f"({gathered / result.param_bytes:.3f} × the parameters, expected 2: forward and backward), its "
+        f"reduce-scatters {_mib(scattered)} MiB ({scattered / result.param_bytes:.3f} ×, expected 1). "
+        "Step times are taken with the counter and profiler on.",
+        "",
+    ]
+    if result.single is not None and result.ddp:
+        single = result.single
+        rows = config.world * config.batch
+        lines += [
+            f"**DDP** ({config.describe()}, {rows} rows in all) against one process on the same {rows} rows: "
+            "median seconds of `DSGD.score()` (every layer's gradient, dual norm, constant and the agreed choice) "
+            "and of `DSGD.step()` per rank, each call after a barrier, "
+            f"{config.ddp_repeats} repeats after {config.ddp_warmup} warm-up. On a machine with fewer free cores "
+            "than ranks the ranks share them, which inflates the per-rank times.",
+            "",
+            "| optimizer | score() per rank (ms) | × one process | step() per rank (ms) | × one process |",
+            "|---|---:|---:|---:|---:|",
+            f"| {single.arm} | {ms(single.score_seconds[0])} | 1.00× | {ms(single.step_seconds[0])} | 1.00× |",
+        ]
+        for arm in result.ddp:
+            lines.append(
+                f"| {arm.arm} | {' / '.join(ms(v) for v in arm.score_seconds)} | "
+                f"{ratio(max(arm.score_seconds), single.score_seconds[0])} | "
+                f"{' / '.join(ms(v) for v in arm.step_seconds)} | "
+                f"{ratio(max(arm.step_seconds), single.step_seconds[0])} |"
+            )
+        lines.append("")
+    lines += distributed_verdicts(result)
+    return lines
+
+
+def distributed_verdicts(result: Distributed) -> list[str]:
+    """The targets of the distributed work, each with its measured ratio."""
+    adamw = next(a for a in result.fsdp if a.arm == "AdamW")
+    lines = ["Targets:", ""]
+    for arm in result.fsdp:
+        if arm.arm == "AdamW":
+            continue
+        share = max(arm.step_peak) / max(adamw.step_peak)
+        lines.append(
+            f"- FSDP2 peak memory per rank ≤ AdamW's: {arm.arm} {share:.2f}× "
+            f"({'met' if share <= 1.0 else 'not met'}); bytes per step "
+            f"{comm_bytes(arm) / comm_bytes(adamw):.2f}× AdamW's."
+        )
+    if result.single is not None:
+        for arm in result.ddp:
+            share = max(arm.score_seconds) / result.single.score_seconds[0]
+            lines.append(
+                f"- Per-rank scoring about 1/{result.config.world} of one process's: {arm.arm} {share:.2f}× "
+                f"(target ≈ {1 / result.config.world:.2f}×)."
+            )
+    return [*lines, ""]
+
+
+if __name__ == "__main__":  # a quick look: python -m benchmarks.bench_distributed
+    found = measure_distributed(DistConfig(width=128, depth=4, batch=32, fsdp_steps=2, ddp_repeats=3))
+    print("\n".join(distributed_section(found)))

@@ -8,13 +8,15 @@ builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())`
 * **FSDP2**: a tanh MLP of equal widths, every ``Linear`` and the root under ``fully_shard``
   (parameters and gradients are ``DTensor`` shards). Per rank and per step, AdamW and DSGD alike:
 
-  - *memory*: on CPU, the bytes of live tensors, from the allocator events of the torch profiler
-    (``profile_memory=True``), whose window opens before the model is built, so that the running sum
-    of allocations minus frees is every tensor the rank holds; on CUDA, ``torch.cuda``'s
-    ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays between steps (shards of
-    parameters, gradients and optimizer state), the peak inside ``optimizer.step()`` and the peak over
-    the whole step (zero_grad, forward, backward, step), each the largest over the measured steps;
-  - *communication*: [CollectiveBytes][benchmarks.bench_distributed.CollectiveBytes] sees every
+  - *memory*: on CPU, ``ProfiledMemory``: the bytes of every tensor Python holds at a phase's start
+    (exact) plus the largest rise within the phase of the allocator's running sum (the torch
+    profiler's memory events, ``profile_memory=True``; they include the workspaces inside kernels,
+    and miss frees made on gloo's threads, so a peak can only be too high, by a reported amount); on
+    CUDA, ``torch.cuda``'s ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays
+    between steps (shards of parameters, gradients and optimizer state), the peak inside
+    ``optimizer.step()`` and the peak over the whole step (zero_grad, forward, backward, step), each
+    the largest over the measured steps;
+  - *communication*: ``CollectiveBytes`` sees every
     collective at the dispatcher (``c10d`` ops from ``torch.distributed``, ``_c10d_functional`` ops
     from DTensor and functional collectives) and counts its payload: the gathered output of an
     all-gather, the full input of a reduce-scatter, the tensor of an all-reduce or broadcast, the
@@ -25,8 +27,9 @@ builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())`
 
 * **DDP**: the same MLP family under ``DistributedDataParallel``, the global batch split over the
   ranks, against one process on the whole global batch: ``DSGD.score()`` (the scoring stage: every
-  layer's gradient, dual norm, constant and the agreed choice) and ``DSGD.step()`` timed per rank,
-  each call after a barrier, median over repeats. One thread per process.
+  layer's gradient, dual norm, constant and the agreed choice) and ``DSGD.step()`` per rank, each
+  call after a barrier, CPU time (``time.process_time``, the work whatever shares the cores) and wall
+  time, mean over repeats that follow the same trajectory in every run. One thread per process.
 
 When ``DSGD`` takes the ``share_work`` option (layers split among the ranks), both settings are
 measured.
@@ -34,6 +37,8 @@ measured.
 
 from __future__ import annotations
 
+import bisect
+import gc
 import inspect
 import json
 import os
@@ -41,8 +46,9 @@ import socket
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +56,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_common import mlp_widths, tanh_mlp
@@ -122,14 +129,42 @@ class CollectiveBytes(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------------------------- memory
+#: (peak bytes, bytes resident at the end, uncertainty of the peak) of a phase.
+Memory = tuple[int, int, int]
+
+
+def reachable_tensor_bytes() -> int:
+    """Bytes of the distinct CPU storages of every tensor Python holds (a ``DTensor`` by its local
+    shard). Between phases nothing else holds tensors (the autograd graph is freed by backward)."""
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, Tensor):
+                    continue
+                tensor = obj._local_tensor if isinstance(obj, DTensor) else obj
+                if tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_meta:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+            except Exception:  # tensor subclasses without a storage
+                continue
+    return sum(storages.values())
+
+
 class ProfiledMemory:
-    """Live CPU tensor bytes from the profiler's allocator events; ``mark(name)`` brackets phases.
-    Open it before the model is built: the running sum is then absolute."""
+    """Peaks of CPU tensor memory per marked phase: the exact bytes Python holds at the phase's start
+    (``reachable_tensor_bytes``) plus the largest rise of the allocator's running sum within it (the
+    torch profiler's memory events, ``profile_memory=True``). The profiler misses frees made on other
+    threads (gloo's workers drop the tensors of finished collectives), so the rise can only be too
+    high: by at most the frees it missed within the phase, reported as the uncertainty (the running
+    sum at the phase's end minus the exact change over the phase)."""
 
     def __init__(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._exact: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> ProfiledMemory:
         self._profile.__enter__()
@@ -140,33 +175,42 @@ class ProfiledMemory:
 
     @contextmanager
     def mark(self, name: str) -> Iterator[None]:
+        """A phase; ``name`` must be unique (``prefix/step``)."""
+        start = reachable_tensor_bytes()
         with torch.profiler.record_function(name):
             yield
+        self._exact[name] = (start, reachable_tensor_bytes())
 
-    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-        """Per prefix: (largest live bytes inside any range whose name starts with it, live bytes at
-        the end of the last such range)."""
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
+        """Per prefix, over the phases named ``prefix/…``: the largest peak, the bytes resident at the
+        end of the last phase, the largest uncertainty."""
         events = self._profile.profiler.kineto_results.events()
         memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-        ranges = {p: sorted((e.start_ns(), e.end_ns()) for e in events if e.name().startswith(p)) for p in prefixes}
-        out: dict[str, tuple[int, int]] = {}
-        for prefix, spans in ranges.items():
-            live, peak, end, k = 0, 0, 0, 0
-            for start, nbytes in memory:
-                while k < len(spans) and start > spans[k][1]:
-                    k += 1
-                live += nbytes
-                if k < len(spans) and spans[k][0] <= start <= spans[k][1]:
-                    peak = max(peak, live)
-                if spans and start <= spans[-1][1]:
-                    end = live
-            out[prefix] = (peak, end)
+        times = [t for t, _ in memory]
+        running = [0]
+        for _, nbytes in memory:
+            running.append(running[-1] + nbytes)
+        spans = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in self._exact}
+        out: dict[str, Memory] = {}
+        for prefix in prefixes:
+            peak, resident, drift = 0, 0, 0
+            for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+                if not name.startswith(prefix + "/"):
+                    continue
+                first, last = bisect.bisect_left(times, begin), bisect.bisect_right(times, end)
+                at_start, at_end = running[first], running[last]
+                rise = max(running[first : last + 1]) - at_start
+                exact_start, exact_end = self._exact[name]
+                peak = max(peak, exact_start + rise)
+                resident = exact_end
+                drift = max(drift, (at_end - at_start) - (exact_end - exact_start))
+            out[prefix] = (peak, resident, drift)
         return out
 
 
 class CudaMemory:
     """``torch.cuda``'s allocator statistics per marked phase (phases may nest: the peak seen before an
-    inner phase resets the statistics counts for every open one)."""
+    inner phase resets the statistics counts for every open one); exact, so no uncertainty."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -196,8 +240,8 @@ class CudaMemory:
             self._fold()
             self._open.pop()
 
-    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-        return {p: self.found.get(p, (0, 0)) for p in prefixes}
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
+        return {p: (*self.found.get(p, (0, 0)), 0) for p in prefixes}
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -236,23 +280,28 @@ def dsgd_arms() -> list[tuple[str, dict[str, Any]]]:
 @dataclass
 class FSDPArm:
     """Per rank: bytes resident between steps, peaks in the optimizer step and the whole step,
-    payload bytes per step by phase and collective, and the median step time (counters on)."""
+    the uncertainty of those peaks, payload bytes per step by phase and collective, and the median
+    seconds of ``optimizer.step()`` (profiler and counter on)."""
 
     arm: str
     resident: list[int]
     optimizer_peak: list[int]
     step_peak: list[int]
+    uncertainty: list[int]
     comm: list[dict[str, dict[str, float]]]
     step_seconds: list[float]
 
 
 @dataclass
 class DDPArm:
-    """Per rank: median seconds of ``DSGD.score()`` and ``DSGD.step()``."""
+    """Per rank: mean wall and CPU (``time.process_time``: every thread of the process) seconds of
+    ``DSGD.score()`` and ``DSGD.step()``."""
 
     arm: str
     score_seconds: list[float]
+    score_cpu: list[float]
     step_seconds: list[float]
+    step_cpu: list[float]
 
 
 @dataclass
@@ -299,7 +348,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
+def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
     """Every arm in turn on this rank: memory, bytes per step and step time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -311,6 +360,7 @@ def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str,
     arms: list[tuple[str, dict[str, Any] | None]] = [("AdamW", None), *dsgd_arms()]
     results = []
     for arm, kwargs in arms:
+        gc.collect()  # the previous arm's cycles (modules, hooks) are freed before this arm's window opens
         dist.barrier()
         meter: ProfiledMemory | CudaMemory = CudaMemory(device) if device.type == "cuda" else ProfiledMemory()
         counter = CollectiveBytes()
@@ -329,8 +379,6 @@ def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str,
                 for step in range(1 + config.fsdp_steps):  # step 0: warm-up (AdamW allocates its state)
                     measured = step > 0
                     tag = "bench" if measured else "warmup"
-                    _sync(device)
-                    begin = time.perf_counter()
                     with meter.mark(f"{tag}-step/{step}"):
                         optimizer.zero_grad(set_to_none=True)
                         counter.phase = "forward_backward" if measured else "warmup"
@@ -338,12 +386,16 @@ def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str,
                         loss.backward()
                         counter.phase = "optimizer" if measured else "warmup"
                         with meter.mark(f"{tag}-optimizer/{step}"):
+                            _sync(device)
+                            begin = time.perf_counter()
                             optimizer.step()
-                    _sync(device)
+                            _sync(device)
+                            seconds = time.perf_counter() - begin
                     if measured:
-                        times.append(time.perf_counter() - begin)
+                        times.append(seconds)
             param_bytes = padded_param_bytes(model, config.world)
             del model, optimizer, loss
+            gc.collect()
         peaks = meter.peaks(("bench-step", "bench-optimizer"))
         steps = config.fsdp_steps
         comm = {
@@ -357,6 +409,7 @@ def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str,
                 "resident": peaks["bench-step"][1],
                 "optimizer_peak": peaks["bench-optimizer"][0],
                 "step_peak": peaks["bench-step"][0],
+                "uncertainty": max(peaks["bench-step"][2], peaks["bench-optimizer"][2]),
                 "comm": comm,
                 "step_seconds": statistics.median(times),
             }
@@ -364,7 +417,7 @@ def _fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str,
     return {"param_bytes": param_bytes, "arms": results}
 
 
-def _ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
+def ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
     """``DSGD.score()`` and ``DSGD.step()`` per rank, arms interleaved call by call; ``world == 1``:
     one process on the whole global batch."""
     x_all, y_all = _data(config, config.world * config.batch, device)
@@ -386,35 +439,39 @@ def _ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(forward(x), y).backward()
 
-    def timed(call) -> float:  # type: ignore[no-untyped-def]
+    def timed(call) -> tuple[float, float]:  # type: ignore[no-untyped-def]
         if world > 1:
             dist.barrier()
         _sync(device)
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         call()
         _sync(device)
-        return time.perf_counter() - begin
+        return time.perf_counter() - begin, time.process_time() - cpu
 
-    score: list[list[float]] = [[] for _ in arms]
-    step: list[list[float]] = [[] for _ in arms]
+    # Every run makes the same calls on the same gradients (DDP averages the ranks' into the global
+    # batch's), so the weights follow one trajectory and the means over the repeats compare like with like.
+    found: list[dict[str, list[float]]] = [defaultdict(list) for _ in arms]
     for repeat in range(config.ddp_warmup + config.ddp_repeats):
         for k, (forward, optimizer) in enumerate(runs):
-            backward(forward, optimizer)
-            seconds = timed(optimizer.score)
-            backward(forward, optimizer)
-            step_seconds = timed(optimizer.step)
-            if repeat >= config.ddp_warmup:
-                score[k].append(seconds)
-                step[k].append(step_seconds)
+            for name, call in (("score", optimizer.score), ("step", optimizer.step)):
+                backward(forward, optimizer)
+                seconds, cpu = timed(call)
+                if repeat >= config.ddp_warmup:
+                    found[k][f"{name}_seconds"].append(seconds)
+                    found[k][f"{name}_cpu"].append(cpu)
     return {
         "arms": [
-            {"arm": arm, "score_seconds": statistics.median(score[k]), "step_seconds": statistics.median(step[k])}
+            {"arm": arm, **{key: statistics.fmean(values) for key, values in found[k].items()}}
             for k, (arm, _) in enumerate(arms)
         ]
     }
 
 
-def _worker(rank: int, job: str, config: DistConfig, device_name: str, port: int, world: int, out: str) -> None:
+#: One rank's part of a run: (rank, config, device) → a JSON-serialisable result.
+Job = Callable[[int, DistConfig, torch.device], dict[str, Any]]
+
+
+def _worker(rank: int, job: Job, config: DistConfig, device_name: str, port: int, world: int, out: str) -> None:
     torch.set_num_threads(config.threads)
     device = torch.device(device_name)
     if device.type == "cuda":
@@ -424,8 +481,8 @@ def _worker(rank: int, job: str, config: DistConfig, device_name: str, port: int
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        result = _fsdp_rank(rank, config, device) if job == "fsdp" else _ddp_rank(rank, config, device)
-        with open(os.path.join(out, f"{job}-{rank}.json"), "w", encoding="utf-8") as handle:
+        result = job(rank, config, device)
+        with open(os.path.join(out, f"{rank}.json"), "w", encoding="utf-8") as handle:
             json.dump(result, handle)
     finally:
         if world > 1:
@@ -439,8 +496,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(job: str, config: DistConfig, device_name: str, world: int) -> list[dict[str, Any]]:
-    """Run ``job`` in ``world`` spawned processes; return each rank's result, in rank order."""
+def launch(job: Job, config: DistConfig, device_name: str, world: int) -> list[dict[str, Any]]:
+    """Run ``job`` (a module-level function: it is pickled by name) in ``world`` spawned processes,
+    in a process group when ``world > 1``; return each rank's result, in rank order."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
@@ -453,22 +511,27 @@ def launch(job: str, config: DistConfig, device_name: str, world: int) -> list[d
         )
         results = []
         for rank in range(world):
-            with open(os.path.join(out, f"{job}-{rank}.json"), encoding="utf-8") as handle:
+            with open(os.path.join(out, f"{rank}.json"), encoding="utf-8") as handle:
                 results.append(json.load(handle))
     return results
 
 
-def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distributed:
-    """The FSDP2 and DDP runs of ``config.world`` processes, and the single-process run."""
-    device = torch.device(device_name)
-    if device.type == "cuda" and torch.cuda.device_count() < config.world:
+def check_devices(config: DistConfig, device_name: str) -> None:
+    """Refuse a CUDA run with fewer GPUs than ranks (the harness calls it before any section runs)."""
+    if torch.device(device_name).type == "cuda" and torch.cuda.device_count() < config.world:
         raise SystemExit(
             f"the distributed section needs {config.world} GPUs (one per rank), found {torch.cuda.device_count()}: "
             "run it on CPU (gloo) or on a machine with more GPUs, or leave 'distributed' out of --sections."
         )
-    fsdp = launch("fsdp", config, device_name, config.world)
-    ddp = launch("ddp", config, device_name, config.world)
-    single = launch("ddp", config, device_name, 1)[0]["arms"][0]
+
+
+def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distributed:
+    """The FSDP2 and DDP runs of ``config.world`` processes, and the single-process run."""
+    check_devices(config, device_name)
+    device = torch.device(device_name)
+    fsdp = launch(fsdp_rank, config, device_name, config.world)
+    ddp = launch(ddp_rank, config, device_name, config.world)
+    single = launch(ddp_rank, config, device_name, 1)[0]["arms"][0]
     result = Distributed(config, device.type, sharing_option(), fsdp[0]["param_bytes"])
     for k, first in enumerate(fsdp[0]["arms"]):
         ranks = [r["arms"][k] for r in fsdp]
@@ -478,15 +541,19 @@ def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distrib
                 [r["resident"] for r in ranks],
                 [r["optimizer_peak"] for r in ranks],
                 [r["step_peak"] for r in ranks],
+                [r["uncertainty"] for r in ranks],
                 [r["comm"] for r in ranks],
                 [r["step_seconds"] for r in ranks],
             )
         )
     for k, first in enumerate(ddp[0]["arms"]):
         ranks = [r["arms"][k] for r in ddp]
-        result.ddp.append(DDPArm(first["arm"], [r["score_seconds"] for r in ranks], [r["step_seconds"] for r in ranks]))
-    result.single = DDPArm(single["arm"], [single["score_seconds"]], [single["step_seconds"]])
+        result.ddp.append(DDPArm(first["arm"], *([r[key] for r in ranks] for key in DDP_KEYS)))
+    result.single = DDPArm(single["arm"], *([single[key]] for key in DDP_KEYS))
     return result
+
+
+DDP_KEYS = ("score_seconds", "score_cpu", "step_seconds", "step_cpu")
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -511,18 +578,27 @@ def comm_bytes(arm: FSDPArm, phase: str | None = None, op: str | None = None) ->
     return max(found)
 
 
+def work_key(result: Distributed) -> str:
+    """What measures work per rank: CPU time on CPU (immune to ranks sharing cores), wall time on CUDA."""
+    return "score_seconds" if result.device == "cuda" else "score_cpu"
+
+
 def distributed_section(result: Distributed) -> list[str]:
     """The distributed section of the page: tables, the communication check and the targets."""
     from benchmarks.bench_report import ms, ratio
 
     config = result.config
-    adamw = next(a for a in result.fsdp if a.arm == "AdamW")
-    memory = (
-        "`torch.cuda.max_memory_allocated` per phase"
-        if result.device == "cuda"
-        else "the torch profiler's allocator events (`profile_memory=True`), summed from before the model is built, "
-        "so every live tensor counts"
-    )
+    adamw = result.fsdp[0]
+    if result.device == "cuda":
+        memory = "`torch.cuda.memory_allocated` / `max_memory_allocated` per phase (exact)"
+    else:
+        uncertainty = max(max(arm.uncertainty) for arm in result.fsdp)
+        memory = (
+            "the bytes of every tensor Python holds at a phase's start plus the largest rise of the allocator's "
+            "running sum within it (torch profiler, `profile_memory=True`). The profiler misses frees made on "
+            "gloo's threads, so a peak may be too high, by at most the frees missed within its phase: here "
+            f"{_mib(uncertainty)} MiB at most"
+        )
     backend = "nccl" if result.device == "cuda" else "gloo, CPU"
     option = (
         f"DSGD splits the layers among the ranks when `{result.option}=True`; both settings are measured."
@@ -537,14 +613,14 @@ def distributed_section(result: Distributed) -> list[str]:
         "",
         f"**FSDP2** ({config.describe()}; every `Linear` and the root under `fully_shard`; "
         f"{config.fsdp_steps} measured steps after one warm-up; parameters {_mib(result.param_bytes)} MiB at full "
-        f"size). Memory per rank (MiB, rank 0 / rank 1) from {memory}: *resident* between steps (shards of "
-        "parameters, gradients, optimizer state), the peak inside `optimizer.step()`, the peak over the whole "
-        "step. Communication: payload bytes per step and rank of every collective seen at the dispatcher "
-        "(gathered output of an all-gather, full input of a reduce-scatter, the tensor of an all-reduce), "
-        "largest over the ranks.",
+        "size), AdamW against DSGD. Memory per rank (MiB, rank 0 / rank 1): *resident* between steps (shards "
+        "of parameters, gradients, optimizer state), the peak inside `optimizer.step()`, the peak over the whole "
+        f"step (zero_grad, forward, backward, step), from {memory}. Communication: payload bytes per step and "
+        "rank of every collective seen at the dispatcher (the gathered output of an all-gather, the full input of "
+        "a reduce-scatter, the tensor of an all-reduce or broadcast), the largest over the ranks.",
         "",
-        "| optimizer | resident | peak in step() | peak, whole step | × AdamW (whole step) | "
-        "moved in fwd+bwd (MiB) | moved in step() (MiB) | total (MiB) | × AdamW | step (ms) |",
+        "| optimizer | resident | peak in step() | peak, whole step | × AdamW | "
+        "moved in fwd+bwd (MiB) | moved in step() (MiB) | total (MiB) | × AdamW | step() (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in result.fsdp:
@@ -562,54 +638,56 @@ def distributed_section(result: Distributed) -> list[str]:
         f"Check of the byte counter: FSDP2's own all-gathers in forward+backward move {_mib(gathered)} MiB per step "
         f"({gathered / result.param_bytes:.3f} × the parameters, expected 2: forward and backward), its "
         f"reduce-scatters {_mib(scattered)} MiB ({scattered / result.param_bytes:.3f} ×, expected 1). "
-        "Step times are taken with the counter and profiler on.",
+        "`step()` times are medians taken with the profiler and the counter on.",
         "",
     ]
     if result.single is not None and result.ddp:
         single = result.single
         rows = config.world * config.batch
+
+        def cells(arm: DDPArm, key: str) -> str:
+            values = getattr(arm, key)
+            return f"{' / '.join(ms(v) for v in values)} | {ratio(max(values), getattr(single, key)[0])}"
+
+        keys = ("score_cpu", "score_seconds", "step_cpu", "step_seconds")
         lines += [
             f"**DDP** ({config.describe()}, {rows} rows in all) against one process on the same {rows} rows: "
-            "median seconds of `DSGD.score()` (every layer's gradient, dual norm, constant and the agreed choice) "
-            "and of `DSGD.step()` per rank, each call after a barrier, "
-            f"{config.ddp_repeats} repeats after {config.ddp_warmup} warm-up. On a machine with fewer free cores "
-            "than ranks the ranks share them, which inflates the per-rank times.",
+            "`DSGD.score()` (every layer's gradient, dual norm, constant and the agreed choice) and `DSGD.step()` "
+            "per rank (rank 0 / rank 1), each call after a barrier and on fresh gradients, mean over "
+            f"{config.ddp_repeats} repeats after {config.ddp_warmup} warm-up. *CPU*: `time.process_time` of the "
+            "rank's process (the work it does, whatever else shares the cores); *wall*: `time.perf_counter` (on a "
+            "machine with fewer free cores than ranks the ranks share them, which inflates it).",
             "",
-            "| optimizer | score() per rank (ms) | × one process | step() per rank (ms) | × one process |",
-            "|---|---:|---:|---:|---:|",
-            f"| {single.arm} | {ms(single.score_seconds[0])} | 1.00× | {ms(single.step_seconds[0])} | 1.00× |",
+            "| optimizer | score() CPU (ms) | × one process | score() wall (ms) | × one process | "
+            "step() CPU (ms) | × one process | step() wall (ms) | × one process |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {single.arm} | " + " | ".join(cells(single, key) for key in keys) + " |",
+            *(f"| {arm.arm} | " + " | ".join(cells(arm, key) for key in keys) + " |" for arm in result.ddp),
+            "",
         ]
-        for arm in result.ddp:
-            lines.append(
-                f"| {arm.arm} | {' / '.join(ms(v) for v in arm.score_seconds)} | "
-                f"{ratio(max(arm.score_seconds), single.score_seconds[0])} | "
-                f"{' / '.join(ms(v) for v in arm.step_seconds)} | "
-                f"{ratio(max(arm.step_seconds), single.step_seconds[0])} |"
-            )
-        lines.append("")
     lines += distributed_verdicts(result)
     return lines
 
 
 def distributed_verdicts(result: Distributed) -> list[str]:
     """The targets of the distributed work, each with its measured ratio."""
-    adamw = next(a for a in result.fsdp if a.arm == "AdamW")
+    adamw = result.fsdp[0]
     lines = ["Targets:", ""]
-    for arm in result.fsdp:
-        if arm.arm == "AdamW":
-            continue
+    for arm in result.fsdp[1:]:
         share = max(arm.step_peak) / max(adamw.step_peak)
         lines.append(
             f"- FSDP2 peak memory per rank ≤ AdamW's: {arm.arm} {share:.2f}× "
-            f"({'met' if share <= 1.0 else 'not met'}); bytes per step "
-            f"{comm_bytes(arm) / comm_bytes(adamw):.2f}× AdamW's."
+            f"({'met' if share <= 1.0 else 'not met'}); bytes per step {comm_bytes(arm) / comm_bytes(adamw):.2f}× "
+            "AdamW's."
         )
     if result.single is not None:
+        key = work_key(result)
+        what = "CPU time" if key == "score_cpu" else "wall time"
         for arm in result.ddp:
-            share = max(arm.score_seconds) / result.single.score_seconds[0]
+            share = max(getattr(arm, key)) / getattr(result.single, key)[0]
             lines.append(
-                f"- Per-rank scoring about 1/{result.config.world} of one process's: {arm.arm} {share:.2f}× "
-                f"(target ≈ {1 / result.config.world:.2f}×)."
+                f"- Per-rank scoring work about 1/{result.config.world} of one process's: {arm.arm} {share:.2f}× "
+                f"({what} of `score()`, the busier rank; target ≈ {1 / result.config.world:.2f}×)."
             )
     return [*lines, ""]
 

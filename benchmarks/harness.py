@@ -56,7 +56,13 @@ from benchmarks.bench_cost import (
     measure_gpt,
     scale,
 )
-from benchmarks.bench_distributed import DistConfig, Distributed, distributed_section, measure_distributed
+from benchmarks.bench_distributed import (
+    DistConfig,
+    Distributed,
+    check_devices,
+    distributed_section,
+    measure_distributed,
+)
 from benchmarks.bench_profile import Profile, profile_spectral
 from benchmarks.bench_quality import PARTS, ArmResult, Plan, run_part
 from benchmarks.bench_report import (
@@ -528,6 +534,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     if args.tasks:
         suite = dataclasses.replace(suite, tasks=tuple(args.tasks.split(",")))
     sections = args.sections.split(",")
+    if "distributed" in sections:
+        check_devices(suite.distributed, args.device)
     outcome = Outcome(environment(device, started), "quick" if args.quick else "default")
     log(f"benchmarks on {outcome.env['device']}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 

@@ -116,3 +116,78 @@ def test_sweep_extends_past_an_edge_until_the_best_rate_is_interior(monkeypatch)
     assert result.edge is None
     assert sorted(result.sweep) == pytest.approx([0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     assert [r.seed for r in result.runs] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- distributed section
+def _known_collectives(rank: int, config, device) -> dict:
+    """Collectives of known payload on 2 ranks, counted by CollectiveBytes."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from benchmarks.bench_distributed import CollectiveBytes
+
+    mesh = init_device_mesh("cpu", (2,))
+    sharded = distribute_tensor(torch.zeros(8, 16), mesh, [Shard(0)])
+    with CollectiveBytes() as counter:
+        dist.all_reduce(torch.ones(1000))
+        dist.all_gather([torch.empty(300) for _ in range(2)], torch.ones(300))
+        dist.all_gather_into_tensor(torch.empty(1000, dtype=torch.float64), torch.ones(500, dtype=torch.float64))
+        dist.reduce_scatter_tensor(torch.empty(250), torch.ones(500))
+        dist.broadcast(torch.zeros(100, dtype=torch.int64), src=0)
+        dist.barrier()
+        counter.phase = "dtensor"
+        sharded.full_tensor()
+        funcol.all_reduce(torch.ones(64), "sum", mesh).wait()
+    return {phase: dict(ops) for phase, ops in counter.bytes.items()}
+
+
+def test_collective_counter_counts_known_collectives_exactly():
+    from benchmarks.bench_distributed import DistConfig, launch
+
+    for counted in launch(_known_collectives, DistConfig(), "cpu", 2):
+        assert counted == {
+            "other": {
+                "c10d::allreduce_": 4000,
+                "c10d::allgather_": 2400,
+                "c10d::_allgather_base_": 8000,
+                "c10d::_reduce_scatter_base_": 2000,
+                "c10d::broadcast_": 800,
+            },
+            "dtensor": {
+                "_c10d_functional::all_gather_into_tensor": 8 * 16 * 4,
+                "_c10d_functional::all_reduce": 64 * 4,
+            },
+        }
+
+
+@pytest.mark.slow
+def test_distributed_section_runs_at_a_tiny_size():
+    """2-process FSDP2 and DDP runs: FSDP2's own traffic is exactly twice (all-gathers) and once
+    (reduce-scatters) the parameters, AdamW holds its four shards, and the page section is written."""
+    from benchmarks.bench_distributed import DistConfig, comm_bytes, distributed_section, measure_distributed
+
+    config = DistConfig(width=32, depth=3, classes=8, batch=8, fsdp_steps=1, ddp_warmup=0, ddp_repeats=1)
+    result = measure_distributed(config)
+    params = result.param_bytes
+    assert params == (32 * 33 * 2 + 8 * 33) * 4
+    assert result.fsdp[0].arm == "AdamW" and len(result.fsdp) >= 2
+    for arm in result.fsdp:
+        assert comm_bytes(arm, "forward_backward", "allgather") == 2 * params
+        assert comm_bytes(arm, "forward_backward", "reduce_scatter") == params
+        assert 0 < min(arm.resident) <= min(arm.step_peak) and max(arm.optimizer_peak) <= max(arm.step_peak)
+    adamw = result.fsdp[0]
+    assert comm_bytes(adamw, "optimizer") == 0
+    # Shards of parameters, gradients and the two moments: 4 × params / 2 per rank, plus the data.
+    data = config.world * config.batch * (config.width * 4 + 8)
+    for resident in adamw.resident:
+        assert 2 * params <= resident <= 2 * params + data + 16 * 1024
+    dsgd = result.fsdp[1]
+    assert comm_bytes(dsgd, "optimizer") > 0  # full gradients gathered, or the scores' agreement
+    assert result.single is not None and len(result.ddp) == len(result.fsdp) - 1
+    assert all(s > 0 for arm in result.ddp for s in arm.score_seconds + arm.step_seconds)
+    text = "\n".join(distributed_section(result))
+    assert "## Distributed: memory and communication per rank" in text
+    assert "2.000 × the parameters" in text and "(1.000 ×, expected 1)" in text
+    assert "FSDP2 peak memory per rank ≤ AdamW's" in text

@@ -98,14 +98,13 @@ def payload_bytes(namespace: str, name: str, args: tuple, out: Any) -> int | Non
 
 
 class CollectiveBytes(TorchDispatchMode):
-    """Counts calls and payload bytes of every collective run while active, by ``phase`` (set by the
-    caller) and op name (``c10d::allreduce_``, ``_c10d_functional::all_gather_into_tensor``, …)."""
+    """Counts the payload bytes of every collective run while active, by ``phase`` (set by the caller)
+    and op name (``c10d::allreduce_``, ``_c10d_functional::all_gather_into_tensor``, …)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.phase = "other"
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.calls: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
@@ -116,16 +115,7 @@ class CollectiveBytes(TorchDispatchMode):
             if size is not None:
                 key = f"{namespace}::{name}"
                 self.bytes[self.phase][key] += size
-                self.calls[self.phase][key] += 1
         return out
-
-    def total(self, phase: str | None = None) -> int:
-        phases = [phase] if phase is not None else list(self.bytes)
-        return sum(sum(self.bytes[p].values()) for p in phases if p in self.bytes)
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
 
 
 # ---------------------------------------------------------------------------------------------- memory

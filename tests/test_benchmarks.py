@@ -39,6 +39,7 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
         "## How the cost grows",
         "## Profile of spectral DSGD's step",
         "## GPT-shaped model: the optimizer step against Muon",
+        "## Distributed: memory and communication per rank",
         "## What it buys: optimization quality",
         "## Reading the numbers",
     ):
@@ -191,3 +192,23 @@ def test_distributed_section_runs_at_a_tiny_size():
     assert "## Distributed: memory and communication per rank" in text
     assert "2.000 × the parameters" in text and "(1.000 ×, expected 1)" in text
     assert "FSDP2 peak memory per rank ≤ AdamW's" in text
+
+
+def test_profiled_memory_measures_a_known_peak_exactly():
+    """Held bytes at the phase's start plus the profiler's rise: 1 MiB kept, 2 MiB and 3 MiB temporaries."""
+    from benchmarks.bench_distributed import ProfiledMemory
+
+    mib = 2**20
+    kept = []
+    with ProfiledMemory() as meter:
+        held = torch.zeros(mib // 4)  # 1 MiB held before the phases
+        for step in range(2):
+            with meter.mark(f"phase/{step}"):
+                kept.append(torch.zeros(mib // 4))
+                a = torch.zeros(2 * mib // 4)
+                b = torch.zeros(3 * mib // 4)
+                del a, b
+    ((peak, resident, uncertainty),) = meter.peaks(("phase",)).values()
+    assert held.numel() == mib // 4
+    assert peak - resident == 5 * mib  # 2 and 3 MiB live at once on top of what the last phase held
+    assert uncertainty == 0

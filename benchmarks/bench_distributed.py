@@ -457,6 +457,11 @@ def ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, A
     }
 
 
+def both_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
+    """The FSDP2 runs, then the DDP runs, in one launch (processes are slow to start)."""
+    return {"fsdp": fsdp_rank(rank, config, device), "ddp": ddp_rank(rank, config, device)}
+
+
 #: One rank's part of a run: (rank, config, device) → a JSON-serialisable result.
 Job = Callable[[int, DistConfig, torch.device], dict[str, Any]]
 
@@ -519,8 +524,8 @@ def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distrib
     """The FSDP2 and DDP runs of ``config.world`` processes, and the single-process run."""
     check_devices(config, device_name)
     device = torch.device(device_name)
-    fsdp = launch(fsdp_rank, config, device_name, config.world)
-    ddp = launch(ddp_rank, config, device_name, config.world)
+    ranks = launch(both_rank, config, device_name, config.world)
+    fsdp, ddp = [r["fsdp"] for r in ranks], [r["ddp"] for r in ranks]
     single = launch(ddp_rank, config, device_name, 1)[0]["arms"][0]
     result = Distributed(config, device.type, sharing_option(), fsdp[0]["param_bytes"])
     for k, first in enumerate(fsdp[0]["arms"]):
@@ -602,10 +607,11 @@ def distributed_section(result: Distributed) -> list[str]:
         "Lightning integration builds it (default settings, `reduce_max` and `gather` over the ranks). " + option,
         "",
         f"**FSDP2** ({config.describe()}; every `Linear` and the root under `fully_shard`; "
-        f"{config.fsdp_steps} measured steps after one warm-up; parameters {_mib(result.param_bytes)} MiB at full "
-        "size), AdamW against DSGD. Memory per rank (MiB, rank 0 / rank 1): *resident* between steps (shards "
-        "of parameters, gradients, optimizer state), the peak inside `optimizer.step()`, the peak over the whole "
-        f"step (zero_grad, forward, backward, step), from {memory}. Communication: payload bytes per step and "
+        f"{config.fsdp_steps} measured step{'s' if config.fsdp_steps != 1 else ''} after one warm-up; parameters "
+        f"{_mib(result.param_bytes)} MiB at full size), AdamW against DSGD. Memory per rank (MiB, rank 0 / rank 1): "
+        "*resident* between steps (shards of parameters, gradients, optimizer state), the peak inside "
+        "`optimizer.step()`, the peak over the whole step (zero_grad, forward, backward, step), from "
+        f"{memory}. Communication: payload bytes per step and "
         "rank of every collective seen at the dispatcher (the gathered output of an all-gather, the full input of "
         "a reduce-scatter, the tensor of an all-reduce or broadcast), the largest over the ranks.",
         "",
@@ -645,8 +651,9 @@ def distributed_section(result: Distributed) -> list[str]:
             "`DSGD.score()` (every layer's gradient, dual norm, constant and the agreed choice) and `DSGD.step()` "
             "per rank (rank 0 / rank 1), each call after a barrier and on fresh gradients, mean over "
             f"{config.ddp_repeats} repeats after {config.ddp_warmup} warm-up. *CPU*: `time.process_time` of the "
-            "rank's process (the work it does, whatever else shares the cores); *wall*: `time.perf_counter` (on a "
-            "machine with fewer free cores than ranks the ranks share them, which inflates it).",
+            "rank's process, its communication threads included (the work it does, whatever else shares the "
+            "cores); *wall*: `time.perf_counter` (on a machine with fewer free cores than ranks the ranks share "
+            "them, which inflates it).",
             "",
             "| optimizer | score() CPU (ms) | × one process | score() wall (ms) | × one process | "
             "step() CPU (ms) | × one process | step() wall (ms) | × one process |",

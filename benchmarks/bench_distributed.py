@@ -9,9 +9,9 @@ builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())`
   (parameters and gradients are ``DTensor`` shards). Per rank and per step, AdamW and DSGD alike:
 
   - *memory*: on CPU, ``ProfiledMemory``: the bytes of every tensor Python holds at a phase's start
-    (exact) plus the largest rise within the phase of the allocator's running sum (the torch
-    profiler's memory events, ``profile_memory=True``; they include the workspaces inside kernels,
-    and miss frees made on gloo's threads, so a peak can only be too high, by a reported amount); on
+    plus the largest rise within the phase of the allocator's running sum (the torch profiler's
+    memory events, ``profile_memory=True``; they include the workspaces inside kernels, and miss
+    frees made on gloo's threads: the page reports how far the two disagree over a phase); on
     CUDA, ``torch.cuda``'s ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays
     between steps (shards of parameters, gradients and optimizer state), the peak inside
     ``optimizer.step()`` and the peak over the whole step (zero_grad, forward, backward, step), each
@@ -143,12 +143,14 @@ def reachable_tensor_bytes() -> int:
 
 
 class ProfiledMemory:
-    """Peaks of CPU tensor memory per marked phase: the exact bytes Python holds at the phase's start
+    """Peaks of CPU tensor memory per marked phase: the bytes Python holds at the phase's start
     (``reachable_tensor_bytes``) plus the largest rise of the allocator's running sum within it (the
-    torch profiler's memory events, ``profile_memory=True``). The profiler misses frees made on other
-    threads (gloo's workers drop the tensors of finished collectives), so the rise can only be too
-    high: by at most the frees it missed within the phase, reported as the uncertainty (the running
-    sum at the phase's end minus the exact change over the phase)."""
+    torch profiler's memory events, ``profile_memory=True``, which include the workspaces inside
+    kernels). Two things blur it, both about one collective's buffers: the profiler misses frees made
+    on other threads (gloo's workers may drop the tensors of finished collectives), and a tensor only
+    C++ holds at a phase's start (a pending collective's) is not in the held bytes. The uncertainty
+    reports how far they disagree: the largest ``|rise of the running sum − change of the held
+    bytes|`` over a phase."""
 
     def __init__(self) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -193,7 +195,7 @@ class ProfiledMemory:
                 exact_start, exact_end = self._exact[name]
                 peak = max(peak, exact_start + rise)
                 resident = exact_end
-                drift = max(drift, (at_end - at_start) - (exact_end - exact_start))
+                drift = max(drift, abs((at_end - at_start) - (exact_end - exact_start)))
             out[prefix] = (peak, resident, drift)
         return out
 
@@ -590,9 +592,10 @@ def distributed_section(result: Distributed) -> list[str]:
         uncertainty = max(max(arm.uncertainty) for arm in result.fsdp)
         memory = (
             "the bytes of every tensor Python holds at a phase's start plus the largest rise of the allocator's "
-            "running sum within it (torch profiler, `profile_memory=True`). The profiler misses frees made on "
-            "gloo's threads, so a peak may be too high, by at most the frees missed within its phase: here "
-            f"{_mib(uncertainty)} MiB at most"
+            "running sum within it (torch profiler, `profile_memory=True`; it sees the workspaces inside kernels). "
+            "The profiler misses frees made on gloo's threads, and a tensor that only a pending collective holds "
+            "at a phase's start is not among the held bytes: over a phase the two disagreed by up to "
+            f"{_mib(uncertainty)} MiB here, so read the peaks as ± that"
         )
     backend = "nccl" if result.device == "cuda" else "gloo, CPU"
     option = (

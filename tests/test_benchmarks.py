@@ -175,15 +175,18 @@ def test_distributed_section_runs_at_a_tiny_size():
     assert params == (32 * 33 * 2 + 8 * 33) * 4
     assert result.fsdp[0].arm == "AdamW" and len(result.fsdp) >= 2
     for arm in result.fsdp:
-        assert comm_bytes(arm, "forward_backward", "allgather") == 2 * params
-        assert comm_bytes(arm, "forward_backward", "reduce_scatter") == params
-        assert 0 < min(arm.resident) <= min(arm.step_peak) and max(arm.optimizer_peak) <= max(arm.step_peak)
+        assert comm_bytes(arm, "forward_backward", "allgather") == 2 * params, arm
+        assert comm_bytes(arm, "forward_backward", "reduce_scatter") == params, arm
+        for rank in range(config.world):  # up to the buffers of one collective (see ProfiledMemory)
+            assert 0 < arm.resident[rank] <= arm.step_peak[rank] + arm.uncertainty[rank], arm
+            assert arm.optimizer_peak[rank] <= arm.step_peak[rank] + arm.uncertainty[rank], arm
+            assert arm.uncertainty[rank] < params, arm  # a few collective buffers, not a model's worth
     adamw = result.fsdp[0]
     assert comm_bytes(adamw, "optimizer") == 0
     # Shards of parameters, gradients and the two moments: 4 × params / 2 per rank, plus the data.
     data = config.world * config.batch * (config.width * 4 + 8)
     for resident in adamw.resident:
-        assert 2 * params <= resident <= 2 * params + data + 16 * 1024
+        assert 2 * params <= resident <= 2 * params + data + 16 * 1024, (adamw, params, data)
     dsgd = result.fsdp[1]
     assert comm_bytes(dsgd, "optimizer") > 0  # full gradients gathered, or the scores' agreement
     assert result.single is not None and len(result.ddp) == len(result.fsdp) - 1

@@ -4,6 +4,7 @@ plots, and its pieces (MNIST reader, learning-rate grid, sweeps) behave."""
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 import struct
 import subprocess
@@ -215,3 +216,24 @@ def test_profiled_memory_measures_a_known_peak_exactly():
     assert held.numel() == mib // 4
     assert peak - resident == 5 * mib  # 2 and 3 MiB live at once on top of what the last phase held
     assert uncertainty == 0
+
+
+def test_distributed_arms_follow_the_optimizer_and_cuda_needs_a_gpu_per_rank(monkeypatch):
+    from benchmarks import bench_distributed
+
+    has_option = "share_work" in inspect.signature(bench_distributed.DSGD).parameters
+    assert [kwargs for _, kwargs in bench_distributed.dsgd_arms()] == (
+        [{"share_work": False}, {"share_work": True}] if has_option else [{}]
+    )
+
+    class Sharing:
+        def __init__(self, model, *, share_work: bool = True) -> None: ...
+
+    monkeypatch.setattr(bench_distributed, "DSGD", Sharing)
+    assert [label for label, _ in bench_distributed.dsgd_arms()] == [
+        "DSGD, share_work=False",
+        "DSGD, share_work=True",
+    ]
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(SystemExit, match="needs 2 GPUs"):
+            bench_distributed.check_devices(bench_distributed.DistConfig(), "cuda")

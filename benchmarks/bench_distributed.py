@@ -391,7 +391,7 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
         peaks = meter.peaks(("bench-step", "bench-optimizer"))
         steps = config.fsdp_steps
         comm = {
-            phase: {op: count / steps for op, count in ops.items()}
+            phase: {op: size / steps for op, size in ops.items()}
             for phase, ops in counter.bytes.items()
             if phase != "warmup"
         }

@@ -27,7 +27,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.bench_common import tanh_mlp
+from benchmarks.bench_common import mlp_widths
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGDMixin, DSGDSettings
 from lightning_dsgd.lightning.callback import DSGDMonitor
 
@@ -38,7 +39,7 @@ class MLP(LightningModule):
     def __init__(self, features: int, width: int, depth: int, classes: int, batches: int, batch_size: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = tanh_mlp([features] + [width] * (depth - 1) + [classes])
+        self.net = tanh_mlp(mlp_widths(features, width, depth, classes))
         x = torch.randn(batches * batch_size, features)
         self.data = TensorDataset(x, (x @ torch.randn(features, classes)).argmax(1))
         self.batch_size = batch_size

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 if __package__ in (None, ""):  # run as a script: make `examples` importable
@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from examples.common import quiet_lightning
 from examples.digits import DigitsDataModule
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD, DSGDMixin, DSGDSettings, DSGDSingleDeviceStrategy, with_dsgd
 
 
@@ -62,7 +63,7 @@ class LitClassifier(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+        self.net = tanh_mlp([64, 128, 128, 10])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

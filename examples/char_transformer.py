@@ -27,6 +27,13 @@ from examples.models import Classifier
 SAMPLE = "examples/data/sample.txt"
 
 
+def read_tokens(path: str | Path, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
+    """The file's bytes as tokens: the first ``1 − val_fraction`` (training) and the rest."""
+    tokens = torch.tensor(list(Path(path).read_bytes()), dtype=torch.long)
+    split = int(len(tokens) * (1.0 - val_fraction))
+    return tokens[:split], tokens[split:]
+
+
 class Windows(Dataset):
     """``(x, y)`` pairs of ``block_size`` tokens, ``y`` shifted by one, starting every ``stride`` tokens."""
 
@@ -43,6 +50,11 @@ class Windows(Dataset):
         start = self.starts[index]
         window = self.tokens[start : start + self.block_size + 1]
         return window[:-1], window[1:]
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """Every pair at once: ``x`` and ``y`` of shape ``(len(self), block_size)``."""
+        rows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in self.starts])
+        return rows[:, :-1], rows[:, 1:]
 
 
 class CharDataModule(LightningDataModule):
@@ -91,10 +103,9 @@ class CharDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        tokens = torch.tensor(list(self.text_path().read_bytes()), dtype=torch.long)
-        split = int(len(tokens) * (1.0 - self.val_fraction))
-        self.train = Windows(tokens[:split], self.block_size, self.stride)
-        self.val = Windows(tokens[split:], min(self.block_size, len(tokens) - split - 1), self.block_size)
+        train, val = read_tokens(self.text_path(), self.val_fraction)
+        self.train = Windows(train, self.block_size, self.stride)
+        self.val = Windows(val, min(self.block_size, len(val) - 1), self.block_size)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.common import EpochTable, quiet_lightning, shuffled_batches
+from examples.datasets import digits_split
 from examples.models import TanhMLP
 from lightning_dsgd import DSGDMixin, DSGDMonitor, DSGDSettings
 from lightning_dsgd.optimizer import DEFAULT_CONSTANTS
@@ -61,19 +62,9 @@ class DigitsDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        try:
-            from sklearn.datasets import load_digits
-            from sklearn.model_selection import train_test_split
-        except ImportError:
-            raise ImportError(
-                "The digits example needs scikit-learn: pip install scikit-learn (or 'lightning-dsgd[examples]')."
-            ) from None
-        x, y = load_digits(return_X_y=True)
-        x_train, x_val, y_train, y_val = train_test_split(
-            x / 16.0, y, test_size=self.val_fraction, stratify=y, random_state=self.seed
-        )
-        self.train = TensorDataset(torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train))
-        self.val = TensorDataset(torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val))
+        x_train, y_train, x_val, y_val = digits_split(self.val_fraction, self.seed)
+        self.train = TensorDataset(x_train, y_train)
+        self.val = TensorDataset(x_val, y_val)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None

@@ -101,7 +101,7 @@ def run_arm(module_cls: type[MLP], monitor: bool, every: int, args: argparse.Nam
     return timer.per_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
@@ -116,7 +116,12 @@ def main() -> None:
     parser.add_argument("--observe-norm", default="spectral", help="the norm observe-only mode scores with")
     parser.add_argument("--clock", choices=["process", "wall"], default="process")
     parser.add_argument("--accelerator", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(
+            f"--warmup ({args.warmup}) must be at least 0 and less than --steps ({args.steps}): the time per step "
+            "is measured over the steps after the warm-up; raise --steps or lower --warmup."
+        )
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging

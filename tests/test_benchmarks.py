@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import bench_quality, bench_tasks
+from benchmarks import bench_quality, bench_tasks, callback_overhead
 from benchmarks.bench_common import make_device
 from examples.datasets import write_fake_mnist
 
@@ -121,3 +121,21 @@ def test_every_task_builds_and_its_model_reads_its_data():
         assert logits.shape[-1] > int(max(task.train_y.max(), task.val_y.max()))
     with pytest.raises(SystemExit, match="unknown task 'nope'"):
         bench_tasks.make_tasks(["digits-64", "nope"], make_device("cpu"))
+
+
+def test_callback_overhead_refuses_a_warmup_that_leaves_no_step_to_time(capsys):
+    with pytest.raises(SystemExit) as stop:
+        callback_overhead.main(["--steps", "20"])  # the default warm-up is 20 steps
+    assert (
+        stop.value.code == 2
+        and "--warmup (20) must be at least 0 and less than --steps (20)" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_callback_overhead_prints_a_ratio_per_arm(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--steps", "6", "--warmup", "2", "--repeats", "1", "--width", "8", "--batches", "2", "--batch-size", "4"]
+    callback_overhead.main(tiny)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4 and all(float(row[-1]) > 0 for row in rows)

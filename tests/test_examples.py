@@ -194,7 +194,7 @@ def test_before_and_after_adding_dsgd(workdir):
     adam, *dsgd_runs = results.values()
     assert dsgd_runs[0] == dsgd_runs[1] == dsgd_runs[2]  # the three ways are the same DSGD run
     # the default (adaptive constants) moves every layer each step
-    assert adam.choices is None and dsgd_runs[0].choices == {"net.0": 3, "net.2": 3, "net.4": 3}
+    assert adam.choices is None and dsgd_runs[0].choices == {"net.fc1": 3, "net.fc2": 3, "net.fc3": 3}
 
 
 @pytest.mark.slow

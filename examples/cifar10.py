@@ -31,28 +31,12 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR10DataModule(TensorDataModule):
-    """CIFAR-10: 50 000 training images (or the first ``train_size``), the 10 000 test images for
-    validation and test; standardised per channel.
+    """CIFAR-10 from the batches or the archive in ``data_dir`` (default ``data/cifar10``): 50 000
+    training images (or the first ``train_size``), the 10 000 test images for validation and test;
+    standardised per channel. The arguments are :class:`~examples.common.TensorDataModule`'s."""
 
-    Args:
-        data_dir: folder of the batches or the archive (relative to the current directory).
-        batch_size: training batch size; ``0`` = full batch.
-        train_size: use only the first ``train_size`` training images (``None``: all).
-        download: try to download the archive when nothing is found.
-        seed: the shuffling order.
-    """
-
+    default_dir = "data/cifar10"
     eval_batch_size = 1000
-
-    def __init__(
-        self,
-        data_dir: str = "data/cifar10",
-        batch_size: int = 128,
-        train_size: int | None = None,
-        download: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, batch_size, train_size, download, seed)
 
     def fetch(self) -> None:
         ensure_cifar10(self.data_dir, self.download)

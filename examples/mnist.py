@@ -24,28 +24,12 @@ from examples.datasets import ensure_mnist, load_mnist
 
 
 class MNISTDataModule(TensorDataModule):
-    """MNIST from the IDX files: 60 000 training images (or the first ``train_size``), the
-    10 000 test images for validation and test; pixels scaled to [0, 1] and flattened to 784.
+    """MNIST from the IDX files in ``data_dir`` (default ``data/mnist``): 60 000 training images
+    (or the first ``train_size``), the 10 000 test images for validation and test; pixels scaled
+    to [0, 1] and flattened to 784. The arguments are :class:`~examples.common.TensorDataModule`'s."""
 
-    Args:
-        data_dir: folder of the IDX files (relative paths are taken from the current directory).
-        batch_size: training batch size; ``0`` = full batch (every step sees the whole training set).
-        train_size: use only the first ``train_size`` training images (``None``: all).
-        download: try to download missing files (a short attempt; offline it fails with instructions).
-        seed: the shuffling order.
-    """
-
+    default_dir = "data/mnist"
     eval_batch_size = 2000
-
-    def __init__(
-        self,
-        data_dir: str = "data/mnist",
-        batch_size: int = 128,
-        train_size: int | None = None,
-        download: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, batch_size, train_size, download, seed)
 
     def fetch(self) -> None:
         ensure_mnist(self.data_dir, self.download)

@@ -594,6 +594,11 @@ def _choice_lines(entry: TaskResult) -> list[str]:
     return lines
 
 
+def ahead_behind(what: str, ahead: Sequence[str], behind: Sequence[str], behind_word: str = "behind") -> str:
+    """``- what: ahead on …; behind on …`` (the tasks by name)."""
+    return f"- {what}: ahead on {', '.join(ahead) or 'no task'}; {behind_word} on {', '.join(behind) or 'no task'}"
+
+
 def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
     """The decisions the quality section supports, counted over every task and seed."""
     rows, misses, runs, diverged = 0, [], 0, 0
@@ -654,13 +659,7 @@ def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
             entry.task.name
         )
     if faster or slower:
-        lines.append(
-            "- Every layer per step against the greedy layer: ahead on "
-            + (", ".join(faster) or "no task")
-            + "; behind on "
-            + (", ".join(slower) or "no task")
-            + "."
-        )
+        lines.append(ahead_behind("Every layer per step against the greedy layer", faster, slower) + ".")
     ahead, behind, broke = [], [], 0
     for entry in entries:
         plain, heavy = entry.arm("DSGD adaptive"), entry.arm("DSGD adaptive, momentum 0.9")
@@ -672,10 +671,7 @@ def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
         (ahead if better and safe else behind).append(entry.task.name)
     if ahead or behind:
         lines.append(
-            "- Momentum 0.9 against none (both every layer): ahead on "
-            + (", ".join(ahead) or "no task")
-            + "; behind (or diverging) on "
-            + (", ".join(behind) or "no task")
+            ahead_behind("Momentum 0.9 against none (both every layer)", ahead, behind, "behind (or diverging)")
             + f"; diverged runs {broke}."
         )
     return lines

@@ -2,8 +2,8 @@
 UTF-8 text works). Embeddings, attention, layer norms and MLPs are outside DSGD's rigorous class:
 DSGD estimates their constants and corrects them by the curvature it meets (not certified).
 
-    python examples/char_transformer.py                     # the bundled sample, examples/data/sample.txt
-    python examples/char_transformer.py --data.init_args.path my_book.txt --trainer.max_epochs 20
+    python -m examples.char_transformer                     # the bundled sample, examples/data/sample.txt
+    python -m examples.char_transformer --data.init_args.path my_book.txt --trainer.max_epochs 20
     lightning-dsgd fit --config examples/configs/char_transformer.yaml
 """
 
@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import ROOT
 from examples.models import Classifier

@@ -239,8 +239,6 @@ def quiet_lightning() -> None:
 def run_config(name: str, argv: Sequence[str] | None = None) -> Any:
     """``lightning-dsgd fit --config examples/configs/<name> ARGV`` from a script; a missing data set
     stops the script with the message that says where to put which files."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from examples.datasets import DataNotFoundError
     from lightning_dsgd.cli import cli
 

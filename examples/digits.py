@@ -10,10 +10,10 @@ logger — a CSV file always, and W&B when wandb is installed (offline by defaul
 needed) — and draws the chart ``dsgd_layers.png`` at the end of each run. The first run's last
 checkpoint is ``<log dir>/checkpoints/last.ckpt``.
 
-    python examples/digits.py                          # what `make demo` runs
-    python examples/digits.py --constants data --contrast off      # the certified algorithm alone
-    python examples/digits.py --epochs 5 --norm linf --batch-size 0 --wandb off
-    python examples/digits.py --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
+    python -m examples.digits                          # what `make demo` runs
+    python -m examples.digits --constants data --contrast off      # the certified algorithm alone
+    python -m examples.digits --epochs 5 --norm linf --batch-size 0 --wandb off
+    python -m examples.digits --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
     lightning-dsgd fit --config examples/configs/digits.yaml      # the first run with the CLI
 """
 
@@ -30,8 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import EpochTable, quiet_lightning, shuffled_batches
 from examples.datasets import digits_split

@@ -6,21 +6,26 @@ accuracy, how often each layer was chosen, the mean guaranteed decrease
 ``η(1 − η/2)·‖g_i‖²_* / L_i`` of the steps (a certified bound on each step's drop of its
 mini-batch loss) and the last step's stationarity measure ``max_i ‖g_i‖_* / √L_i``.
 
-    python examples/digits_mlp.py                          # spectral norm, data constants, greedy
-    python examples/digits_mlp.py --norm linf --selection cyclic --batch-size 0
+    python -m examples.digits_mlp                          # spectral norm, data constants, greedy
+    python -m examples.digits_mlp --norm linf --selection cyclic --batch-size 0
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.datasets import digits_split
 from examples.models import tanh_mlp

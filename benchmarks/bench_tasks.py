@@ -37,7 +37,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,21 @@ class Task:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Net:
+    """A task's model: its factory (seeded by the caller), the page's description of it, and whether
+    it lies in DSGD's rigorous class (certified constants)."""
+
+    build: Callable[[], nn.Module]
+    text: str
+    rigorous: bool = False
+
+
+def mlp(widths: list[int]) -> Net:
+    """The tanh MLP through ``widths`` (``examples.models.tanh_mlp``): the rigorous class."""
+    return Net(build=lambda: tanh_mlp(widths), text=f"tanh MLP {'-'.join(map(str, widths))}", rigorous=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     """How a task is built: its data (``None`` when its files are absent), its model and its budget
     at ``step_scale`` 1. Mini-batch tasks evaluate every ``eval_every`` steps (at least four times a
@@ -90,12 +105,10 @@ class Recipe:
 
     title: str  # "{n}": the number of training samples
     data: Callable[[], Split | None]
-    model: Callable[[], nn.Module]
-    model_text: str
+    net: Net
     batch_size: int | None
     steps: int
     targets: tuple[float, ...]
-    rigorous: bool
     eval_every: int = 10
     eval_subset: int | None = None
     missing: str = ""  # the note when ``data`` returns None
@@ -204,68 +217,68 @@ class TinyTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------- tasks
 def recipes(mnist_dir: str | None = None) -> dict[str, Recipe]:
     """Every task by name (nothing is loaded until a recipe's ``data`` is called)."""
-    digits = dict(
+    digits = Recipe(
+        title="digits, full batch",
         data=digits_data,
-        model=lambda: tanh_mlp([64, 128, 128, 10]),
-        model_text="tanh MLP 64-128-128-10",
+        net=mlp([64, 128, 128, 10]),
+        batch_size=None,
+        steps=200,
         targets=(0.5, 0.1),
-        rigorous=True,
     )
     return {
-        "digits-full": Recipe(title="digits, full batch", batch_size=None, steps=200, **digits),
-        "digits-64": Recipe(title="digits, batch 64", batch_size=64, steps=400, **digits),
+        "digits-full": digits,
+        "digits-64": replace(digits, title="digits, batch 64", batch_size=64, steps=400),
         "rings": Recipe(
             title="rings (hidden 2-D subspace), full batch",
             data=lambda: (*rings_data(1024, seed=1), *rings_data(1024, seed=2)),
-            model=lambda: tanh_mlp([16, 128, 128, 4]),
-            model_text="tanh MLP 16-128-128-4",
+            net=mlp([16, 128, 128, 4]),
             batch_size=None,
             steps=300,
             targets=(1.0, 0.3),
-            rigorous=True,
         ),
         "cnn": Recipe(
             title="digits as images, ReLU CNN, batch 64",
             data=digits_images,
-            model=ReluCNN,
-            model_text="conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
+            net=Net(
+                build=ReluCNN,
+                text="conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
+            ),
             batch_size=64,
             steps=300,
             targets=(0.5, 0.1),
-            rigorous=False,
         ),
         "transformer": Recipe(
             title="sequence reversal, tiny transformer, batch 64",
             data=lambda: (*reversal_data(2048, seed=1), *reversal_data(512, seed=2)),
-            model=TinyTransformer,
-            model_text="embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
+            net=Net(
+                build=TinyTransformer,
+                text="embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
+            ),
             batch_size=64,
             steps=300,
             targets=(1.5, 0.5),
-            rigorous=False,
         ),
         "charlm": Recipe(
             title="character language model, bundled text, batch 16",
             data=text_data,
-            model=lambda: CharTransformer(width=64, heads=4, layers=2, max_length=32),
-            model_text="byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
-            "layer norm, linear 64→256",
+            net=Net(
+                build=lambda: CharTransformer(width=64, heads=4, layers=2, max_length=32),
+                text="byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
+                "layer norm, linear 64→256",
+            ),
             batch_size=16,
             steps=300,
             targets=(2.2, 1.2),
-            rigorous=False,
         ),
         "mnist": Recipe(
             title="MNIST ({n} train), batch 128",
             data=lambda: mnist_data(mnist_dir),
-            model=lambda: tanh_mlp([784, 256, 256, 10]),
-            model_text="tanh MLP 784-256-256-10",
+            net=mlp([784, 256, 256, 10]),
             batch_size=128,
             steps=600,
             eval_every=50,
             eval_subset=4096,
             targets=(0.5, 0.2),
-            rigorous=True,
             missing="MNIST: skipped — the IDX files (train-images-idx3-ubyte[.gz], …) were not found in "
             "--mnist-dir, $MNIST_DIR or data/MNIST/raw (the harness downloads nothing).",
         ),
@@ -287,7 +300,7 @@ def build_task(name: str, recipe: Recipe, data: Split, device: Device, step_scal
     return Task(
         name=name,
         title=recipe.title.format(n=len(ty)),
-        make_model=lambda: recipe.model().to(device.torch_device),
+        make_model=lambda: recipe.net.build().to(device.torch_device),
         train_x=tx,
         train_y=ty,
         eval_x=ex,
@@ -298,8 +311,8 @@ def build_task(name: str, recipe: Recipe, data: Split, device: Device, step_scal
         steps=steps,
         eval_every=1 if recipe.batch_size is None else max(1, min(recipe.eval_every, steps // 4)),
         targets=recipe.targets,
-        model_text=recipe.model_text,
-        rigorous=recipe.rigorous,
+        model_text=recipe.net.text,
+        rigorous=recipe.net.rigorous,
     )
 
 

@@ -312,7 +312,7 @@ class TrustRegion:
 
     def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: torch.Size) -> None:
         """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality),
-        from the [block_key][lightning_dsgd.adaptive.block_key] ``before`` the step."""
+        from the ``block_key`` of its weight and bias ``before`` the step."""
         layer = self.layers[index]
         self.weight_norms.advance(index, before, block_key(layer), bound, layer.weight.dtype, min(step_shape))
 

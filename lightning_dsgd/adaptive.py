@@ -238,12 +238,12 @@ class AdaptiveConstants:
                 "anchors": self.anchors,
                 "pending": {i: vars(p) for i, p in self.pending.items()},
             },
-            "weight_norms": self.trust_region.weight_norms.state_dict(),
+            "weight_norms": self.trust_region.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping, device: torch.device) -> None:
         self.base.load_state_dict(state, device)
-        self.trust_region.weight_norms.load_state_dict(state.get("weight_norms", {}), device)
+        self.trust_region.load_state_dict(state.get("weight_norms", {}), device)
         adaptive = state.get("adaptive")
         if adaptive is None:
             return
@@ -315,6 +315,13 @@ class TrustRegion:
         from the ``block_key`` of its weight and bias ``before`` the step."""
         layer = self.layers[index]
         self.weight_norms.advance(index, before, block_key(layer), bound, layer.weight.dtype, min(step_shape))
+
+    def state_dict(self) -> dict:
+        """The followed weight-norm bounds (a resumed run caps its steps alike)."""
+        return self.weight_norms.state_dict()
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.weight_norms.load_state_dict(state, device)
 
     def _block_norms(self) -> Tensor:
         """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""

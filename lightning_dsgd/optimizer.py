@@ -555,7 +555,7 @@ class DSGD(torch.optim.Optimizer):
             step_norm = scale * scored.dual_norms[index]
         else:
             velocity_norm = geometry.norm(direction)
-            # The adaptive constants' trust region bounds the step along the velocity too.
+            # A regime that bounds its steps (the adaptive trust region) bounds this one too.
             scale = self.constant_model.limit(index, scale, velocity_norm)
             step_norm = scale * velocity_norm
         step = direction * (-scale)

@@ -1,24 +1,23 @@
 """``constants="adaptive"``: per-layer constants corrected by the curvature actually met.
 
-``L_i = m_i · base_i(w)``, where ``base_i`` is the certified constant where one exists and
-otherwise a cheap estimate. After layer ``i`` moved by ``Δ`` under the constant ``L``, the next
-gradient of that layer gives the curvature met along the step (the mean of the Hessian's
-quadratic form over the segment, exact in full batch)::
+``L_i = m_i · base_i(w)``, where ``base`` is another regime: the certified constants where they
+exist, otherwise the estimate ([lightning_dsgd.constants][]). After layer ``i`` moved by ``Δ``
+under the constant ``L``, the next gradient of that layer gives the curvature met along the step
+(the mean of the Hessian's quadratic form over the segment, exact in full batch)::
 
     κ = ⟨g_i(w + Δ) − g_i(w), Δ⟩ / ‖Δ‖²_(i)
 
 and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
-(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` (0.9, or
-0.8 full batch, where measurements are exact) per step,
-so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
-(every step stays within the trust region ``max_relative_step``, see
-[TrustRegion][lightning_dsgd.adaptive.TrustRegion]); once measured, idling takes it at most to ``idle_reach``
-times its last measured value — by default 1.0, i.e. a measured layer keeps its constant until it
-moves again. (0.7 reaches low losses faster on tanh MLPs but made a transformer stall and cyclic
-selection diverge on a CNN and a transformer in ``benchmarks/harness.py``.)
-Certified layers never go above their certified constant (``m ≤ 1``). Everything stays on the
-device: no host synchronisation.
+(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step
+(0.9; 0.8 full batch, where measurements are exact), so a layer whose constant is too
+pessimistic to ever be chosen greedily gets tried, and measured (every step stays within the
+trust region ``max_relative_step``, see [TrustRegion][lightning_dsgd.adaptive.TrustRegion]);
+once measured, idling takes it at most to ``idle_reach`` times its last measured value — by
+default 1.0, i.e. a measured layer keeps its constant until it moves again. (0.7 reaches low
+losses faster on tanh MLPs but made a transformer stall and cyclic selection diverge on a CNN and
+a transformer in ``benchmarks/harness.py``.) Certified layers never go above their certified
+constant (``m ≤ 1``). Everything stays on the device: no host synchronisation.
 """
 
 from __future__ import annotations

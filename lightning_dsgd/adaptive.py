@@ -248,11 +248,11 @@ class AdaptiveConstants:
             return
         self._check_state(adaptive)
         m = adaptive["multipliers"]
-        self.multipliers = None if m is None else m.to(device)
+        self.multipliers = None if m is None else m.to(device, copy=True)
         self.measured = list(adaptive["measured"])
-        self.anchors = None if adaptive["anchors"] is None else adaptive["anchors"].to(device)
+        self.anchors = None if adaptive["anchors"] is None else adaptive["anchors"].to(device, copy=True)
         self.pending = {
-            int(i): _Pending(**{k: v.to(device) for k, v in fields.items()})
+            int(i): _Pending(**{k: v.to(device, copy=True) for k, v in fields.items()})
             for i, fields in adaptive["pending"].items()
         }
 

@@ -729,7 +729,7 @@ class DSGD(torch.optim.Optimizer):
             {"weight_norms": extra.get("weight_norms", {}), **extra["constant_model"]}, device
         )
         names = self.layer_names
-        self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
+        self._momentum = {names.index(name): v.to(device, copy=True) for name, v in extra.get("momentum", {}).items()}
 
     def _layer_shapes(self) -> list[list[int]]:
         """``[out, in]`` of every layer's ``[W, b]`` block (a checkpoint of other widths is refused)."""

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/digits.py
+	$(BIN)/python -m examples.digits
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark harness (``benchmarks/harness.py``): the device and its clock,
-interleaved timing, the environment record, the tanh MLP, and the optimizers compared.
+interleaved timing, the environment record, the GPT-shaped model, and the optimizers compared
+(the tanh MLP is ``examples.models.tanh_mlp``).
 
 The compared optimizers, built the same way everywhere:
 
@@ -158,16 +159,6 @@ def median(values: Iterable[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
-    """``Linear, Tanh, Linear, …, Linear`` through ``widths`` (linear logits at the end)."""
-    modules: list[nn.Module] = []
-    for k in range(len(widths) - 1):
-        if k > 0:
-            modules.append(nn.Tanh())
-        modules.append(nn.Linear(widths[k], widths[k + 1]))
-    return nn.Sequential(*modules)
-
-
 class GPTBlock(nn.Module):
     """Pre-norm transformer block: causal self-attention (separate q, k, v, o projections) and a
     GELU MLP of 4× the width, each on a residual branch."""

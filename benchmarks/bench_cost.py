@@ -37,8 +37,8 @@ from benchmarks.bench_common import (
     make_sgd,
     median,
     mlp_widths,
-    tanh_mlp,
 )
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD
 
 NORMS = ("spectral", "frobenius", "linf")

@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.bench_common import mlp_widths, tanh_mlp
+from benchmarks.bench_common import mlp_widths
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD
 from lightning_dsgd.distributed import all_gather_rows, all_reduce_max
 

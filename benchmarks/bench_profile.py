@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.bench_common import Device, make_muon, median, mlp_widths, tanh_mlp
+from benchmarks.bench_common import Device, make_muon, median, mlp_widths
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD
 from lightning_dsgd.geometry import SpectralGeometry, augment
 

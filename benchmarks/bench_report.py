@@ -6,6 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.bench_cost import GPT_PATHS, Config, GPTConfig, Scaling, Timing
 from benchmarks.bench_profile import Profile
@@ -129,14 +130,37 @@ def scaling_table(scaling: Scaling) -> list[str]:
     return lines
 
 
-def plot_scaling(scalings: Sequence[Scaling], path: str) -> None:
+def figure(rows: int, cols: int, width: float, height: float) -> tuple[Any, Any]:
+    """``(fig, axes)``: a ``rows × cols`` grid of ``width × height``-inch panels (Agg: no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def task_panels(count: int, height: float) -> tuple[Any, Any]:
+    """One panel per task, three to a row; the panels left over are blank."""
+    cols = min(3, count)
+    fig, axes = figure(math.ceil(count / cols), cols, 3.4, height)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def save(fig: Any, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def plot_scaling(scalings: Sequence[Scaling], path: str) -> None:
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(2, len(scalings), figsize=(3.2 * len(scalings), 5.4), squeeze=False)
+    fig, axes = figure(2, len(scalings), 3.2, 2.7)
     for col, scaling in enumerate(scalings):
         arms: list[str] = []
         for timing in scaling.timings.values():
@@ -161,9 +185,7 @@ def plot_scaling(scalings: Sequence[Scaling], path: str) -> None:
     axes[0][-1].legend(fontsize=6)
     for ax in axes.flat:
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -352,14 +374,7 @@ SELECTED = ("DSGD certified", "DSGD adaptive, greedy")  # one layer per step: wh
 
 def plot_quality(entries: Sequence[TaskResult], path: str, against: str) -> None:
     """Training loss (median over seeds, min–max band) against steps or seconds, one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(entries))
-    rows = math.ceil(len(entries) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = task_panels(len(entries), 2.8)
     for ax, entry in zip(axes.flat, entries, strict=False):
         for name in PLOTTED:
             result = entry.arm(name)
@@ -380,24 +395,13 @@ def plot_quality(entries: Sequence[TaskResult], path: str, against: str) -> None
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=5)
-    for ax in list(axes.flat)[len(entries) :]:
-        ax.axis("off")
     axes[0][0].set_ylabel("training loss", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_selection(entries: Sequence[TaskResult], path: str) -> None:
     """Share of steps per layer for the one-layer arms of ``SELECTED``, one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(entries))
-    rows = math.ceil(len(entries) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = task_panels(len(entries), 2.4)
     for ax, entry in zip(axes.flat, entries, strict=False):
         width = 0.4
         names: list[str] = []
@@ -414,12 +418,8 @@ def plot_selection(entries: Sequence[TaskResult], path: str) -> None:
         ax.tick_params(axis="y", labelsize=6)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(entries) :]:
-        ax.axis("off")
     axes[0][0].set_ylabel("share of steps", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -594,6 +594,11 @@ def _choice_lines(entry: TaskResult) -> list[str]:
     return lines
 
 
+def ahead_behind(what: str, ahead: Sequence[str], behind: Sequence[str], behind_word: str = "behind") -> str:
+    """``- what: ahead on …; behind on …`` (the tasks by name)."""
+    return f"- {what}: ahead on {', '.join(ahead) or 'no task'}; {behind_word} on {', '.join(behind) or 'no task'}"
+
+
 def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
     """The decisions the quality section supports, counted over every task and seed."""
     rows, misses, runs, diverged = 0, [], 0, 0
@@ -654,13 +659,7 @@ def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
             entry.task.name
         )
     if faster or slower:
-        lines.append(
-            "- Every layer per step against the greedy layer: ahead on "
-            + (", ".join(faster) or "no task")
-            + "; behind on "
-            + (", ".join(slower) or "no task")
-            + "."
-        )
+        lines.append(ahead_behind("Every layer per step against the greedy layer", faster, slower) + ".")
     ahead, behind, broke = [], [], 0
     for entry in entries:
         plain, heavy = entry.arm("DSGD adaptive"), entry.arm("DSGD adaptive, momentum 0.9")
@@ -672,10 +671,7 @@ def summary_lines(entries: Sequence[TaskResult]) -> list[str]:
         (ahead if better and safe else behind).append(entry.task.name)
     if ahead or behind:
         lines.append(
-            "- Momentum 0.9 against none (both every layer): ahead on "
-            + (", ".join(ahead) or "no task")
-            + "; behind (or diverging) on "
-            + (", ".join(behind) or "no task")
+            ahead_behind("Momentum 0.9 against none (both every layer)", ahead, behind, "behind (or diverging)")
             + f"; diverged runs {broke}."
         )
     return lines

@@ -1,8 +1,12 @@
 """The tasks of the quality benchmark: data (built here or read from local files, no downloads)
 and the model each is trained with.
 
+The models and data sets the examples also use are built by the examples' own builders
+(``examples.models.tanh_mlp``, ``examples.datasets``, ``examples.char_transformer``); the ones only
+the benchmarks use are built here.
+
 * ``digits``: scikit-learn's 1797 handwritten digits (8×8, ``X / 16``), a fixed 1437 / 360
-  train / validation split; tanh MLP 64-128-128-10 — the rigorous class, where
+  train / validation split (random, seed 0); tanh MLP 64-128-128-10 — the rigorous class, where
   ``DSGD(model, constants="data")``
   uses certified data constants. Full batch and mini-batches of 64.
 * ``rings``: a generated task on which the hidden layers must learn. ``x ~ N(0, I_16)``; the
@@ -29,17 +33,21 @@ and the model each is trained with.
 
 from __future__ import annotations
 
-import gzip
+import functools
 import math
 import os
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.bench_common import ROOT, Device, tanh_mlp
+from benchmarks.bench_common import ROOT, Device
+from examples.char_transformer import SAMPLE, CharTransformer, Windows, read_tokens
+from examples.datasets import DataNotFoundError, ensure_mnist, load_digits, load_mnist
+from examples.models import tanh_mlp
+
+Split = tuple[Tensor, Tensor, Tensor, Tensor]  # train_x, train_y, val_x, val_y
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +82,38 @@ class Task:
         return "full batch" if self.batch_size is None else f"batch {self.batch_size}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Net:
+    """A task's model: its factory (seeded by the caller), the page's description of it, and whether
+    it lies in DSGD's rigorous class (certified constants)."""
+
+    build: Callable[[], nn.Module]
+    text: str
+    rigorous: bool = False
+
+
+def mlp(widths: list[int]) -> Net:
+    """The tanh MLP through ``widths`` (``examples.models.tanh_mlp``): the rigorous class."""
+    return Net(build=lambda: tanh_mlp(widths), text=f"tanh MLP {'-'.join(map(str, widths))}", rigorous=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How a task is built: its data (``None`` when its files are absent), its model and its budget
+    at ``step_scale`` 1. Mini-batch tasks evaluate every ``eval_every`` steps (at least four times a
+    run); ``eval_subset`` samples of the training set, drawn once (seed 0), stand for it when set."""
+
+    title: str  # "{n}": the number of training samples
+    data: Callable[[], Split | None]
+    net: Net
+    batch_size: int | None
+    steps: int
+    targets: tuple[float, ...]
+    eval_every: int = 10
+    eval_subset: int | None = None
+    missing: str = ""  # the note when ``data`` returns None
+
+
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy over samples (and over positions for sequence outputs)."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -84,16 +124,18 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _split(n: int, n_val: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[n_val:], order[:n_val]
+@functools.cache
+def digits_data() -> Split:
+    """The digits with the benchmark's fixed split: 360 validation samples drawn at random (seed 0)."""
+    x, y = load_digits()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, val = order[360:], order[:360]
+    return x[train], y[train], x[val], y[val]
 
 
-def load_digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits as sk_digits
-
-    x, y = sk_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+def digits_images() -> Split:
+    tx, ty, vx, vy = digits_data()
+    return tx.reshape(-1, 1, 8, 8), ty, vx.reshape(-1, 1, 8, 8), vy
 
 
 def rings_data(n: int, seed: int, dim: int = 16) -> tuple[Tensor, Tensor]:
@@ -111,50 +153,30 @@ def reversal_data(n: int, seed: int, length: int = 10, vocab: int = 16) -> tuple
     return tokens, tokens.flip(1)
 
 
-def _read_idx(path: str) -> Tensor:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
-    flat = torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8)
-    return flat[: math.prod(shape)].reshape(shape)
+def text_data(block: int = 32, stride: int = 16) -> Split:
+    """Windows of ``block`` bytes of the bundled text every ``stride`` bytes, from its first 90% and
+    from the rest (the data of ``examples/char_transformer.py``)."""
+    train, val = read_tokens(os.path.join(ROOT, SAMPLE), val_fraction=0.1)
+    return (*Windows(train, block, stride).tensors(), *Windows(val, block, stride).tensors())
 
 
-MNIST_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "val_x": "t10k-images-idx3-ubyte",
-    "val_y": "t10k-labels-idx1-ubyte",
-}
-
-
-def find_mnist(directory: str | None) -> dict[str, str] | None:
-    """Paths of the four MNIST IDX files (plain or ``.gz``) in the first candidate directory that
-    holds all of them, or None."""
-    candidates = [directory] if directory else []
-    candidates += [os.environ.get("MNIST_DIR"), os.path.join(ROOT, "data", "MNIST", "raw"), os.path.join(ROOT, "data")]
-    for folder in candidates:
-        if not folder or not os.path.isdir(folder):
-            continue
-        found = {}
-        for key, stem in MNIST_FILES.items():
-            path = next(
-                (
-                    os.path.join(folder, stem + ext)
-                    for ext in ("", ".gz")
-                    if os.path.isfile(os.path.join(folder, stem + ext))
-                ),
-                None,
-            )
-            if path is None:
-                break
-            found[key] = path
-        if len(found) == len(MNIST_FILES):
-            return found
+def find_mnist(directory: str | None) -> str | None:
+    """The first candidate folder that holds the four MNIST IDX files (plain or ``.gz``), or None:
+    ``directory``, ``$MNIST_DIR``, ``data/MNIST/raw`` and ``data`` under the repository."""
+    candidates = [directory, os.environ.get("MNIST_DIR"), os.path.join(ROOT, "data", "MNIST", "raw")]
+    for folder in [*candidates, os.path.join(ROOT, "data")]:
+        if folder and os.path.isdir(folder):
+            try:
+                ensure_mnist(folder, download_missing=False)
+            except DataNotFoundError:
+                continue
+            return folder
     return None
+
+
+def mnist_data(directory: str | None) -> Split | None:
+    folder = find_mnist(directory)
+    return None if folder is None else load_mnist(folder, download_missing=False)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -192,52 +214,106 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(self.embed(tokens) + self.position))
 
 
-class CharLM(nn.Module):
-    """Byte embeddings + learned positions + ``layers`` pre-norm causal encoder layers + a final
-    layer norm + a linear head over the 256 byte values."""
-
-    def __init__(self, width: int = 64, heads: int = 4, layers: int = 2, length: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(256, width)
-        self.position = nn.Embedding(length, width)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 256)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        length = tokens.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
-        h = self.embed(tokens) + self.position(torch.arange(length, device=tokens.device))
-        for block in self.blocks:
-            h = block(h, src_mask=mask, is_causal=True)
-        return self.head(self.norm(h))
-
-
-def text_windows(path: str, block: int = 32, stride: int = 16, held_out: float = 0.1) -> tuple[Tensor, ...]:
-    """``(x, y)`` windows of ``block`` bytes (``y`` shifted by one) from the first ``1 − held_out``
-    of the file's bytes and from the rest: ``train_x, train_y, val_x, val_y``."""
-    with open(path, "rb") as handle:
-        data = torch.tensor(list(handle.read()), dtype=torch.long)
-    cut = int(len(data) * (1 - held_out))
-
-    def windows(tokens: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        starts = range(0, len(tokens) - block, step)
-        rows = torch.stack([tokens[s : s + block + 1] for s in starts])
-        return rows[:, :-1], rows[:, 1:]
-
-    return (*windows(data[:cut], stride), *windows(data[cut:], block // 2))
-
-
 # ---------------------------------------------------------------------------------------------- tasks
-def _on(device: Device, *tensors: Tensor) -> list[Tensor]:
-    return [t.to(device.torch_device) for t in tensors]
+def recipes(mnist_dir: str | None = None) -> dict[str, Recipe]:
+    """Every task by name (nothing is loaded until a recipe's ``data`` is called)."""
+    digits = Recipe(
+        title="digits, full batch",
+        data=digits_data,
+        net=mlp([64, 128, 128, 10]),
+        batch_size=None,
+        steps=200,
+        targets=(0.5, 0.1),
+    )
+    return {
+        "digits-full": digits,
+        "digits-64": replace(digits, title="digits, batch 64", batch_size=64, steps=400),
+        "rings": Recipe(
+            title="rings (hidden 2-D subspace), full batch",
+            data=lambda: (*rings_data(1024, seed=1), *rings_data(1024, seed=2)),
+            net=mlp([16, 128, 128, 4]),
+            batch_size=None,
+            steps=300,
+            targets=(1.0, 0.3),
+        ),
+        "cnn": Recipe(
+            title="digits as images, ReLU CNN, batch 64",
+            data=digits_images,
+            net=Net(
+                build=ReluCNN,
+                text="conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
+            ),
+            batch_size=64,
+            steps=300,
+            targets=(0.5, 0.1),
+        ),
+        "transformer": Recipe(
+            title="sequence reversal, tiny transformer, batch 64",
+            data=lambda: (*reversal_data(2048, seed=1), *reversal_data(512, seed=2)),
+            net=Net(
+                build=TinyTransformer,
+                text="embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
+            ),
+            batch_size=64,
+            steps=300,
+            targets=(1.5, 0.5),
+        ),
+        "charlm": Recipe(
+            title="character language model, bundled text, batch 16",
+            data=text_data,
+            net=Net(
+                build=lambda: CharTransformer(width=64, heads=4, layers=2, max_length=32),
+                text="byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
+                "layer norm, linear 64→256",
+            ),
+            batch_size=16,
+            steps=300,
+            targets=(2.2, 1.2),
+        ),
+        "mnist": Recipe(
+            title="MNIST ({n} train), batch 128",
+            data=lambda: mnist_data(mnist_dir),
+            net=mlp([784, 256, 256, 10]),
+            batch_size=128,
+            steps=600,
+            eval_every=50,
+            eval_subset=4096,
+            targets=(0.5, 0.2),
+            missing="MNIST: skipped — the IDX files (train-images-idx3-ubyte[.gz], …) were not found in "
+            "--mnist-dir, $MNIST_DIR or data/MNIST/raw (the harness downloads nothing).",
+        ),
+    }
 
 
-def _factory(build: Callable[[], nn.Module], device: Device) -> Callable[[], nn.Module]:
-    return lambda: build().to(device.torch_device)
+ALL_TASKS = tuple(recipes())
+
+
+def build_task(name: str, recipe: Recipe, data: Split, device: Device, step_scale: float = 1.0) -> Task:
+    """The task of ``recipe`` on ``data``, its tensors on the device and its budget times ``step_scale``."""
+    steps = max(10, round(recipe.steps * step_scale))
+    tx, ty, vx, vy = data
+    ex, ey = tx, ty
+    if recipe.eval_subset is not None:
+        subset = torch.randperm(len(ty), generator=torch.Generator().manual_seed(0))[: recipe.eval_subset]
+        ex, ey = tx[subset], ty[subset]
+    tx, ty, vx, vy, ex, ey = (t.to(device.torch_device) for t in (tx, ty, vx, vy, ex, ey))
+    return Task(
+        name=name,
+        title=recipe.title.format(n=len(ty)),
+        make_model=lambda: recipe.net.build().to(device.torch_device),
+        train_x=tx,
+        train_y=ty,
+        eval_x=ex,
+        eval_y=ey,
+        val_x=vx,
+        val_y=vy,
+        batch_size=recipe.batch_size,
+        steps=steps,
+        eval_every=1 if recipe.batch_size is None else max(1, min(recipe.eval_every, steps // 4)),
+        targets=recipe.targets,
+        model_text=recipe.net.text,
+        rigorous=recipe.net.rigorous,
+    )
 
 
 def make_tasks(
@@ -245,172 +321,16 @@ def make_tasks(
 ) -> tuple[list[Task], list[str]]:
     """The requested tasks (their step budgets times ``step_scale``), and notes on the ones that
     could not be built (MNIST files absent)."""
+    known = recipes(mnist_dir)
     tasks: list[Task] = []
     notes: list[str] = []
-
-    def steps(n: int) -> int:
-        return max(10, round(n * step_scale))
-
-    def every(n: int, budget: int) -> int:
-        return max(1, min(n, steps(budget) // 4))
-
-    digits = None
-    if any(n.startswith("digits") or n == "cnn" for n in names):
-        x, y = load_digits()
-        train, val = _split(len(y), 360)
-        digits = (x[train], y[train], x[val], y[val])
+    unknown = [name for name in names if name not in known]
+    if unknown:  # before any data are loaded
+        raise SystemExit(f"unknown task {unknown[0]!r}; known: {', '.join(ALL_TASKS)}")
     for name in names:
-        if name in ("digits-full", "digits-64"):
-            assert digits is not None
-            tx, ty, vx, vy = _on(device, *digits)
-            full = name == "digits-full"
-            tasks.append(
-                Task(
-                    name=name,
-                    title=f"digits, {'full batch' if full else 'batch 64'}",
-                    make_model=_factory(lambda: tanh_mlp([64, 128, 128, 10]), device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=tx,
-                    eval_y=ty,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=None if full else 64,
-                    steps=steps(200 if full else 400),
-                    eval_every=1 if full else every(10, 400),
-                    targets=(0.5, 0.1),
-                    model_text="tanh MLP 64-128-128-10",
-                    rigorous=True,
-                )
-            )
-        elif name == "rings":
-            tx, ty = rings_data(1024, seed=1)
-            vx, vy = rings_data(1024, seed=2)
-            tx, ty, vx, vy = _on(device, tx, ty, vx, vy)
-            tasks.append(
-                Task(
-                    name=name,
-                    title="rings (hidden 2-D subspace), full batch",
-                    make_model=_factory(lambda: tanh_mlp([16, 128, 128, 4]), device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=tx,
-                    eval_y=ty,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=None,
-                    steps=steps(300),
-                    eval_every=1,
-                    targets=(1.0, 0.3),
-                    model_text="tanh MLP 16-128-128-4",
-                    rigorous=True,
-                )
-            )
-        elif name == "cnn":
-            assert digits is not None
-            tx, ty, vx, vy = _on(
-                device, digits[0].reshape(-1, 1, 8, 8), digits[1], digits[2].reshape(-1, 1, 8, 8), digits[3]
-            )
-            tasks.append(
-                Task(
-                    name=name,
-                    title="digits as images, ReLU CNN, batch 64",
-                    make_model=_factory(ReluCNN, device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=tx,
-                    eval_y=ty,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=64,
-                    steps=steps(300),
-                    eval_every=every(10, 300),
-                    targets=(0.5, 0.1),
-                    model_text="conv 1→16 3×3, ReLU, conv 16→32 3×3 stride 2, ReLU, linear 512→64, ReLU, linear 64→10",
-                    rigorous=False,
-                )
-            )
-        elif name == "transformer":
-            tx, ty = reversal_data(2048, seed=1)
-            vx, vy = reversal_data(512, seed=2)
-            tx, ty, vx, vy = _on(device, tx, ty, vx, vy)
-            tasks.append(
-                Task(
-                    name=name,
-                    title="sequence reversal, tiny transformer, batch 64",
-                    make_model=_factory(TinyTransformer, device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=tx,
-                    eval_y=ty,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=64,
-                    steps=steps(300),
-                    eval_every=every(10, 300),
-                    targets=(1.5, 0.5),
-                    model_text="embedding 16×32 + positions, 1 pre-norm encoder layer (2 heads, ff 64), linear 32→16",
-                    rigorous=False,
-                )
-            )
-        elif name == "charlm":
-            tx, ty, vx, vy = _on(device, *text_windows(os.path.join(ROOT, "examples", "data", "sample.txt")))
-            tasks.append(
-                Task(
-                    name=name,
-                    title="character language model, bundled text, batch 16",
-                    make_model=_factory(CharLM, device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=tx,
-                    eval_y=ty,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=16,
-                    steps=steps(300),
-                    eval_every=every(10, 300),
-                    targets=(2.2, 1.2),
-                    model_text="byte embedding 256×64 + positions, 2 pre-norm causal encoder layers (4 heads, ff 256), "
-                    "layer norm, linear 64→256",
-                    rigorous=False,
-                )
-            )
-        elif name == "mnist":
-            files = find_mnist(mnist_dir)
-            if files is None:
-                notes.append(
-                    "MNIST: skipped — the IDX files (train-images-idx3-ubyte[.gz], …) were not found in "
-                    "--mnist-dir, $MNIST_DIR or data/MNIST/raw (the harness downloads nothing)."
-                )
-                continue
-            tx = _read_idx(files["train_x"]).reshape(-1, 784).float() / 255.0
-            ty = _read_idx(files["train_y"]).long()
-            vx = _read_idx(files["val_x"]).reshape(-1, 784).float() / 255.0
-            vy = _read_idx(files["val_y"]).long()
-            subset = torch.randperm(len(ty), generator=torch.Generator().manual_seed(0))[: min(len(ty), 4096)]
-            tx, ty, vx, vy, ex, ey = _on(device, tx, ty, vx, vy, tx[subset], ty[subset])
-            tasks.append(
-                Task(
-                    name=name,
-                    title=f"MNIST ({len(ty)} train), batch 128",
-                    make_model=_factory(lambda: tanh_mlp([784, 256, 256, 10]), device),
-                    train_x=tx,
-                    train_y=ty,
-                    eval_x=ex,
-                    eval_y=ey,
-                    val_x=vx,
-                    val_y=vy,
-                    batch_size=128,
-                    steps=steps(600),
-                    eval_every=every(50, 600),
-                    targets=(0.5, 0.2),
-                    model_text="tanh MLP 784-256-256-10",
-                    rigorous=True,
-                )
-            )
+        data = known[name].data()
+        if data is None:
+            notes.append(known[name].missing)
         else:
-            raise SystemExit(f"unknown task {name!r}; known: {', '.join(ALL_TASKS)}")
+            tasks.append(build_task(name, known[name], data, device, step_scale))
     return tasks, notes
-
-
-ALL_TASKS = ("digits-full", "digits-64", "rings", "cnn", "transformer", "charlm", "mnist")

@@ -27,7 +27,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.bench_common import tanh_mlp
+from benchmarks.bench_common import mlp_widths
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGDMixin, DSGDSettings
 from lightning_dsgd.lightning.callback import DSGDMonitor
 
@@ -38,7 +39,7 @@ class MLP(LightningModule):
     def __init__(self, features: int, width: int, depth: int, classes: int, batches: int, batch_size: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = tanh_mlp([features] + [width] * (depth - 1) + [classes])
+        self.net = tanh_mlp(mlp_widths(features, width, depth, classes))
         x = torch.randn(batches * batch_size, features)
         self.data = TensorDataset(x, (x @ torch.randn(features, classes)).argmax(1))
         self.batch_size = batch_size
@@ -100,7 +101,7 @@ def run_arm(module_cls: type[MLP], monitor: bool, every: int, args: argparse.Nam
     return timer.per_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
@@ -115,7 +116,12 @@ def main() -> None:
     parser.add_argument("--observe-norm", default="spectral", help="the norm observe-only mode scores with")
     parser.add_argument("--clock", choices=["process", "wall"], default="process")
     parser.add_argument("--accelerator", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(
+            f"--warmup ({args.warmup}) must be at least 0 and less than --steps ({args.steps}): the time per step "
+            "is measured over the steps after the warm-up; raise --steps or lower --warmup."
+        )
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging

@@ -33,7 +33,7 @@ This script trains the module before (Adam) and after (the three ways, which are
 run) on the digits and prints, for each, the validation accuracy and loss, the number of steps
 and which layers DSGD updated.
 
-    python examples/add_dsgd.py [--epochs 2]
+    python -m examples.add_dsgd [--epochs 2]
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import quiet_lightning
 from examples.digits import DigitsDataModule
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD, DSGDMixin, DSGDSettings, DSGDSingleDeviceStrategy, with_dsgd
 
 
@@ -62,7 +63,7 @@ class LitClassifier(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+        self.net = tanh_mlp([64, 128, 128, 10])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
         print(
             "With the defaults DSGD moved every layer at every step, each with its own η/L_i (adaptive constants, "
             "not certified); DSGDSettings(constants='data') is the paper's certified algorithm, one layer per "
-            "step — python examples/digits.py trains both."
+            "step — python -m examples.digits trains both."
         )
     return results
 

@@ -2,8 +2,8 @@
 UTF-8 text works). Embeddings, attention, layer norms and MLPs are outside DSGD's rigorous class:
 DSGD estimates their constants and corrects them by the curvature it meets (not certified).
 
-    python examples/char_transformer.py                     # the bundled sample, examples/data/sample.txt
-    python examples/char_transformer.py --data.init_args.path my_book.txt --trainer.max_epochs 20
+    python -m examples.char_transformer                     # the bundled sample, examples/data/sample.txt
+    python -m examples.char_transformer --data.init_args.path my_book.txt --trainer.max_epochs 20
     lightning-dsgd fit --config examples/configs/char_transformer.yaml
 """
 
@@ -18,13 +18,20 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import ROOT
 from examples.models import Classifier
 
 SAMPLE = "examples/data/sample.txt"
+
+
+def read_tokens(path: str | Path, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
+    """The file's bytes as tokens: the first ``1 − val_fraction`` (training) and the rest."""
+    tokens = torch.tensor(list(Path(path).read_bytes()), dtype=torch.long)
+    split = int(len(tokens) * (1.0 - val_fraction))
+    return tokens[:split], tokens[split:]
 
 
 class Windows(Dataset):
@@ -43,6 +50,11 @@ class Windows(Dataset):
         start = self.starts[index]
         window = self.tokens[start : start + self.block_size + 1]
         return window[:-1], window[1:]
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """Every pair at once: ``x`` and ``y`` of shape ``(len(self), block_size)``."""
+        rows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in self.starts])
+        return rows[:, :-1], rows[:, 1:]
 
 
 class CharDataModule(LightningDataModule):
@@ -91,10 +103,9 @@ class CharDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        tokens = torch.tensor(list(self.text_path().read_bytes()), dtype=torch.long)
-        split = int(len(tokens) * (1.0 - self.val_fraction))
-        self.train = Windows(tokens[:split], self.block_size, self.stride)
-        self.val = Windows(tokens[split:], min(self.block_size, len(tokens) - split - 1), self.block_size)
+        train, val = read_tokens(self.text_path(), self.val_fraction)
+        self.train = Windows(train, self.block_size, self.stride)
+        self.val = Windows(val, min(self.block_size, len(val) - 1), self.block_size)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None

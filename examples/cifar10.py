@@ -6,7 +6,7 @@ The data are the CIFAR-10 python batches (``cifar-10-batches-py/``) or their arc
 ``cifar-10-python.tar.gz`` in ``data_dir``; missing, they are downloaded once if the network allows
 (163 MB); otherwise the run stops with a message saying which files to put where.
 
-    python examples/cifar10.py                                # examples/configs/cifar10.yaml
+    python -m examples.cifar10                                # examples/configs/cifar10.yaml
     lightning-dsgd fit --config examples/configs/cifar10.yaml --data.init_args.data_dir ~/data/cifar10
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import TensorDataModule
 from examples.datasets import ensure_cifar10, load_cifar10
@@ -31,28 +31,12 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR10DataModule(TensorDataModule):
-    """CIFAR-10: 50 000 training images (or the first ``train_size``), the 10 000 test images for
-    validation and test; standardised per channel.
+    """CIFAR-10 from the batches or the archive in ``data_dir`` (default ``data/cifar10``): 50 000
+    training images (or the first ``train_size``), the 10 000 test images for validation and test;
+    standardised per channel. The arguments are those of ``examples.common.TensorDataModule``."""
 
-    Args:
-        data_dir: folder of the batches or the archive (relative to the current directory).
-        batch_size: training batch size; ``0`` = full batch.
-        train_size: use only the first ``train_size`` training images (``None``: all).
-        download: try to download the archive when nothing is found.
-        seed: the shuffling order.
-    """
-
+    default_dir = "data/cifar10"
     eval_batch_size = 1000
-
-    def __init__(
-        self,
-        data_dir: str = "data/cifar10",
-        batch_size: int = 128,
-        train_size: int | None = None,
-        download: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, batch_size, train_size, download, seed)
 
     def fetch(self) -> None:
         ensure_cifar10(self.data_dir, self.download)

@@ -46,13 +46,31 @@ def shuffled_batches(data: Dataset, batch_size: int, seed: int) -> DataLoader:
 class TensorDataModule(LightningDataModule):
     """A data set held in memory as tensors: training split (the first ``train_size`` samples, or
     all), the test split for validation and test, shuffled mini-batches or the full batch
-    (``batch_size=0``). Subclasses say how to fetch (rank 0), load and preprocess the arrays."""
+    (``batch_size=0``). Subclasses name their folder (``default_dir``) and say how to fetch (rank 0),
+    load and preprocess the arrays.
 
+    Args:
+        data_dir: folder of the files (relative paths are taken from the current directory;
+            ``None``: the data set's own folder, ``data/mnist`` or ``data/cifar10``).
+        batch_size: training batch size; ``0`` = full batch (every step sees the whole training set).
+        train_size: use only the first ``train_size`` training samples (``None``: all).
+        download: try to download missing files (a short attempt; offline it fails with instructions).
+        seed: the shuffling order.
+    """
+
+    default_dir = "data"
     eval_batch_size = 1000
 
-    def __init__(self, data_dir: str, batch_size: int, train_size: int | None, download: bool, seed: int) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 128,
+        train_size: int | None = None,
+        download: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        self.data_dir = data_dir
+        self.data_dir = self.default_dir if data_dir is None else data_dir
         self.batch_size = batch_size
         self.train_size = train_size
         self.download = download
@@ -221,8 +239,6 @@ def quiet_lightning() -> None:
 def run_config(name: str, argv: Sequence[str] | None = None) -> Any:
     """``lightning-dsgd fit --config examples/configs/<name> ARGV`` from a script; a missing data set
     stops the script with the message that says where to put which files."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from examples.datasets import DataNotFoundError
     from lightning_dsgd.cli import cli
 

@@ -1,5 +1,9 @@
-"""Small readers for the standard MNIST and CIFAR-10 files (no torchvision), with a download that
-is tried once and otherwise stops with a message saying which files to put where.
+"""The examples' data sets, read here once for the examples and the benchmarks: scikit-learn's
+digits (shipped with scikit-learn: no download), and small readers for the standard MNIST and
+CIFAR-10 files (no torchvision), with a download that is tried once and otherwise stops with a
+message saying which files to put where.
+
+* digits: the 1797 8×8 images of ``sklearn.datasets.load_digits``, pixels ``/ 16`` in [0, 1].
 
 * MNIST: the four IDX files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, gzipped (``.gz``) or not.
@@ -71,6 +75,29 @@ def download(urls: Sequence[str], target: Path, md5: str | None = None, timeout:
         finally:
             partial.unlink(missing_ok=True)
     return reason
+
+
+# ---------------------------------------------------------------------- digits
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 digits: pixels as float32 in [0, 1] of shape ``(1797, 64)``, labels long."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ImportError(
+            "The digits example needs scikit-learn: pip install scikit-learn (or 'lightning-dsgd[examples]')."
+        ) from None
+    x, y = sklearn_digits(return_X_y=True)
+    return torch.as_tensor(x / 16.0, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+
+
+def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x_train, y_train, x_val, y_val``: the digits split stratified by class, fixed by ``seed``."""
+    x, y = load_digits()  # first: its message says how to install scikit-learn
+    from sklearn.model_selection import train_test_split
+
+    train, val = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y.numpy(), random_state=seed)
+    train, val = torch.as_tensor(train), torch.as_tensor(val)
+    return x[train], y[train], x[val], y[val]
 
 
 # ---------------------------------------------------------------------- MNIST

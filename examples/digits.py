@@ -10,10 +10,10 @@ logger — a CSV file always, and W&B when wandb is installed (offline by defaul
 needed) — and draws the chart ``dsgd_layers.png`` at the end of each run. The first run's last
 checkpoint is ``<log dir>/checkpoints/last.ckpt``.
 
-    python examples/digits.py                          # what `make demo` runs
-    python examples/digits.py --constants data --contrast off      # the certified algorithm alone
-    python examples/digits.py --epochs 5 --norm linf --batch-size 0 --wandb off
-    python examples/digits.py --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
+    python -m examples.digits                          # what `make demo` runs
+    python -m examples.digits --constants data --contrast off      # the certified algorithm alone
+    python -m examples.digits --epochs 5 --norm linf --batch-size 0 --wandb off
+    python -m examples.digits --epochs 40 --ckpt-path lightning_logs/digits/version_0/checkpoints/last.ckpt
     lightning-dsgd fit --config examples/configs/digits.yaml      # the first run with the CLI
 """
 
@@ -30,10 +30,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import EpochTable, quiet_lightning, shuffled_batches
+from examples.datasets import digits_split
 from examples.models import TanhMLP
 from lightning_dsgd import DSGDMixin, DSGDMonitor, DSGDSettings
 from lightning_dsgd.optimizer import DEFAULT_CONSTANTS
@@ -61,19 +62,9 @@ class DigitsDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        try:
-            from sklearn.datasets import load_digits
-            from sklearn.model_selection import train_test_split
-        except ImportError:
-            raise ImportError(
-                "The digits example needs scikit-learn: pip install scikit-learn (or 'lightning-dsgd[examples]')."
-            ) from None
-        x, y = load_digits(return_X_y=True)
-        x_train, x_val, y_train, y_val = train_test_split(
-            x / 16.0, y, test_size=self.val_fraction, stratify=y, random_state=self.seed
-        )
-        self.train = TensorDataset(torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train))
-        self.val = TensorDataset(torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val))
+        x_train, y_train, x_val, y_val = digits_split(self.val_fraction, self.seed)
+        self.train = TensorDataset(x_train, y_train)
+        self.val = TensorDataset(x_val, y_val)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train is not None

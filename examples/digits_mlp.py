@@ -6,57 +6,30 @@ accuracy, how often each layer was chosen, the mean guaranteed decrease
 ``η(1 − η/2)·‖g_i‖²_* / L_i`` of the steps (a certified bound on each step's drop of its
 mini-batch loss) and the last step's stationarity measure ``max_i ‖g_i‖_* / √L_i``.
 
-    python examples/digits_mlp.py                          # spectral norm, data constants, greedy
-    python examples/digits_mlp.py --norm linf --selection cyclic --batch-size 0
+    python -m examples.digits_mlp                          # spectral norm, data constants, greedy
+    python -m examples.digits_mlp --norm linf --selection cyclic --batch-size 0
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from collections import Counter, OrderedDict
-from itertools import groupby, pairwise
+from collections import Counter
+from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
+
+from examples.datasets import digits_split
+from examples.models import tanh_mlp
 from lightning_dsgd import DSGD, StepRecord
-
-Split = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def load_digits_split(seed: int, val_fraction: float = 0.2) -> Split:
-    """Pixels scaled to [0, 1]; a stratified train/validation split fixed by ``seed``."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise SystemExit(
-            "This example needs scikit-learn for its data set: pip install scikit-learn "
-            "(or pip install 'lightning-dsgd[examples]')."
-        ) from None
-    x, y = load_digits(return_X_y=True)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x / 16.0, y, test_size=val_fraction, stratify=y, random_state=seed
-    )
-    return (
-        torch.as_tensor(x_train, dtype=torch.float32),
-        torch.as_tensor(y_train, dtype=torch.long),
-        torch.as_tensor(x_val, dtype=torch.float32),
-        torch.as_tensor(y_val, dtype=torch.long),
-    )
-
-
-def make_mlp(widths: tuple[int, ...] = (64, 128, 128, 10)) -> nn.Sequential:
-    """``Linear`` layers named ``fc1, fc2, …`` with ``Tanh`` between them and linear logits."""
-    modules: OrderedDict[str, nn.Module] = OrderedDict()
-    for k, (n_in, n_out) in enumerate(pairwise(widths), start=1):
-        if k > 1:
-            modules[f"tanh{k - 1}"] = nn.Tanh()
-        modules[f"fc{k}"] = nn.Linear(n_in, n_out)
-    return nn.Sequential(modules)
 
 
 @torch.no_grad()
@@ -107,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    x_train, y_train, x_val, y_val = load_digits_split(args.seed)
+    x_train, y_train, x_val, y_val = digits_split(seed=args.seed)
     batch_size = args.batch_size if args.batch_size > 0 else len(x_train)
     loader = DataLoader(
         TensorDataset(x_train, y_train),
@@ -115,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    model = make_mlp()
+    model = tanh_mlp([64, 128, 128, 10])
     opt = DSGD(model, norm=args.norm, constants=args.constants, eta=args.eta, selection=args.selection, seed=args.seed)
     names = opt.layer_names
 

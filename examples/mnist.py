@@ -4,8 +4,8 @@ The data are the four standard IDX files, read from ``data_dir`` (gzipped or not
 missing they are downloaded once (if the network allows); otherwise the run stops with a message
 saying which files to put where.
 
-    python examples/mnist.py                  # mini-batch: examples/configs/mnist.yaml
-    python examples/mnist.py --full-batch     # full batch: examples/configs/mnist_full_batch.yaml
+    python -m examples.mnist                  # mini-batch: examples/configs/mnist.yaml
+    python -m examples.mnist --full-batch     # full batch: examples/configs/mnist_full_batch.yaml
     lightning-dsgd fit --config examples/configs/mnist.yaml --data.init_args.data_dir ~/data/mnist
 """
 
@@ -16,36 +16,20 @@ from pathlib import Path
 
 from torch import Tensor
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on sys.path
+    sys.exit(f"Run the examples from the repository root as modules: python -m examples.{Path(__file__).stem}")
 
 from examples.common import TensorDataModule
 from examples.datasets import ensure_mnist, load_mnist
 
 
 class MNISTDataModule(TensorDataModule):
-    """MNIST from the IDX files: 60 000 training images (or the first ``train_size``), the
-    10 000 test images for validation and test; pixels scaled to [0, 1] and flattened to 784.
+    """MNIST from the IDX files in ``data_dir`` (default ``data/mnist``): 60 000 training images
+    (or the first ``train_size``), the 10 000 test images for validation and test; pixels scaled
+    to [0, 1] and flattened to 784. The arguments are those of ``examples.common.TensorDataModule``."""
 
-    Args:
-        data_dir: folder of the IDX files (relative paths are taken from the current directory).
-        batch_size: training batch size; ``0`` = full batch (every step sees the whole training set).
-        train_size: use only the first ``train_size`` training images (``None``: all).
-        download: try to download missing files (a short attempt; offline it fails with instructions).
-        seed: the shuffling order.
-    """
-
+    default_dir = "data/mnist"
     eval_batch_size = 2000
-
-    def __init__(
-        self,
-        data_dir: str = "data/mnist",
-        batch_size: int = 128,
-        train_size: int | None = None,
-        download: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, batch_size, train_size, download, seed)
 
     def fetch(self) -> None:
         ensure_mnist(self.data_dir, self.download)

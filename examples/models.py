@@ -1,15 +1,29 @@
 """Ordinary LightningModules used by the examples: written for automatic optimization with Adam,
 as anyone would write them. DSGD trains them unchanged — through ``DSGDMixin``, a DSGD strategy,
-or the ``lightning-dsgd`` command."""
+or the ``lightning-dsgd`` command. ``tanh_mlp`` is the one builder of the tanh MLP, which the
+plain-PyTorch example and the benchmarks use too."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+
+
+def tanh_mlp(widths: Sequence[int]) -> nn.Sequential:
+    """``Linear`` layers ``fc1, fc2, …`` through ``widths`` with ``Tanh`` (``tanh1, …``) between them
+    and linear logits: DSGD's rigorous class with cross-entropy. PyTorch's default initialisation,
+    layer by layer from the input, so a seed fixes the weights."""
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    for k, (n_in, n_out) in enumerate(pairwise(widths), start=1):
+        if k > 1:
+            modules[f"tanh{k - 1}"] = nn.Tanh()
+        modules[f"fc{k}"] = nn.Linear(n_in, n_out)
+    return nn.Sequential(modules)
 
 
 class Classifier(LightningModule):
@@ -63,13 +77,7 @@ class TanhMLP(Classifier):
     def __init__(self, widths: list[int] | None = None, lr: float = 1e-3) -> None:
         super().__init__(lr)
         self.save_hyperparameters()
-        widths = widths or [64, 128, 128, 10]
-        modules: OrderedDict[str, nn.Module] = OrderedDict()
-        for k, (n_in, n_out) in enumerate(pairwise(widths), start=1):
-            if k > 1:
-                modules[f"tanh{k - 1}"] = nn.Tanh()
-            modules[f"fc{k}"] = nn.Linear(n_in, n_out)
-        self.net = nn.Sequential(modules)
+        self.net = tanh_mlp(widths or [64, 128, 128, 10])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))

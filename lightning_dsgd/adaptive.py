@@ -1,38 +1,43 @@
 """``constants="adaptive"``: per-layer constants corrected by the curvature actually met.
 
-``L_i = m_i · base_i(w)``, where ``base_i`` is the certified constant where one exists and
-otherwise a cheap estimate. After layer ``i`` moved by ``Δ`` under the constant ``L``, the next
-gradient of that layer gives the curvature met along the step (the mean of the Hessian's
-quadratic form over the segment, exact in full batch)::
+``L_i = m_i · base_i(w)``, where ``base`` is another regime: the certified constants where they
+exist, otherwise the estimate ([lightning_dsgd.constants][]). After layer ``i`` moved by ``Δ``
+under the constant ``L``, the next gradient of that layer gives the curvature met along the step
+(the mean of the Hessian's quadratic form over the segment, exact in full batch)::
 
     κ = ⟨g_i(w + Δ) − g_i(w), Δ⟩ / ‖Δ‖²_(i)
 
 and the multiplier follows ``target = safety · κ``: it **grows at once** when the step
 disappointed (``target > L``: ``L ← target``) and **shrinks slowly** when it was safe
-(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step,
-so a layer whose constant is too pessimistic to ever be chosen greedily gets tried, and measured
-(every step stays within the trust region ``max_relative_step``, see
-[TrustRegion][lightning_dsgd.adaptive.TrustRegion]); once measured, idling takes it at most to ``idle_reach``
-times its last measured value — by default 1.0, i.e. a measured layer keeps its constant until it
-moves again. (0.7 reaches low losses faster on tanh MLPs but made a transformer stall and cyclic
-selection diverge on a CNN and a transformer in ``benchmarks/harness.py``.)
-Certified layers never go above their certified constant (``m ≤ 1``). Everything stays on the
-device: no host synchronisation.
+(``L ← max(target, shrink · L)``). A layer that did not move shrinks by ``idle_shrink`` per step
+(0.9; 0.8 full batch, where measurements are exact), so a layer whose constant is too
+pessimistic to ever be chosen greedily gets tried, and measured (every step stays within the
+trust region ``max_relative_step``, see [TrustRegion][lightning_dsgd.adaptive.TrustRegion]);
+once measured, idling takes it at most to ``idle_reach`` times its last measured value — by
+default 1.0, i.e. a measured layer keeps its constant until it moves again. (0.7 reaches low
+losses faster on tanh MLPs but made a transformer stall and cyclic selection diverge on a CNN and
+a transformer in ``benchmarks/harness.py``.) Certified layers never go above their certified
+constant (``m ≤ 1``). Everything stays on the device: no host synchronisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_dsgd.distributed import full, version_key
-from lightning_dsgd.geometry import Geometry, augment
+from lightning_dsgd.distributed import Reducer, full, version_key
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment
+from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
 from lightning_dsgd.precision import device_constant
+
+if TYPE_CHECKING:  # constants.py builds this regime around its own
+    from lightning_dsgd.constants import BatchInputs, ConstantModel
 
 
 @dataclass
@@ -76,19 +81,29 @@ def check_adaptive_options(options: dict | None) -> None:
 
 
 class AdaptiveConstants:
-    """Multipliers ``m_i`` of the base constants, and the steps awaiting their curvature."""
+    """The adaptive regime: ``L_i = m_i · base_i(w)`` with ``base`` another regime (certified where
+    one exists, else estimated), within a [TrustRegion][lightning_dsgd.adaptive.TrustRegion]; it
+    owns the multipliers, the steps awaiting their curvature and the trust region, and speaks the
+    [ConstantModel][lightning_dsgd.constants.ConstantModel] protocol. Not certified."""
+
+    certified = False
 
     def __init__(
         self,
-        certified: list[bool],
+        base: ConstantModel,
+        layers: Sequence[Layer],
+        geometry_of: Callable[[Layer], Geometry],
         *,
+        full_batch: bool = False,
         safety: float = 1.0,
         shrink: float = 0.5,
-        idle_shrink: float = 0.9,
+        idle_shrink: float | None = None,
         idle_reach: float = 1.0,
         floor: float = 1e-3,
         max_relative_step: float = 0.2,
     ) -> None:
+        # Full batch, curvature measurements are exact: idle layers can be tried sooner.
+        idle_shrink = (0.8 if full_batch else 0.9) if idle_shrink is None else idle_shrink
         check_adaptive_options(
             dict(
                 safety=safety,
@@ -99,17 +114,50 @@ class AdaptiveConstants:
                 max_relative_step=max_relative_step,
             )
         )
+        self.base = base
+        self.layers = list(layers)
         self.safety = safety
         self.shrink = shrink
         self.idle_shrink = idle_shrink
         self.idle_reach = idle_reach
         self.max_relative_step = max_relative_step
         self.floor = floor
-        self.ceiling = [1.0 if c else float("inf") for c in certified]
+        # Certified base constants are bounds already: never go above them (m ≤ 1).
+        self.ceiling = [1.0 if base.certified else float("inf")] * len(self.layers)
         self.multipliers: Tensor | None = None
         self.pending: dict[int, _Pending] = {}
-        self.measured = [False] * len(certified)
+        self.measured = [False] * len(self.layers)
         self.anchors: Tensor | None = None  # multipliers at their last measurement (floor until then)
+        self.trust_region = TrustRegion(self.layers, geometry_of, max_relative_step)
+
+    # ------------------------------------------------------------------ the base regime's inputs
+    @property
+    def recorder(self) -> InputNormRecorder:
+        return self.base.recorder
+
+    @property
+    def reduce_max(self) -> Reducer | None:
+        return self.base.reduce_max
+
+    @reduce_max.setter
+    def reduce_max(self, reducer: Reducer | None) -> None:
+        self.base.reduce_max = reducer
+
+    def take_batch(self) -> BatchInputs:
+        return self.base.take_batch()
+
+    # ------------------------------------------------------------------ the constants
+    def compute(
+        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
+    ) -> Tensor:
+        """This step's constants (in the dtype of ``dual_norms``): the multipliers first see the
+        new gradients against the current base constants, and the constants are capped by the
+        trust region."""
+        base = self.base.compute(batch, grads, dual_norms, etas)
+        grad_of = {i: grads[i] for i in self.pending}
+        self.observe({i: augment(*g) for i, g in grad_of.items() if g is not None}, base)
+        constants = self.constants(base).to(dual_norms.dtype)
+        return self.trust_region.cap(constants, dual_norms, etas)
 
     def constants(self, base: Tensor) -> Tensor:
         """``m ⊙ base`` (multipliers start at 1)."""
@@ -147,9 +195,22 @@ class AdaptiveConstants:
             self.measured[i] = True
         self.pending = {}
 
-    def remember(self, index: int, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor) -> None:
-        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad`` is its
-        gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
+    # ------------------------------------------------------------------ the steps taken
+    def before_step(self, index: int) -> tuple:
+        """What [after_step][lightning_dsgd.adaptive.AdaptiveConstants.after_step] needs of layer
+        ``index`` before it moves: the base regime's, and the versions of its weight and bias."""
+        return self.base.before_step(index), block_key(self.layers[index])
+
+    def after_step(
+        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+    ) -> None:
+        """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as
+        computed) under ``constant``, at the gradient ``grad``: the base regime and the trust
+        region follow their norms, and the curvature along the step is measured at the next
+        gradient."""
+        base_before, block_before = before
+        self.base.after_step(index, base_before, bound, step, grad, step_norm, constant)
+        self.trust_region.after_step(index, block_before, bound, step.shape)
         self.pending[index] = _Pending(
             step=step.detach(),
             grad_dot_step=(grad.to(step.dtype) * step).sum(),
@@ -157,27 +218,62 @@ class AdaptiveConstants:
             constant=constant.detach(),
         )
 
+    def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
+        """The step size along another direction than ``ρ(g)``, cut to the trust region."""
+        return self.trust_region.limit(index, scale, direction_norm)
+
     def grow(self, index: int, factor: float) -> None:
         """Multiply one layer's multiplier (after an undone step)."""
         if self.multipliers is not None:
             self.multipliers[index] = torch.clamp(self.multipliers[index] * factor, max=self.ceiling[index])
 
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
-            "multipliers": self.multipliers,
-            "measured": list(self.measured),
-            "anchors": self.anchors,
-            "pending": {i: vars(p) for i, p in self.pending.items()},
+            **self.base.state_dict(),
+            "adaptive": {
+                "multipliers": self.multipliers,
+                "measured": list(self.measured),
+                "anchors": self.anchors,
+                "pending": {i: vars(p) for i, p in self.pending.items()},
+            },
+            "weight_norms": self.trust_region.state_dict(),
         }
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        m = state["multipliers"]
-        self.multipliers = None if m is None else m.to(device)
-        self.measured = list(state["measured"])
-        self.anchors = None if state["anchors"] is None else state["anchors"].to(device)
+    def load_state_dict(self, state: Mapping, device: torch.device) -> None:
+        self.base.load_state_dict(state, device)
+        self.trust_region.load_state_dict(state.get("weight_norms", {}), device)
+        adaptive = state.get("adaptive")
+        if adaptive is None:
+            return
+        self._check_state(adaptive)
+        m = adaptive["multipliers"]
+        self.multipliers = None if m is None else m.to(device, copy=True)
+        self.measured = list(adaptive["measured"])
+        self.anchors = None if adaptive["anchors"] is None else adaptive["anchors"].to(device, copy=True)
         self.pending = {
-            int(i): _Pending(**{k: v.to(device) for k, v in fields.items()}) for i, fields in state["pending"].items()
+            int(i): _Pending(**{k: v.to(device, copy=True) for k, v in fields.items()})
+            for i, fields in adaptive["pending"].items()
         }
+
+    def _check_state(self, state: Mapping) -> None:
+        """Refuse adaptive state saved for other layers (a size mismatch would surface steps later)."""
+        n = len(self.layers)
+        multipliers = state.get("multipliers")
+        problem = None
+        if multipliers is not None and multipliers.shape != (n,):
+            problem = f"{multipliers.numel()} layers, this model has {n}"
+        for i, pending in state.get("pending", {}).items():
+            layer = self.layers[int(i)] if int(i) < n else None
+            shape = None if layer is None else (layer.weight_matrix(layer.weight).shape[0], layer.in_features + 1)
+            step = tuple(pending["step"].shape)
+            if shape is None or step[0] != shape[0] or step[1] not in (shape[1], shape[1] - 1):
+                problem = f"a pending step of shape {list(step)} for layer {i}, which is {list(shape or [])} here"
+        if problem is not None:
+            raise ValueError(
+                f"The adaptive constants' state was saved for another model ({problem}): resume with the model "
+                "it was saved with, or start a new optimizer for this one."
+            )
 
 
 class TrustRegion:
@@ -213,14 +309,18 @@ class TrustRegion:
         tiny = torch.finfo(direction_norm.dtype).tiny
         return torch.minimum(scale, self.radii[index] / direction_norm.clamp(min=tiny))
 
-    def before_step(self, layer: Layer) -> tuple:
-        """The version of the layer's weight and bias before a step (see ``after_step``)."""
-        return block_key(layer)
-
     def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: torch.Size) -> None:
-        """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality)."""
+        """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality),
+        from the ``block_key`` of its weight and bias ``before`` the step."""
         layer = self.layers[index]
         self.weight_norms.advance(index, before, block_key(layer), bound, layer.weight.dtype, min(step_shape))
+
+    def state_dict(self) -> dict:
+        """The followed weight-norm bounds (a resumed run caps its steps alike)."""
+        return self.weight_norms.state_dict()
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.weight_norms.load_state_dict(state, device)
 
     def _block_norms(self) -> Tensor:
         """Upper bounds on ``‖[W_i, b_i]‖_(i)`` of every layer, followed across steps."""

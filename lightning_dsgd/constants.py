@@ -1,27 +1,51 @@
-"""Where each step's ``L_i(w)`` come from: the constant models behind ``constants=``.
+"""Where each step's ``L_i(w)`` come from: the constant regimes behind ``constants=``, one type each.
 
-* ``"data"`` / ``"architecture"`` on a rigorous chain: the certified MLP constants of
-  [lightning_dsgd.smoothness][], with input bounds measured in the batch or worst case.
-* Any other model, or ``"adaptive"``: a base constant (the certified one where it exists, else
-  the estimate ``H · R_i²`` from the layer's measured input bound ``R_i``, as if the layer fed the
-  loss directly) times a multiplier corrected by the curvature met ([lightning_dsgd.adaptive][]).
-  Such constants are not certified.
+* [CertifiedConstants][lightning_dsgd.constants.CertifiedConstants] — ``"data"`` on a rigorous
+  chain: the certified MLP constants of [lightning_dsgd.smoothness][], each layer's input bounded
+  by its largest norm in the batch.
+* [ArchitectureConstants][lightning_dsgd.constants.ArchitectureConstants] — ``"architecture"``
+  on a rigorous chain: the same constants with the inputs bounded from ``data_bound`` through the
+  activations (only the first layer's input is measured).
+* [EstimatedConstants][lightning_dsgd.constants.EstimatedConstants] — outside the rigorous class:
+  ``H · R_i²`` from the layer's measured input bound ``R_i``, as if the layer fed the loss directly.
+  Not certified, so never used alone.
+* [AdaptiveConstants][lightning_dsgd.adaptive.AdaptiveConstants] — ``"adaptive"``, or ``"data"``
+  outside the rigorous class: one of the above (certified where it exists, else estimated) times
+  multipliers corrected by the curvature met, within a trust region. Not certified.
+
+[make_constant_model][lightning_dsgd.constants.make_constant_model] picks the regime from the
+chain and ``constants=``. The optimizer talks to the one object it returns through the protocol
+[ConstantModel][lightning_dsgd.constants.ConstantModel], whose names are stable:
+
+* ``certified`` — every constant it gives is a certified bound (the step's guarantee may hold);
+* ``recorder`` — the [InputNormRecorder][lightning_dsgd.input_norms.InputNormRecorder] of the
+  layers' input norms (``reset``, ``enabled``, ``remove``, ``precision_reason``);
+* ``reduce_max`` — the MAX all-reduce over data-parallel ranks (``None``: one process);
+* ``take_batch()`` — the batch's input and rank bounds, once per step, before the dual norms;
+* ``compute(batch, grads, dual_norms, etas)`` — this step's constants, one per layer;
+* ``before_step(index)`` / ``after_step(index, before, bound, step, grad, step_norm, constant)`` —
+  around each layer's step (what moved, to follow norms and measure curvature);
+* ``limit(index, scale, direction_norm)`` — the step size along a direction other than ``ρ(g)``
+  (momentum), cut where the regime bounds steps;
+* ``grow(index, factor)`` — a step of layer ``index`` broke its promise and was undone;
+* ``state_dict()`` / ``load_state_dict(state, device)`` — what a resumed run needs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dsgd.adaptive import AdaptiveConstants, TrustRegion
+from lightning_dsgd.adaptive import AdaptiveConstants
 from lightning_dsgd.chain import Chain
 from lightning_dsgd.distributed import Reducer, full, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, reduction_dtype
+from lightning_dsgd.geometry import BlockGrad, Geometry, reduction_dtype
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
@@ -43,104 +67,87 @@ class BatchInputs:
     rank_bounds: list[int | None]
 
 
-class ConstantModel:
-    """Computes ``L_i(w)`` for every layer at each step (see the module docstring): the one object
-    the optimizer asks for constants and tells about its steps; it owns the input-norm recorder,
-    the followed operator norms and, with estimated constants, the adaptive multipliers and their
-    trust region."""
+class ConstantModel(Protocol):
+    """What the optimizer asks of a constant regime (see the module docstring)."""
 
-    def __init__(
-        self,
-        layers: list[Layer],
-        geometry: Geometry,
-        loss: LossBounds,
-        chain: Chain | None,
-        mode: str,
-        data_bound: float | None,
-        adaptive_options: dict | None,
-        geometry_of: Callable[[Layer], Geometry],
-    ) -> None:
-        self.layers = layers
-        self.geometry = geometry
-        self.chain = chain
-        self.mode = mode
-        self.certified = chain is not None and mode in ("data", "architecture")
-        self.g, self.h = loss.bounds(geometry.activation_norm)
-        self._fixed_data_bound = data_bound
-        self._measured_data_bound: Tensor | None = None
-        self.reduce_max: Reducer | None = None
-        # Architecture mode measures the first layer only: its input norms (without data_bound) and
-        # the rows of the batch, which every layer of a chain sees alike (the spectral rank bounds).
-        self.recorder = InputNormRecorder(layers if mode != "architecture" else layers[:1], geometry.activation_norm)
-        self.operator_norms = NormBounds(
-            lambda indices: self.geometry.operator_norms([full(layers[j].weight.detach()) for j in indices])
-        )
-        self.adaptive = (
-            AdaptiveConstants([chain is not None] * len(layers), **(adaptive_options or {}))
-            if not self.certified
-            else None
-        )
-        self.trust_region = (
-            None if self.adaptive is None else TrustRegion(layers, geometry_of, self.adaptive.max_relative_step)
-        )
-        if chain is not None:
-            self._s_tensors: tuple[tuple[torch.dtype, torch.device], Tensor, Tensor] | None = None
-            self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
-            self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
+    certified: bool
+    recorder: InputNormRecorder
+    reduce_max: Reducer | None
+
+    def take_batch(self) -> BatchInputs: ...
 
     def compute(
         self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
-    ) -> Tensor:
-        """This step's constants (in the dtype of ``dual_norms``) from the batch's inputs
-        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]). Adaptive: the
-        multipliers first see the new gradients against the current base constants, and the
-        constants are capped by the trust region."""
-        dtype, device = dual_norms.dtype, dual_norms.device
-        input_bounds = batch.input_bounds
-        if self.chain is not None:
-            base = self._certified(input_bounds, dtype, device)
-        else:
-            base = self._estimate(input_bounds, dtype, device)
-        if self.adaptive is None or self.trust_region is None:
-            return base.to(dtype)
-        grad_of = {i: grads[i] for i in self.adaptive.pending}
-        self.adaptive.observe({i: augment(*g) for i, g in grad_of.items() if g is not None}, base)
-        constants = self.adaptive.constants(base).to(dtype)
-        return self.trust_region.cap(constants, dual_norms, etas)
+    ) -> Tensor: ...
 
-    # ------------------------------------------------------------------ the steps taken
-    def before_step(self, index: int) -> tuple:
-        """What [after_step][lightning_dsgd.constants.ConstantModel.after_step] needs of layer
-        ``index`` before it moves: the versions of its weight (and bias)."""
-        layer = self.layers[index]
-        return version_key(layer.weight), None if self.trust_region is None else self.trust_region.before_step(layer)
+    def before_step(self, index: int) -> tuple: ...
 
     def after_step(
         self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+    ) -> None: ...
+
+    def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor: ...
+
+    def grow(self, index: int, factor: float) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping, device: torch.device) -> None: ...
+
+
+def make_constant_model(
+    layers: list[Layer],
+    geometry: Geometry,
+    loss: LossBounds,
+    chain: Chain | None,
+    mode: str,
+    data_bound: float | None,
+    adaptive_options: Mapping[str, float] | None,
+    geometry_of: Callable[[Layer], Geometry],
+    full_batch: bool = False,
+) -> ConstantModel:
+    """The regime of ``constants=mode`` on ``layers`` (``chain``: the rigorous chain they form, if
+    any): certified constants on a chain unless ``"adaptive"``, the adaptive ones around them (or
+    around the estimates, off a chain) otherwise."""
+    if chain is None or mode == "adaptive":
+        base: _Measured = (
+            EstimatedConstants(layers, geometry, loss, mode)
+            if chain is None
+            else CertifiedConstants(layers, geometry, loss, chain, mode)
+        )
+        return AdaptiveConstants(base, layers, geometry_of, full_batch=full_batch, **(adaptive_options or {}))
+    if adaptive_options:
+        raise ValueError(
+            f"adaptive_options={dict(adaptive_options)} tune the adaptive constants, but constants={mode!r} "
+            "are certified and fixed: drop adaptive_options, or use constants='adaptive'."
+        )
+    if mode == "architecture":
+        return ArchitectureConstants(layers, geometry, loss, chain, data_bound)
+    return CertifiedConstants(layers, geometry, loss, chain, mode)
+
+
+class _Measured:
+    """What every regime shares: the recorder of the layers' input norms (``recorded``, a prefix of
+    ``layers``) and the batch's bounds taken from it, MAX-reduced over ranks by ``reduce_max``."""
+
+    certified = False
+
+    def __init__(
+        self, layers: list[Layer], geometry: Geometry, loss: LossBounds, mode: str, recorded: Sequence[Layer]
     ) -> None:
-        """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as computed)
-        under ``constant``, at the gradient ``grad``: follow its norms, and let the adaptive model
-        measure the curvature along the step at the next gradient."""
-        weight_before, block_before = before
-        self.note_step(index, weight_before, bound)
-        if self.trust_region is not None:
-            self.trust_region.after_step(index, block_before, bound, step.shape)
-        if self.adaptive is not None:
-            self.adaptive.remember(index, step, grad, step_norm, constant)
+        self.layers = layers
+        self.geometry = geometry
+        self.mode = mode  # the constants= it serves (for messages)
+        self.g, self.h = loss.bounds(geometry.activation_norm)
+        self.reduce_max: Reducer | None = None
+        self.recorder = InputNormRecorder(recorded, geometry.activation_norm)
 
-    def grow(self, index: int, factor: float) -> None:
-        """Raise layer ``index``'s adaptive constant by ``factor`` (a step that broke its promise was undone)."""
-        if self.adaptive is not None:
-            self.adaptive.grow(index, factor)
-
-    # ------------------------------------------------------------------ input norms
     def take_batch(self) -> BatchInputs:
-        """The recorded input bounds of this step's batch (MAX-reduced over ranks), folding the
-        first into the running data bound in architecture mode, and the gradients' rank bounds
-        (the input rows, times the number of data-parallel ranks); the recorder starts afresh."""
-        recorded = self.recorder.rows[:1] * len(self.layers) if self.mode == "architecture" else self.recorder.rows
-        # Only the spectral geometry uses rank bounds (a chain passes the batch's rows to every layer).
-        rows = [r if layer.norm == "spectral" else None for layer, r in zip(self.layers, recorded, strict=True)]
+        """The recorded input bounds of this step's batch (MAX-reduced over ranks) and the
+        gradients' rank bounds (the input rows, times the number of data-parallel ranks); the
+        recorder starts afresh."""
+        # Only the spectral geometry uses rank bounds.
+        rows = [r if layer.norm == "spectral" else None for layer, r in zip(self.layers, self._rows(), strict=True)]
         counted = [i for i, r in enumerate(rows) if r is not None]
         if self.reduce_max is not None and counted:
             # Every rank must sketch alike: its rank bound is the largest local count × world size.
@@ -150,49 +157,103 @@ class ConstantModel:
                 rows[i] = int(r) * world
         return BatchInputs(self._take_input_norms(), rows)
 
+    def _rows(self) -> list[int | None]:
+        """The input rows each layer multiplied in this batch."""
+        return self.recorder.rows
+
     def _take_input_norms(self) -> list[Tensor | None] | None:
         maxima = list(self.recorder.maxima)
         watched = [i for i, layer in enumerate(self.recorder.layers) if layer.kind in InputNormRecorder.WATCHED]
-        missing = [i for i in watched if maxima[i] is None]
-        if self.chain is None:  # estimates: a module called functionally (MHA's out_proj) stays unmeasured
-            watched = [i for i in watched if maxima[i] is not None]
-        if missing and (self.chain is not None or not watched):
-            if self.mode != "architecture":
-                raise RuntimeError(
-                    f"constants={self.mode!r} needs the input norms of the batch being stepped on, and no "
-                    "forward pass with gradients enabled ran since the last step. Run the forward "
-                    "(and backward) before step(), e.g. inside the closure, or use constants='architecture'."
-                )
-            self.recorder.reset()
-            self._measured_data_bound = None
-            return None
+        reduced = self._needed(maxima, watched)
         self.recorder.reset()
-        if watched:
-            stacked = torch.stack([maxima[i] for i in watched])  # type: ignore[misc]
+        if reduced is None:
+            return None
+        if reduced:
+            stacked = torch.stack([maxima[i] for i in reduced])  # type: ignore[misc]
             if self.reduce_max is not None:
                 stacked = self.reduce_max(stacked)
-            for k, i in enumerate(watched):
+            for k, i in enumerate(reduced):
                 maxima[i] = stacked[k]
-        if self.mode == "architecture":
-            # This batch's own bound: rigorous for this batch's loss, and one bad batch (inf/NaN
-            # or huge inputs) affects its own step only — nothing is carried to later steps.
-            self._measured_data_bound = maxima[0]
         return maxima
 
-    # ------------------------------------------------------------------ certified
-    def _certified(self, input_bounds: list[Tensor | None] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _needed(self, maxima: list[Tensor | None], watched: list[int]) -> list[int] | None:
+        """The watched layers whose bounds this regime uses (``None``: none, for this batch);
+        raises when the batch lacks one it cannot do without."""
+        if any(maxima[i] is None for i in watched):
+            self._no_forward()
+        return watched
+
+    def _no_forward(self) -> NoReturn:
+        raise RuntimeError(
+            f"constants={self.mode!r} needs the input norms of the batch being stepped on, and no "
+            "forward pass with gradients enabled ran since the last step. Run the forward "
+            "(and backward) before step(), e.g. inside the closure, or use constants='architecture'."
+        )
+
+    # ------------------------------------------------------------------ the protocol's defaults
+    def before_step(self, index: int) -> tuple:
+        """What [after_step][lightning_dsgd.constants.CertifiedConstants.after_step] needs of
+        layer ``index`` before it moves: the version of its weight."""
+        return version_key(self.layers[index].weight)
+
+    def after_step(
+        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+    ) -> None:
+        """Layer ``index`` moved by ``step`` with ``‖step‖ ≤ bound``: nothing to follow here."""
+
+    def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
+        """Steps are not bounded: the step size stays ``scale``."""
+        return scale
+
+    def grow(self, index: int, factor: float) -> None:
+        """Fixed constants do not grow."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping, device: torch.device) -> None:
+        """Nothing to restore ("measured_data_bound" of older checkpoints is not used: each step
+        measures its own batch)."""
+
+
+class CertifiedConstants(_Measured):
+    """The certified MLP constants of a rigorous chain
+    ([mlp_constants][lightning_dsgd.smoothness.mlp_constants]), each layer's input bounded by its
+    largest norm in the batch; the operator norms ``a_j`` are followed across DSGD's own steps
+    ([NormBounds][lightning_dsgd.norm_bounds.NormBounds])."""
+
+    certified = True
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        geometry: Geometry,
+        loss: LossBounds,
+        chain: Chain,
+        mode: str,
+        recorded: Sequence[Layer] | None = None,
+    ) -> None:
+        super().__init__(layers, geometry, loss, mode, layers if recorded is None else recorded)
+        self.chain = chain
+        self.operator_norms = NormBounds(
+            lambda indices: self.geometry.operator_norms([full(layers[j].weight.detach()) for j in indices])
+        )
+        self._s_tensors: tuple[tuple[torch.dtype, torch.device], Tensor, Tensor] | None = None
+        self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
+        self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
+
+    def compute(
+        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
+    ) -> Tensor:
+        """This step's constants, in the dtype of ``dual_norms``."""
+        dtype, device = dual_norms.dtype, dual_norms.device
         norms = self._operator_norms().to(dtype)
-        if self.mode == "architecture":
-            bounds = architecture_input_bounds(
-                self._data_bound(dtype, device),
-                [layer.in_features for layer in self.layers],
-                self.chain.activations,  # type: ignore[union-attr]
-                self.geometry.activation_norm,
-            )
-        else:
-            bounds = torch.stack([b.to(device=device, dtype=dtype) for b in input_bounds])  # type: ignore[union-attr]
         s1, s2 = self._activation_bounds(norms)
-        return mlp_constants(norms, bounds, s1, s2, self.g, self.h)
+        return mlp_constants(norms, self._input_bounds(batch, dtype, device), s1, s2, self.g, self.h)
+
+    def _input_bounds(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``‖[x_i; 1]‖`` of every layer's input in this batch."""
+        return torch.stack([b.to(device=device, dtype=dtype) for b in batch.input_bounds])  # type: ignore[union-attr]
 
     def _activation_bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """``s1``, ``s2`` of the chain as tensors like ``like`` (made once per dtype and device)."""
@@ -204,27 +265,68 @@ class ConstantModel:
     def _operator_norms(self) -> Tensor:
         """``a_j`` of every layer above the first (``a_0`` never enters a constant): exact for a
         weight changed from outside (its version counter moved), else followed across DSGD's own
-        steps by [note_step][lightning_dsgd.constants.ConstantModel.note_step] (see [lightning_dsgd.norm_bounds][])."""
+        steps by [after_step][lightning_dsgd.constants.CertifiedConstants.after_step] (see
+        [lightning_dsgd.norm_bounds][])."""
         above = range(1, len(self.layers))
         values = self.operator_norms.values(above, [version_key(self.layers[j].weight) for j in above])
         first = self.layers[0].weight
         zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
         return torch.stack([zero] + [v.to(zero.dtype) for v in values])
 
-    def note_step(self, index: int, before: tuple[int, int], step_norm: Tensor) -> None:
-        """Layer ``index`` moved by a block step with ``‖Δ‖_(i) ≤ step_norm`` from weight version
+    def after_step(
+        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+    ) -> None:
+        """Layer ``index`` moved by a block step with ``‖Δ‖_(i) ≤ bound`` from weight version
         ``before``: its operator norm (never above the layer norm) follows by the triangle
         inequality where recomputing it would take an SVD."""
-        if self.chain is None or not self.geometry.expensive_operator_norm:
+        if not self.geometry.expensive_operator_norm:
             return
         weight = self.layers[index].weight
         self.operator_norms.advance(
-            index,
-            before,
-            version_key(weight),
-            step_norm,
-            weight.dtype,
-            min(self.layers[index].weight_matrix(weight).shape),
+            index, before, version_key(weight), bound, weight.dtype, min(self.layers[index].weight_matrix(weight).shape)
+        )
+
+    def state_dict(self) -> dict:
+        return {"operator_norms": self.operator_norms.state_dict()}
+
+    def load_state_dict(self, state: Mapping, device: torch.device) -> None:
+        self.operator_norms.load_state_dict(state.get("operator_norms", {}), device)
+
+
+class ArchitectureConstants(CertifiedConstants):
+    """``constants="architecture"``: the certified constants with every input bounded from
+    ``‖x‖`` through the activations ([architecture_input_bounds][lightning_dsgd.smoothness.architecture_input_bounds]);
+    ``‖x‖`` is ``data_bound``, raised to the batch's own where that is larger, or the batch's alone
+    without ``data_bound``. Only the first layer is measured: its input norms and the rows of the
+    batch, which every layer of a chain sees alike (the spectral rank bounds)."""
+
+    def __init__(
+        self, layers: list[Layer], geometry: Geometry, loss: LossBounds, chain: Chain, data_bound: float | None
+    ) -> None:
+        super().__init__(layers, geometry, loss, chain, "architecture", recorded=layers[:1])
+        self._fixed_data_bound = data_bound
+        self._measured_data_bound: Tensor | None = None
+
+    def _rows(self) -> list[int | None]:
+        return self.recorder.rows[:1] * len(self.layers)
+
+    def _needed(self, maxima: list[Tensor | None], watched: list[int]) -> list[int] | None:
+        # Without a forward the bound falls back on data_bound (or fails in _data_bound).
+        return None if any(maxima[i] is None for i in watched) else watched
+
+    def _take_input_norms(self) -> list[Tensor | None] | None:
+        maxima = super()._take_input_norms()
+        # This batch's own bound: rigorous for this batch's loss, and one bad batch (inf/NaN
+        # or huge inputs) affects its own step only — nothing is carried to later steps.
+        self._measured_data_bound = None if maxima is None else maxima[0]
+        return maxima
+
+    def _input_bounds(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return architecture_input_bounds(
+            self._data_bound(dtype, device),
+            [layer.in_features for layer in self.layers],
+            self.chain.activations,
+            self.geometry.activation_norm,
         )
 
     def _data_bound(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -248,48 +350,31 @@ class ConstantModel:
             value = value.square().sub(1.0).clamp(min=0.0).sqrt()
         return value if fixed is None else torch.maximum(fixed, value)
 
-    # ------------------------------------------------------------------ estimate
-    def _estimate(self, input_bounds: list[Tensor | None] | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``H · R_i²``: the exact constant of a layer that feeds the loss directly."""
+
+class EstimatedConstants(_Measured):
+    """``H · R_i²``: the exact constant of a layer that feeds the loss directly, from its measured
+    input bound ``R_i`` (or [UNMEASURED_INPUT_BOUND][lightning_dsgd.constants.UNMEASURED_INPUT_BOUND]).
+    A module called functionally (MHA's ``out_proj``) stays unmeasured; the batch must measure at
+    least one watched layer."""
+
+    def __init__(self, layers: list[Layer], geometry: Geometry, loss: LossBounds, mode: str) -> None:
+        super().__init__(layers, geometry, loss, mode, layers)
+
+    def _needed(self, maxima: list[Tensor | None], watched: list[int]) -> list[int] | None:
+        measured = [i for i in watched if maxima[i] is not None]
+        if watched and not measured:
+            self._no_forward()
+        return measured
+
+    def compute(
+        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
+    ) -> Tensor:
+        """This step's estimates, in the dtype of ``dual_norms``."""
+        dtype, device = dual_norms.dtype, dual_norms.device
         bounds = []
         for i, layer in enumerate(self.layers):
-            measured = None if input_bounds is None else input_bounds[i]
+            measured = None if batch.input_bounds is None else batch.input_bounds[i]
             if measured is None:
                 measured = device_constant(UNMEASURED_INPUT_BOUND.get(layer.kind, 1.0), dtype, device)
             bounds.append(measured.to(device=device, dtype=dtype))
         return self.h * torch.stack(bounds).square()
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {
-            "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
-            "operator_norms": self.operator_norms.state_dict(),
-        }
-
-    def _check_adaptive_state(self, state: dict) -> None:
-        """Refuse adaptive state saved for other layers (a size mismatch would surface steps later)."""
-        n = len(self.layers)
-        multipliers = state.get("multipliers")
-        problem = None
-        if multipliers is not None and multipliers.shape != (n,):
-            problem = f"{multipliers.numel()} layers, this model has {n}"
-        for i, pending in state.get("pending", {}).items():
-            layer = self.layers[int(i)] if int(i) < n else None
-            shape = None if layer is None else (layer.weight_matrix(layer.weight).shape[0], layer.in_features + 1)
-            step = tuple(pending["step"].shape)
-            if shape is None or step[0] != shape[0] or step[1] not in (shape[1], shape[1] - 1):
-                problem = f"a pending step of shape {list(step)} for layer {i}, which is {list(shape or [])} here"
-        if problem is not None:
-            raise ValueError(
-                f"The adaptive constants' state was saved for another model ({problem}): resume with the model "
-                "it was saved with, or start a new optimizer for this one."
-            )
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        # "measured_data_bound" of older checkpoints is not used: each step measures its own batch.
-        self.operator_norms.load_state_dict(state.get("operator_norms", {}), device)
-        adaptive = state.get("adaptive")
-        if adaptive is not None:
-            self._check_adaptive_state(adaptive)
-        if self.adaptive is not None and state.get("adaptive") is not None:
-            self.adaptive.load_state_dict(state["adaptive"], device)

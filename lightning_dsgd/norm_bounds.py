@@ -143,7 +143,7 @@ class NormBounds:
         adopted at its first use (see the module docstring)."""
         self._entries, self._growth = {}, None
         self._loaded = {
-            int(i): _Entry(None, s["value"].to(device), s["exact"].to(device), s["advanced"])
+            int(i): _Entry(None, s["value"].to(device, copy=True), s["exact"].to(device, copy=True), s["advanced"])
             for i, s in state.items()
             if not s["outgrown"]
         }

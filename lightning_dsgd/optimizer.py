@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
-from lightning_dsgd.constants import ConstantModel
+from lightning_dsgd.constants import make_constant_model
 from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
@@ -235,17 +235,17 @@ class DSGD(torch.optim.Optimizer):
         super().__init__(_merge_shared(groups), {"lr": eta})
         self._group_of = _group_index(groups, self.param_groups)
 
-        # Full batch, curvature measurements are exact: idle layers can be tried sooner.
-        tuning = {"idle_shrink": 0.8} if full_batch else {}
-        tuning.update(adaptive_options or {})
-        self.constant_model = ConstantModel(
-            self.layers, self.geometry, self.loss_bounds, self.chain, constants, data_bound, tuning, self.geometry_of
+        self.constant_model = make_constant_model(
+            self.layers,
+            self.geometry,
+            self.loss_bounds,
+            self.chain,
+            constants,
+            data_bound,
+            adaptive_options,
+            self.geometry_of,
+            full_batch=full_batch,
         )
-        if adaptive_options and self.constant_model.adaptive is None:
-            raise ValueError(
-                f"adaptive_options={dict(adaptive_options)} tune the adaptive constants, but constants={constants!r} "
-                "are certified and fixed: drop adaptive_options, or use constants='adaptive'."
-            )
         self.constant_model.reduce_max = reduce_max
         self.gather = gather
         # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
@@ -551,13 +551,12 @@ class DSGD(torch.optim.Optimizer):
                 direction = buffer.mul_(self.momentum * downhill).add_(direction)
             self._momentum[index] = direction
         scale = scored.etas[index] / scored.constants[index]
-        trust_region = self.constant_model.trust_region
         if self.momentum == 0.0:
             step_norm = scale * scored.dual_norms[index]
         else:
             velocity_norm = geometry.norm(direction)
-            if trust_region is not None:  # the trust region bounds the step along the velocity too
-                scale = trust_region.limit(index, scale, velocity_norm)
+            # A regime that bounds its steps (the adaptive trust region) bounds this one too.
+            scale = self.constant_model.limit(index, scale, velocity_norm)
             step_norm = scale * velocity_norm
         step = direction * (-scale)
         before = self.constant_model.before_step(index)
@@ -714,13 +713,8 @@ class DSGD(torch.optim.Optimizer):
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
             "constant_model": self.constant_model.state_dict(),
-            "weight_norms": self._trust_region_state(),
             "momentum": {self.layers[i].name: v for i, v in self._momentum.items()},
         }
-
-    def _trust_region_state(self) -> dict:
-        region = self.constant_model.trust_region
-        return {} if region is None else region.weight_norms.state_dict()
 
     def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
         self._check_compatible(extra)
@@ -730,12 +724,12 @@ class DSGD(torch.optim.Optimizer):
         self.selection_counts = list(extra["selection_counts"])
         self._cursor = extra["cursor"]
         self._generator.set_state(extra["generator"].cpu())  # a checkpoint mapped to a GPU holds it there
-        self.constant_model.load_state_dict(extra["constant_model"], device)
-        region = self.constant_model.trust_region
-        if region is not None:
-            region.weight_norms.load_state_dict(extra.get("weight_norms", {}), device)
+        # Checkpoints saved before the constant model held its trust region keep "weight_norms" here.
+        self.constant_model.load_state_dict(
+            {"weight_norms": extra.get("weight_norms", {}), **extra["constant_model"]}, device
+        )
         names = self.layer_names
-        self._momentum = {names.index(name): v.to(device) for name, v in extra.get("momentum", {}).items()}
+        self._momentum = {names.index(name): v.to(device, copy=True) for name, v in extra.get("momentum", {}).items()}
 
     def _layer_shapes(self) -> list[list[int]]:
         """``[out, in]`` of every layer's ``[W, b]`` block (a checkpoint of other widths is refused)."""

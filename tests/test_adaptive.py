@@ -158,8 +158,8 @@ def test_trust_region_caps_a_step_from_a_constant_far_too_small():
     x, y = classification_data(32, 4, 3, seed=5)
     opt = DSGD(model)
     n = len(opt.layers)
-    opt.constant_model.adaptive.multipliers = torch.full((n,), 1e-9, dtype=torch.float64)
-    opt.constant_model.adaptive.floor = 1e-12
+    opt.constant_model.multipliers = torch.full((n,), 1e-9, dtype=torch.float64)
+    opt.constant_model.floor = 1e-12
 
     def blocks() -> list[torch.Tensor]:
         return [
@@ -172,4 +172,4 @@ def test_trust_region_caps_a_step_from_a_constant_far_too_small():
         geometry = opt.geometry_of(layer)
         moved, size = geometry.norm(new - old).item(), geometry.norm(old).item()
         assert 0 < moved <= 0.2 * max(size, 1.0) * (1 + 1e-9)
-    assert opt.constant_model.adaptive.max_relative_step == 0.2
+    assert opt.constant_model.max_relative_step == 0.2

@@ -3,10 +3,8 @@ plots, and its pieces (MNIST reader, learning-rate grid, sweeps) behave."""
 
 from __future__ import annotations
 
-import gzip
 import inspect
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -14,8 +12,9 @@ import time
 import pytest
 import torch
 
-from benchmarks import bench_quality, bench_tasks
+from benchmarks import bench_quality, bench_tasks, callback_overhead
 from benchmarks.bench_common import make_device
+from examples.datasets import write_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,17 +67,8 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
     assert elapsed < 150, f"quick mode took {elapsed:.0f} s"
 
 
-def _write_idx(path, array: torch.Tensor) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.to(torch.uint8).numpy().tobytes())
-
-
 def test_mnist_is_read_from_idx_files_when_present_and_skipped_otherwise(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 300), ("t10k", 50)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), generator=g))
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g))
+    write_fake_mnist(tmp_path, n_train=300, n_test=50)
     device = make_device("cpu")
     tasks, notes = bench_tasks.make_tasks(["mnist"], device, 0.02, str(tmp_path))
     assert notes == []
@@ -118,6 +108,39 @@ def test_sweep_extends_past_an_edge_until_the_best_rate_is_interior(monkeypatch)
     assert result.edge is None
     assert sorted(result.sweep) == pytest.approx([0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     assert [r.seed for r in result.runs] == [0, 1, 2]
+
+
+def test_every_task_builds_and_its_model_reads_its_data():
+    """Each task's data and model come from one builder (the examples' where they are the same):
+    the model maps a batch of the task's inputs to logits over the classes of its labels."""
+    names = [n for n in bench_tasks.ALL_TASKS if n != "mnist"]
+    tasks, notes = bench_tasks.make_tasks(names, make_device("cpu"), step_scale=0.02)
+    assert [t.name for t in tasks] == names and notes == []
+    for task in tasks:
+        torch.manual_seed(0)
+        logits = task.make_model()(task.train_x[:2])
+        assert logits.shape[:-1] == task.train_y[:2].shape
+        assert logits.shape[-1] > int(max(task.train_y.max(), task.val_y.max()))
+    with pytest.raises(SystemExit, match="unknown task 'nope'"):
+        bench_tasks.make_tasks(["digits-64", "nope"], make_device("cpu"))
+
+
+def test_callback_overhead_refuses_a_warmup_that_leaves_no_step_to_time(capsys):
+    with pytest.raises(SystemExit) as stop:
+        callback_overhead.main(["--steps", "20"])  # the default warm-up is 20 steps
+    assert (
+        stop.value.code == 2
+        and "--warmup (20) must be at least 0 and less than --steps (20)" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_callback_overhead_prints_a_ratio_per_arm(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--steps", "6", "--warmup", "2", "--repeats", "1", "--width", "8", "--batches", "2", "--batch-size", "4"]
+    callback_overhead.main(tiny)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4 and all(float(row[-1]) > 0 for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------- distributed section

@@ -20,14 +20,12 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `examples` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
+from examples import datasets  # `examples`: a folder of the repository (pytest's pythonpath has the root)
+from examples.datasets import DataNotFoundError, write_fake_cifar10, write_fake_mnist
+from lightning_dsgd import DSGD, DSGDMixin
+from lightning_dsgd.cli import cli
 
-from examples import datasets  # noqa: E402
-from examples.datasets import DataNotFoundError, write_fake_cifar10, write_fake_mnist  # noqa: E402
-from lightning_dsgd import DSGD, DSGDMixin  # noqa: E402
-from lightning_dsgd.cli import cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "examples" / "configs"
 TINY = [
@@ -194,7 +192,7 @@ def test_before_and_after_adding_dsgd(workdir):
     adam, *dsgd_runs = results.values()
     assert dsgd_runs[0] == dsgd_runs[1] == dsgd_runs[2]  # the three ways are the same DSGD run
     # the default (adaptive constants) moves every layer each step
-    assert adam.choices is None and dsgd_runs[0].choices == {"net.0": 3, "net.2": 3, "net.4": 3}
+    assert adam.choices is None and dsgd_runs[0].choices == {"net.fc1": 3, "net.fc2": 3, "net.fc3": 3}
 
 
 @pytest.mark.slow
@@ -369,12 +367,18 @@ def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.Compl
 def test_example_script_runs_its_config(tmp_path, script):
     name, *flags = script.split()
     data = fake_data(name, tmp_path)
-    result = run([sys.executable, str(ROOT / "examples" / name), *flags, *TINY, *data], cwd=tmp_path)
+    result = run([sys.executable, "-m", f"examples.{name.removesuffix('.py')}", *flags, *TINY, *data], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The epoch table: steps per layer for one layer per step (MNIST: data constants); for every layer
     # per step (adaptive: CIFAR-10, the transformer), each layer's share of the decrease and the greedy pick.
     assert ("layer choices" if name == "mnist.py" else "share of the estimated decrease | greedy pick") in result.stdout
     assert list(tmp_path.glob("lightning_logs/*/version_0/metrics.csv"))
+
+
+def test_an_example_run_as_a_file_says_how_to_run_it(tmp_path):
+    result = run([sys.executable, str(ROOT / "examples" / "digits_mlp.py")], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Run the examples from the repository root as modules: python -m examples.digits_mlp" in result.stderr
 
 
 @pytest.mark.slow

@@ -406,6 +406,48 @@ def test_state_dict_round_trip_continues_identically(selection, mode):
     assert resumed.selection_counts == opt.selection_counts
 
 
+@pytest.mark.parametrize("options", [{"constants": "adaptive", "momentum": 0.5}, {"constants": "data"}])
+def test_state_dict_loaded_in_memory_shares_no_tensor_with_its_source(options):
+    """``opt2.load_state_dict(opt1.state_dict())`` without a file: the copies train apart from the
+    original. (Loading once aliased the adaptive multipliers, the momentum buffers and the followed
+    norm bounds, so the two optimizers wrote into each other's state.)"""
+    x, y = classification_data(64, 4, 3, seed=8)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = mlp([4, 6, 6, 3], seed=8)
+    opt = DSGD(model, **options)
+    train(model, opt, 4)
+    twin = mlp([4, 6, 6, 3], seed=8)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = DSGD(twin, **options)
+    twin_opt.load_state_dict(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    train(twin, twin_opt, 3)  # only the twin trains
+    after = opt.state_dict()
+    flat_before, flat_after = _tensors(before), _tensors(after)
+    assert flat_before.keys() == flat_after.keys() and flat_before
+    for key, value in flat_before.items():
+        assert torch.equal(value, flat_after[key]), f"the source optimizer's {key} changed"
+    train(model, opt, 3)  # and the source, trained alike, ends where the twin did
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _tensors(tree, prefix=""):
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    out = {}
+    for key, value in items:
+        out.update(_tensors(value, f"{prefix}/{key}"))
+    return out
+
+
 def test_param_groups_are_named_after_their_layers_and_the_former_key_still_loads():
     """The group key is ``"name"`` (Lightning's LearningRateMonitor logs ``lr-DSGD/<layer>``); a state
     saved under the former key ``"layer_name"`` resumes identically, with and without the ``"dsgd"`` entry."""

@@ -12,7 +12,8 @@ Runs every section and writes the Markdown page ``docs/benchmarks.md`` and its p
    spectral DSGD on each path against Muon+AdamW (``bench_cost.measure_gpt``; ~7 min on 1 CPU
    thread, mostly width 1024; ``--sections gpt`` alone);
 5. memory and bytes communicated per rank in a 2-process FSDP2 run against AdamW, and DSGD's scoring
-   time per rank under 2-process DDP against one process (``bench_distributed``; spawned gloo processes);
+   time per rank under 2-process DDP against one process (``bench_distributed``; spawned gloo processes,
+   ~1 min; ``--sections distributed`` alone);
 6. optimization quality on digits (full and mini-batch), a generated task whose hidden layers must
    learn, a ReLU CNN, a tiny transformer and MNIST when its files are present (``bench_quality``).
 

@@ -118,9 +118,14 @@ class AdaptiveConstants:
         self.multipliers = self.multipliers.to(device=base.device, dtype=base.dtype)
         return self.multipliers * base
 
-    def observe(self, blocks: dict[int, Tensor], base: Tensor) -> None:
-        """Correct the multiplier of every layer that moved last step, from its new gradient
-        ``blocks[i]`` (as a block matrix); ``base`` are the current base constants."""
+    def curvature(self, index: int, new_grad: Tensor) -> Tensor:
+        """``κ`` met along layer ``index``'s pending step, from its new gradient (block matrix)."""
+        pending = self.pending[index]
+        return ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / pending.step_norm_sq
+
+    def observe(self, curvatures: dict[int, Tensor], base: Tensor) -> None:
+        """Correct the multiplier of every layer that moved last step from the curvature met along
+        its step (``curvatures[i]``, see ``curvature``); ``base`` are the current base constants."""
         if self.multipliers is None or not self.pending:
             return
         ceiling = device_constant(tuple(self.ceiling), base.dtype, base.device)
@@ -130,13 +135,10 @@ class AdaptiveConstants:
         if idle:
             lowest = (self.anchors[idle] * self.idle_reach).clamp(min=self.floor)
             self.multipliers[idle] = torch.maximum(self.multipliers[idle] * self.idle_shrink, lowest)
-        for i, pending in self.pending.items():
-            new_grad = blocks.get(i)
-            if new_grad is None:
+        for i in self.pending:
+            curvature = curvatures.get(i)
+            if curvature is None:
                 continue
-            curvature = ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / (
-                pending.step_norm_sq
-            )
             target = self.safety * curvature
             used = self.multipliers[i] * base[i]  # the model's constant, before any step cap
             new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
@@ -147,12 +149,12 @@ class AdaptiveConstants:
             self.measured[i] = True
         self.pending = {}
 
-    def remember(self, index: int, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor) -> None:
-        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad`` is its
-        gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
+    def remember(self, index: int, step: Tensor, grad_dot_step: Tensor, step_norm: Tensor, constant: Tensor) -> None:
+        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad_dot_step`` is
+        ``⟨g_i(w), step⟩`` at its gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
         self.pending[index] = _Pending(
             step=step.detach(),
-            grad_dot_step=(grad.to(step.dtype) * step).sum(),
+            grad_dot_step=grad_dot_step,
             step_norm_sq=step_norm.square(),
             constant=constant.detach(),
         )

@@ -92,20 +92,32 @@ class ConstantModel:
         self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
     ) -> Tensor:
         """This step's constants (in the dtype of ``dual_norms``) from the batch's inputs
-        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]). Adaptive: the
-        multipliers first see the new gradients against the current base constants, and the
-        constants are capped by the trust region."""
-        dtype, device = dual_norms.dtype, dual_norms.device
-        input_bounds = batch.input_bounds
+        ([take_batch][lightning_dsgd.constants.ConstantModel.take_batch]): ``adjust`` of
+        ``base_constants`` by the ``curvatures`` met at ``grads``."""
+        base = self.base_constants(batch, dual_norms.dtype, dual_norms.device)
+        return self.adjust(base, self.curvatures(grads), dual_norms, etas)
+
+    def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The certified constants, or the estimates ``H · R_i²`` (before any adaptive multiplier)."""
         if self.chain is not None:
-            base = self._certified(input_bounds, dtype, device)
-        else:
-            base = self._estimate(input_bounds, dtype, device)
+            return self._certified(batch.input_bounds, dtype, device)
+        return self._estimate(batch.input_bounds, dtype, device)
+
+    def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
+        """The curvature met along each pending adaptive step, for the layers whose new gradient is in ``grads``."""
+        if self.adaptive is None:
+            return {}
+        return {
+            i: self.adaptive.curvature(i, augment(*grads[i])) for i in self.adaptive.pending if grads[i] is not None
+        }  # type: ignore[misc]
+
+    def adjust(self, base: Tensor, curvatures: dict[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:
+        """Adaptive: the multipliers first see the curvatures met, and the constants ``m ⊙ base``
+        are capped by the trust region; certified: ``base`` itself."""
         if self.adaptive is None or self.trust_region is None:
-            return base.to(dtype)
-        grad_of = {i: grads[i] for i in self.adaptive.pending}
-        self.adaptive.observe({i: augment(*g) for i, g in grad_of.items() if g is not None}, base)
-        constants = self.adaptive.constants(base).to(dtype)
+            return base.to(dual_norms.dtype)
+        self.adaptive.observe(curvatures, base)
+        constants = self.adaptive.constants(base).to(dual_norms.dtype)
         return self.trust_region.cap(constants, dual_norms, etas)
 
     # ------------------------------------------------------------------ the steps taken
@@ -116,17 +128,26 @@ class ConstantModel:
         return version_key(layer.weight), None if self.trust_region is None else self.trust_region.before_step(layer)
 
     def after_step(
-        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+        self,
+        index: int,
+        before: tuple,
+        bound: Tensor,
+        step: Tensor,
+        grad_dot_step: Tensor | None,
+        step_norm: Tensor,
+        constant: Tensor,
     ) -> None:
         """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as computed)
-        under ``constant``, at the gradient ``grad``: follow its norms, and let the adaptive model
-        measure the curvature along the step at the next gradient."""
+        under ``constant``, with ``⟨g, step⟩ = grad_dot_step`` at the gradient before it (needed only
+        with ``adaptive``): follow its norms, and let the adaptive model measure the curvature along
+        the step at the next gradient."""
         weight_before, block_before = before
         self.note_step(index, weight_before, bound)
         if self.trust_region is not None:
             self.trust_region.after_step(index, block_before, bound, step.shape)
         if self.adaptive is not None:
-            self.adaptive.remember(index, step, grad, step_norm, constant)
+            assert grad_dot_step is not None, "adaptive constants need ⟨g, step⟩"
+            self.adaptive.remember(index, step, grad_dot_step, step_norm, constant)
 
     def grow(self, index: int, factor: float) -> None:
         """Raise layer ``index``'s adaptive constant by ``factor`` (a step that broke its promise was undone)."""

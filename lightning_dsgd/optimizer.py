@@ -28,7 +28,7 @@ from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
+from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.plan import WorkPlan, check_rows_agree
@@ -412,7 +412,7 @@ class DSGD(torch.optim.Optimizer):
         work = self.work_plan
         etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
         if any(layer.weight.grad is None for layer in self.layers):
-            self._check_layers_attached()
+            _check_layers_attached(self._model, self.layers)
         grads = work.gradients(self.layers)
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
@@ -423,7 +423,11 @@ class DSGD(torch.optim.Optimizer):
         curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         if work.shared:  # the step's one collective: each layer's values from its owner
-            dual_norms, curvatures, planned, checks = self._share_scores(work, dual_norms, curvatures, planned)
+            pending = [] if self.constant_model.adaptive is None else list(self.constant_model.adaptive.pending)
+            gather = self.gather or all_gather_rows()
+            dual_norms, curvatures, planned, checks = work.share_scores(
+                gather, self.layers, dual_norms, curvatures, pending, planned
+            )
         constants = self.constant_model.adjust(base, curvatures, dual_norms, etas)
         moving = dual_norms > 0
         usable = torch.isfinite(constants) & (constants > 0)
@@ -454,7 +458,7 @@ class DSGD(torch.optim.Optimizer):
         best, all_finite, best_score, agreed = values[:4]
         skip_reason = None
         if not all_finite:
-            skip_reason = self._nonfinite_reason(dual_norms, constants, batch.input_bounds)
+            skip_reason = _nonfinite_reason(self.layers, dual_norms, constants, batch.input_bounds)
         elif best_score <= 0.0:  # whatever the selection: no layer can move
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
         return _Scored(
@@ -474,28 +478,6 @@ class DSGD(torch.optim.Optimizer):
             [int(i) for i in values[4 + n : 4 + 2 * n]] if self.layers_per_step > 1 else None,
         )
 
-    def _share_scores(
-        self, work: WorkPlan, dual_norms: Tensor, curvatures: dict[int, Tensor], planned: Tensor
-    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
-        """Shared work: this rank's dual norms and curvatures (of its own layers) and its gradient
-        checksums travel in one all-gather; every rank returns the owners' values."""
-        adaptive = self.constant_model.adaptive
-        pending = [] if adaptive is None else list(adaptive.pending)
-        curvature = torch.zeros_like(dual_norms)
-        for i, value in curvatures.items():
-            curvature[i] = value.to(curvature.dtype)
-        checks = torch.zeros_like(dual_norms)
-        if not any(is_sharded(p) for layer in self.layers for p in layer.params):  # DDP: every rank holds them
-            for i, layer in enumerate(self.layers):
-                grads = [p.grad for p in layer.params if p.grad is not None]
-                if grads:
-                    checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
-        gather = self.gather or all_gather_rows()
-        values, checks, planned = work.agree(gather, torch.stack([dual_norms, curvature]), checks, planned)
-        # Every rank knows which pending layers have a new gradient: those are measured.
-        measured = {i: values[1, i] for i in pending if self.layers[i].weight.grad is not None}
-        return values[0], measured, planned, checks
-
     def _plan(self) -> int:
         """This step's random or cyclic choice (-1 for greedy); the generator and cursor advance
         only when the step is taken (`_choose`)."""
@@ -505,23 +487,6 @@ class DSGD(torch.optim.Optimizer):
             self._generator.set_state(state)
             return index
         return self._cursor if self.selection == "cyclic" else -1
-
-    def _check_layers_attached(self) -> None:
-        """A layer without a gradient: raise if its module or parameter was replaced after DSGD
-        was built (the replacement would never be trained)."""
-        modules = {id(m) for m in self._model.modules()}
-        params = {id(p) for p in self._model.parameters()}
-        stale = [
-            layer.name
-            for layer in self.layers
-            if id(layer.module) not in modules or any(id(p) not in params for p in layer.params)
-        ]
-        if stale:
-            raise RuntimeError(
-                f"DSGD's layer(s) {stale} are no longer part of the model: a module or parameter was replaced "
-                "after the optimizer was built, so the new one would never be trained. Build DSGD (or start "
-                "the Trainer's fit) after changing the model."
-            )
 
     def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
         """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
@@ -686,29 +651,6 @@ class DSGD(torch.optim.Optimizer):
         self.skipped_steps += 1
         self.steps_taken += 1
 
-    def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor, inputs: list[Tensor | None] | None) -> str:
-        """Name the layers and the cause of a bad step (a host sync; only on that path)."""
-        names = self.layer_names
-        bad_grads = [names[i] for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
-        if bad_grads:
-            return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
-        moving = dual_norms > 0
-        bad = [names[i] for i in torch.nonzero(moving & ~torch.isfinite(constants)).flatten().tolist()]
-        zero = [names[i] for i in torch.nonzero(moving & (constants <= 0)).flatten().tolist()]
-        bad_inputs = [
-            names[i] for i, b in enumerate(inputs or []) if b is not None and not bool(torch.isfinite(b).all())
-        ]
-        bad_weights = [
-            layer.name for layer in self.layers if not all(bool(torch.isfinite(full(p)).all()) for p in layer.params)
-        ]
-        if bad_inputs:
-            return f"non-finite input (inf/NaN) to layer(s) {bad_inputs} in this batch: no weight was changed"
-        if bad_weights:
-            return f"non-finite smoothness constant for layer(s) {bad}: the weights of {bad_weights} hold inf/NaN"
-        if bad:
-            return f"non-finite smoothness constant for layer(s) {bad} (an input norm or weight too large to represent)"
-        return f"smoothness constant ≤ 0 with a nonzero gradient for layer(s) {zero}: the step would be infinite"
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus DSGD's own under ``"dsgd"``
@@ -815,6 +757,46 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.recorder.remove()
         if self._outputs is not None:
             self._outputs.remove()
+
+
+def _check_layers_attached(model: nn.Module, layers: list[Layer]) -> None:
+    """A layer without a gradient: raise if its module or parameter was replaced after DSGD
+    was built (the replacement would never be trained)."""
+    modules = {id(m) for m in model.modules()}
+    params = {id(p) for p in model.parameters()}
+    stale = [
+        layer.name
+        for layer in layers
+        if id(layer.module) not in modules or any(id(p) not in params for p in layer.params)
+    ]
+    if stale:
+        raise RuntimeError(
+            f"DSGD's layer(s) {stale} are no longer part of the model: a module or parameter was replaced "
+            "after the optimizer was built, so the new one would never be trained. Build DSGD (or start "
+            "the Trainer's fit) after changing the model."
+        )
+
+
+def _nonfinite_reason(
+    layers: list[Layer], dual_norms: Tensor, constants: Tensor, inputs: list[Tensor | None] | None
+) -> str:
+    """Name the layers and the cause of a bad step (a host sync; only on that path)."""
+    names = [layer.name for layer in layers]
+    bad_grads = [names[i] for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
+    if bad_grads:
+        return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
+    moving = dual_norms > 0
+    bad = [names[i] for i in torch.nonzero(moving & ~torch.isfinite(constants)).flatten().tolist()]
+    zero = [names[i] for i in torch.nonzero(moving & (constants <= 0)).flatten().tolist()]
+    bad_inputs = [names[i] for i, b in enumerate(inputs or []) if b is not None and not bool(torch.isfinite(b).all())]
+    bad_weights = [layer.name for layer in layers if not all(bool(torch.isfinite(full(p)).all()) for p in layer.params)]
+    if bad_inputs:
+        return f"non-finite input (inf/NaN) to layer(s) {bad_inputs} in this batch: no weight was changed"
+    if bad_weights:
+        return f"non-finite smoothness constant for layer(s) {bad}: the weights of {bad_weights} hold inf/NaN"
+    if bad:
+        return f"non-finite smoothness constant for layer(s) {bad} (an input norm or weight too large to represent)"
+    return f"smoothness constant ≤ 0 with a nonzero gradient for layer(s) {zero}: the step would be infinite"
 
 
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -139,17 +139,38 @@ class WorkPlan:
         return torch.cat([piece[: _shard_rows(rows, self.world, r)] for r, piece in enumerate(pieces)])
 
     # ------------------------------------------------------------------ agreement
-    def agree(self, gather: Gatherer, owned: Tensor, checks: Tensor, planned: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The step's one collective when shared: every rank sends its ``owned`` per-layer values
-        (``(k, n)``, zero where not its own), a per-layer ``checks`` row of what every rank must
-        hold alike, and its planned random/cyclic choice. Returns each layer's values from its
-        owner's row, every rank's ``checks`` (``(world, n)``) and rank 0's planned choice."""
-        k, n = owned.shape
-        rows = gather(torch.cat([owned.reshape(-1), checks.to(owned.dtype), planned.to(owned.dtype).reshape(1)]))
-        layer = torch.arange(n, device=rows.device)
-        values = rows[:, : k * n].reshape(self.world, k, n)
+    def share_scores(
+        self,
+        gather: Gatherer,
+        layers: Sequence[Layer],
+        dual_norms: Tensor,
+        curvatures: dict[int, Tensor],
+        pending: Sequence[int],
+        planned: Tensor,
+    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
+        """The step's one collective: this rank's dual norms and adaptive curvatures (of its own
+        layers), a checksum of every layer's gradient (DDP: every rank must hold the same, read in
+        the step's host synchronisation) and its planned random/cyclic choice are all-gathered.
+        Returns each layer's dual norm, and the curvature of each ``pending`` layer that has a
+        gradient now (every rank knows which) from its owner's row, every rank's checksums ``(world,
+        n)`` and rank 0's planned choice."""
+        n = len(layers)
+        owned = torch.zeros((2, n), dtype=dual_norms.dtype, device=dual_norms.device)
+        owned[0] = dual_norms
+        for i, value in curvatures.items():
+            owned[1, i] = value.to(owned.dtype)
+        checks = torch.zeros_like(dual_norms)
+        if not any(is_sharded(p) for layer in layers for p in layer.params):  # DDP: every rank holds them
+            for i, layer in enumerate(layers):
+                grads = [p.grad for p in layer.params if p.grad is not None]
+                if grads:
+                    checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
+        rows = gather(torch.cat([owned.reshape(-1), checks, planned.to(owned.dtype).reshape(1)]))
+        values = rows[:, : 2 * n].reshape(self.world, 2, n)
         owners = torch.tensor(self.owners, device=rows.device)
-        return values[owners, :, layer].T, rows[:, k * n : (k + 1) * n], rows[0, -1]
+        values = values[owners, :, torch.arange(n, device=rows.device)].T
+        measured = {i: values[1, i] for i in pending if layers[i].weight.grad is not None}
+        return values[0], measured, rows[0, -1], rows[:, 2 * n : 3 * n]
 
     # ------------------------------------------------------------------ steps
     def share_step(

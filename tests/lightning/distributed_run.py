@@ -41,6 +41,33 @@ class BreakRankOneGradients(Callback):
             pl_module.net[2].weight.grad.fill_(float("nan"))
 
 
+class RecordWork(Callback):
+    """Saves what DSGD's work plan made this rank do at every step (``work{rank}.pt``)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan = trainer.optimizers[0].work_plan
+        self.steps.append(
+            {"scored": plan.layers_scored, "gathered": plan.gradients_gathered, "bytes": plan.gathered_bytes}
+        )
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        full_bytes = sum(p.numel() * p.element_size() for layer in opt.layers for p in layer.params)
+        torch.save(
+            {
+                "shared": opt.work_plan.shared,
+                "owners": opt.work_plan.owners,
+                "steps": self.steps,
+                "full_gradient_bytes": full_bytes,
+            },
+            f"{self.out_dir}/work{trainer.global_rank}.pt",
+        )
+
+
 class StepTimer(Callback):
     """Wall time of every training batch (forward, backward, DSGD step) after a warm-up."""
 
@@ -115,6 +142,7 @@ def main() -> None:
     parser.add_argument("--selection", default="greedy")
     parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
     parser.add_argument("--resume", default=None, help="resume from this checkpoint")
+    parser.add_argument("--share-work", default="none", choices=["none", "true", "false"], help="DSGD's share_work")
     args = parser.parse_args()
     if args.case == "gather_cost":
         try:
@@ -122,8 +150,11 @@ def main() -> None:
         finally:
             release_process_group()
         return
-    settings = DSGDSettings(norm=args.norm, constants=args.constants, selection=args.selection, seed=3)
-    callbacks: list[Callback] = [RecordChoices(args.out)]
+    share_work = {"none": None, "true": True, "false": False}[args.share_work]
+    settings = DSGDSettings(
+        norm=args.norm, constants=args.constants, selection=args.selection, seed=3, share_work=share_work
+    )
+    callbacks: list[Callback] = [RecordChoices(args.out), RecordWork(args.out)]
     if args.checkpoints:
         callbacks.append(
             ModelCheckpoint(args.checkpoints, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)

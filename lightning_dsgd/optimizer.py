@@ -28,7 +28,7 @@ from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import ConstantModel
-from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, shard_like
+from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.plan import WorkPlan, check_rows_agree
@@ -544,11 +544,16 @@ class DSGD(torch.optim.Optimizer):
             step = direction * (-scale)
             if self.constant_model.adaptive is not None:
                 grad_dot_step = (block_grad.to(step.dtype) * step).sum()
-        if work.shared:
-            dtype = torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
-            step, grad_dot_step = work.share_step(index, step, grad_dot_step, self._block_shapes[index], dtype)
-        assert step is not None
         before = self.constant_model.before_step(index)
+        if work.shared:
+            shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
+            if is_sharded(layer.weight) and self.constant_model.adaptive is None and not self.undo_shortfalls:
+                work.scatter_step(index, layer, step, dtype)  # no rank keeps the whole step
+                bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
+                self.constant_model.note_step(index, before[0], bound)
+                return None
+            step, grad_dot_step = work.share_step(index, step, grad_dot_step, shape, dtype)
+        assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))

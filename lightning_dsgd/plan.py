@@ -188,6 +188,29 @@ class WorkPlan:
         dist.broadcast(buffer, src=owner)
         return buffer[:-1].reshape(tuple(shape)), buffer[-1]
 
+    def scatter_step(self, index: int, layer: Layer, step: Tensor | None, dtype: torch.dtype) -> None:
+        """FSDP2, when no rank needs the whole step afterwards: layer ``index``'s step from its owner,
+        each rank receiving and adding only its own dim-0 shard of the weight (and bias)."""
+        from torch.distributed.tensor import DTensor
+
+        owner = self.owners[index]
+        parts = layer.split(step.to(dtype)) if step is not None else (None, None)
+        for param, part in ((layer.weight, parts[0]), (layer.bias, parts[1])):
+            if param is None:
+                continue
+            rows = param.shape[0]
+            chunk = math.ceil(rows / self.world)
+            mine = torch.empty((chunk, *param.shape[1:]), dtype=dtype, device=self.device)
+            pieces = None
+            if part is not None:
+                padded = part.new_zeros((chunk * self.world, *param.shape[1:]))
+                padded[:rows] = part
+                pieces = list(padded.split(chunk))
+            dist.scatter(mine, pieces, src=owner)
+            shard = mine[: _shard_rows(rows, self.world, self.rank)].to(param.dtype)
+            spec = {"run_check": False, "shape": param.shape, "stride": param.stride()}
+            param.add_(DTensor.from_local(shard, param.device_mesh, param.placements, **spec))  # type: ignore[attr-defined]
+
     def check_agreement(self, checks: list[float], step: int) -> None:
         """Every rank must hold the same gradients (DDP): ``checks`` are every rank's per-layer
         sums of squares, read in the step's one host synchronisation."""

@@ -31,7 +31,7 @@ from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
-from lightning_dsgd.plan import WorkPlan, check_rows_agree
+from lightning_dsgd.plan import WorkPlan, check_rows_agree, process_group_size
 from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
@@ -258,6 +258,7 @@ class DSGD(torch.optim.Optimizer):
         self.gather = gather
         self.share_work = share_work
         self._work: WorkPlan | None = None
+        self._work_key: tuple | None = None
         # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
         self.external_uncertified_reason: str | None = None
         # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
@@ -289,13 +290,15 @@ class DSGD(torch.optim.Optimizer):
 
     @property
     def work_plan(self) -> WorkPlan:
-        """Who scores which layer and computes its direction (made at the first step, when the
-        process group and ``gather`` are known); ``work_plan.shared`` says whether work is split."""
-        if self._work is None:
+        """Who scores which layer and computes its direction (made anew when the process group or
+        ``gather`` change, e.g. at the first step); ``work_plan.shared`` says whether work is split."""
+        key = (self.gather is not None, process_group_size())
+        if self._work is None or self._work_key != key:
             share = self.share_work if self.share_work is not None else self.gather is not None and not self.momentum
             self._block_shapes = self._layer_shapes()
             n = len(self.layers)
             self._work = WorkPlan.balanced(self.layers, self._block_shapes) if share else WorkPlan.replicated(n)
+            self._work_key = key
         return self._work
 
     @property

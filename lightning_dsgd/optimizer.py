@@ -31,7 +31,7 @@ from lightning_dsgd.constants import ConstantModel
 from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
-from lightning_dsgd.plan import WorkPlan, check_rows_agree, process_group_size
+from lightning_dsgd.plan import WorkPlan, process_group_size
 from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
@@ -416,48 +416,25 @@ class DSGD(torch.optim.Optimizer):
         etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
         if any(layer.weight.grad is None for layer in self.layers):
             _check_layers_attached(self._model, self.layers)
-        grads = work.gradients(self.layers)
+        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
         )
         batch = self.constant_model.take_batch()
-        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
+        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
         base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
         curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
-        if work.shared:  # the step's one collective: each layer's values from its owner
+        checks = None
+        if work.shared:  # agreement: the step's one collective, each layer's values from its owner
             pending = [] if self.constant_model.adaptive is None else list(self.constant_model.adaptive.pending)
             gather = self.gather or all_gather_rows()
             dual_norms, curvatures, planned, checks = work.share_scores(
                 gather, self.layers, dual_norms, curvatures, pending, planned
             )
         constants = self.constant_model.adjust(base, curvatures, dual_norms, etas)
-        moving = dual_norms > 0
-        usable = torch.isfinite(constants) & (constants > 0)
-        finite = torch.isfinite(dual_norms) & (usable | ~moving)
-        scores = torch.where(moving & usable, dual_norms.square() / torch.where(usable, constants, 1.0), 0.0)
-        masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
-        # The one host synchronisation of a step: the greedy choice, finiteness, best score, the
-        # planned random/cyclic choice, which layers can move and (several layers per step) their
-        # order by score — rank 0's, when replicated ranks are gathered.
-        n = len(self.layers)
-        parts = [
-            torch.stack([masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]),
-            planned.to(scores.dtype).reshape(1),
-            moving.to(scores.dtype),
-        ]
-        if self.layers_per_step > 1:
-            parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
-        summary = torch.cat(parts)
-        if work.shared:
-            values = torch.cat([summary, checks.reshape(-1).to(summary.dtype)]).tolist()
-            work.check_agreement(values[len(summary) :], self.steps_taken)
-        elif self.gather is not None:
-            rows = self.gather(summary).tolist()
-            check_rows_agree(rows, self.steps_taken)
-            values = rows[0]
-        else:
-            values = summary.tolist()
+        scores, masked, summary = _decide(dual_norms, constants, planned, self.layers_per_step > 1)
+        values = work.read(summary, checks, self.gather, self.steps_taken)  # the one host synchronisation
         best, all_finite, best_score, agreed = values[:4]
         skip_reason = None
         if not all_finite:
@@ -475,10 +452,10 @@ class DSGD(torch.optim.Optimizer):
             int(best),
             not all_finite,
             skip_reason,
-            [m > 0 for m in values[4 : 4 + n]],
+            [m > 0 for m in values[4 : 4 + len(self.layers)]],
             int(agreed) if agreed >= 0 else None,
             precision_reason,
-            [int(i) for i in values[4 + n : 4 + 2 * n]] if self.layers_per_step > 1 else None,
+            [int(i) for i in values[4 + len(self.layers) :]] if self.layers_per_step > 1 else None,
         )
 
     def _plan(self) -> int:
@@ -765,6 +742,25 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.recorder.remove()
         if self._outputs is not None:
             self._outputs.remove()
+
+
+def _decide(dual_norms: Tensor, constants: Tensor, planned: Tensor, ordered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The scores ``s_i = ‖g_i‖²_* / L_i``, the scores with bad layers at ``-inf``, and the summary
+    read in the step's one host synchronisation: the greedy choice, finiteness, the best score,
+    the planned random/cyclic choice, which layers can move and (``ordered``) their order by score."""
+    moving = dual_norms > 0
+    usable = torch.isfinite(constants) & (constants > 0)
+    finite = torch.isfinite(dual_norms) & (usable | ~moving)
+    scores = torch.where(moving & usable, dual_norms.square() / torch.where(usable, constants, 1.0), 0.0)
+    masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
+    parts = [
+        torch.stack([masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]),
+        planned.to(scores.dtype).reshape(1),
+        moving.to(scores.dtype),
+    ]
+    if ordered:
+        parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
+    return scores, masked, torch.cat(parts)
 
 
 def _check_layers_attached(model: nn.Module, layers: list[Layer]) -> None:

@@ -72,7 +72,7 @@ class WorkPlan:
     #: Full gradients this rank assembled from shards in the last step, and their bytes.
     gradients_gathered: int = 0
     gathered_bytes: int = 0
-    _gathered: list[int] = field(default_factory=list, repr=False)
+    _owner_index: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def replicated(cls, n: int) -> WorkPlan:
@@ -167,8 +167,9 @@ class WorkPlan:
                     checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
         rows = gather(torch.cat([owned.reshape(-1), checks, planned.to(owned.dtype).reshape(1)]))
         values = rows[:, : 2 * n].reshape(self.world, 2, n)
-        owners = torch.tensor(self.owners, device=rows.device)
-        values = values[owners, :, torch.arange(n, device=rows.device)].T
+        if self._owner_index is None or self._owner_index.device != rows.device:  # uploaded once
+            self._owner_index = torch.tensor(self.owners, device=rows.device)
+        values = values[self._owner_index, :, torch.arange(n, device=rows.device)].T
         measured = {i: values[1, i] for i in pending if layers[i].weight.grad is not None}
         return values[0], measured, rows[0, -1], rows[:, 2 * n : 3 * n]
 
@@ -210,6 +211,21 @@ class WorkPlan:
             shard = mine[: _shard_rows(rows, self.world, self.rank)].to(param.dtype)
             spec = {"run_check": False, "shape": param.shape, "stride": param.stride()}
             param.add_(DTensor.from_local(shard, param.device_mesh, param.placements, **spec))  # type: ignore[attr-defined]
+
+    def read(self, summary: Tensor, checks: Tensor | None, gather: Gatherer | None, step: int) -> list[float]:
+        """The step's one host synchronisation: the decision ``summary`` every rank computed alike
+        (shared: with every rank's gradient checksums, which must agree), or, replicated, rank 0's
+        summary, every rank's being all-gathered and checked against it."""
+        if self.shared:
+            assert checks is not None
+            values = torch.cat([summary, checks.reshape(-1).to(summary.dtype)]).tolist()
+            self.check_agreement(values[len(summary) :], step)
+            return values[: len(summary)]
+        if gather is not None:
+            rows = gather(summary).tolist()
+            check_rows_agree(rows, step)
+            return rows[0]
+        return summary.tolist()
 
     def check_agreement(self, checks: list[float], step: int) -> None:
         """Every rank must hold the same gradients (DDP): ``checks`` are every rank's per-layer

@@ -510,8 +510,8 @@ class DSGD(torch.optim.Optimizer):
         block, computed by the layer's owner and applied in place on every rank (to its shard);
         returns the step taken as ``(layer, block step)``."""
         layer = self.layers[index]
-        if layer.weight.grad is None or (scored.moving is not None and not scored.moving[index]):
-            return None  # a zero gradient: the step is zero (and η/L may be 0/0)
+        if scored.moving is not None and not scored.moving[index]:  # the same on every rank
+            return None  # a zero or missing gradient: the step is zero (and η/L may be 0/0)
         work, geometry = self.work_plan, self.geometry_of(layer)
         scale = scored.etas[index] / scored.constants[index]
         step_norm = scale * scored.dual_norms[index]

@@ -117,6 +117,66 @@ def gather_cost(args: argparse.Namespace) -> None:
         )
 
 
+def share_cost(args: argparse.Namespace) -> None:
+    """Per rank, median time of DSGD's scoring (the dual norms) and of its whole step, with the
+    work shared and with every rank scoring every layer (as one process does), alternating."""
+    from torch import nn
+
+    import lightning_dsgd.optimizer as optimizer
+
+    class Deep(DSGDClassifier):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            h = self.hparams.hidden
+            hidden = [m for _ in range(6) for m in (nn.Linear(h, h), nn.Tanh())]
+            self.net = nn.Sequential(nn.Linear(6, h), nn.Tanh(), *hidden, nn.Linear(h, 3))
+
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, method):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = method(*a, **k)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    original_norms, original_step = optimizer.DSGD._dual_norms, optimizer.DSGD.step
+    medians: dict[tuple[str, bool], list[float]] = {}
+    for share in (True, False, True, False):
+        times.clear()
+        optimizer.DSGD._dual_norms = timed("score", original_norms)
+        optimizer.DSGD.step = timed("step", original_step)
+        settings = DSGDSettings(norm=args.norm, constants=args.constants, share_work=share)
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            default_root_dir=args.out,
+        )
+        trainer.fit(Deep(batch_size=32, hidden=args.hidden, dsgd=settings))
+        optimizer.DSGD._dual_norms, optimizer.DSGD.step = original_norms, original_step
+        for name in ("score", "step"):
+            warm = sorted(times[name][3:])
+            medians.setdefault((name, share), []).append(warm[len(warm) // 2])
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    line = ", ".join(
+        f"{name}: shared {min(medians[name, True]) * 1e3:.2f} ms vs every layer {min(medians[name, False]) * 1e3:.2f} "
+        f"ms (ratio {min(medians[name, True]) / min(medians[name, False]):.2f})"
+        for name in ("score", "step")
+    )
+    print(f"rank {rank}, hidden {args.hidden}, 8 layers, median over {args.steps - 3} steps, best of 2: {line}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -131,6 +191,7 @@ def main() -> None:
             "per_rank_seed",
             "unsynced",
             "gather_cost",
+            "share_cost",
         ],
     )
     parser.add_argument("--out", required=True)
@@ -144,9 +205,9 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="resume from this checkpoint")
     parser.add_argument("--share-work", default="none", choices=["none", "true", "false"], help="DSGD's share_work")
     args = parser.parse_args()
-    if args.case == "gather_cost":
+    if args.case in ("gather_cost", "share_cost"):
         try:
-            gather_cost(args)
+            (gather_cost if args.case == "gather_cost" else share_cost)(args)
         finally:
             release_process_group()
         return

@@ -12,9 +12,11 @@ is computed and how it travels.
   ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
   measures its adaptive curvature. Those per-layer values travel in the step's ONE all-gather,
   every rank reads each layer's entries from its owner's row, computes the same constants and the
-  same argmax. A layer that moves is computed by its owner and broadcast (with ``⟨g, Δ⟩`` for the
-  adaptive constants), so every rank applies the same step to its parameter or its shard, and
-  every rank's optimizer state stays identical (a checkpoint of rank 0 is complete).
+  same argmax. The step of a layer that moves is computed by its owner and broadcast (with
+  ``⟨g, Δ⟩`` for the adaptive constants, which keep it to measure the curvature at the next
+  step), so every rank applies the same step to its parameter or its shard and every rank's
+  optimizer state stays identical (a checkpoint of rank 0 is complete); under FSDP2 with certified
+  constants nobody keeps it, and each rank receives only its own shard (a ``scatter``).
 """
 
 from __future__ import annotations
@@ -132,11 +134,11 @@ class WorkPlan:
         chunk = math.ceil(rows / self.world)
         padded = shard.new_zeros((chunk, *shard.shape[1:]))
         padded[: shard.shape[0]] = shard
-        pieces = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner else None
-        dist.gather(padded, pieces, dst=owner)
-        if pieces is None:
-            return None
-        return torch.cat([piece[: _shard_rows(rows, self.world, r)] for r, piece in enumerate(pieces)])
+        # The owner receives into one buffer: every shard but the last ones is full, so its first
+        # ``rows`` rows are the tensor.
+        whole = padded.new_empty((chunk * self.world, *shard.shape[1:])) if self.rank == owner else None
+        dist.gather(padded, None if whole is None else list(whole.split(chunk)), dst=owner)
+        return None if whole is None else whole[:rows]
 
     # ------------------------------------------------------------------ agreement
     def share_scores(

@@ -219,7 +219,7 @@ class TrustRegion:
         """The version of the layer's weight and bias before a step (see ``after_step``)."""
         return block_key(layer)
 
-    def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: torch.Size) -> None:
+    def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: Sequence[int]) -> None:
         """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality)."""
         layer = self.layers[index]
         self.weight_norms.advance(index, before, block_key(layer), bound, layer.weight.dtype, min(step_shape))

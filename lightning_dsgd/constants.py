@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,15 +136,17 @@ class ConstantModel:
         grad_dot_step: Tensor | None,
         step_norm: Tensor,
         constant: Tensor,
+        shape: Sequence[int] | None = None,
     ) -> None:
         """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as computed)
         under ``constant``, with ``⟨g, step⟩ = grad_dot_step`` at the gradient before it (needed only
         with ``adaptive``): follow its norms, and let the adaptive model measure the curvature along
-        the step at the next gradient."""
+        the step at the next gradient. ``shape``: the block's, where ``step`` is a stand-in (the
+        rank that computed the step keeps it, see [lightning_dsgd.plan][])."""
         weight_before, block_before = before
         self.note_step(index, weight_before, bound)
         if self.trust_region is not None:
-            self.trust_region.after_step(index, block_before, bound, step.shape)
+            self.trust_region.after_step(index, block_before, bound, step.shape if shape is None else shape)
         if self.adaptive is not None:
             assert grad_dot_step is not None, "adaptive constants need ⟨g, step⟩"
             self.adaptive.remember(index, step, grad_dot_step, step_norm, constant)

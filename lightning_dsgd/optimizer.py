@@ -527,10 +527,14 @@ class DSGD(torch.optim.Optimizer):
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
-            if is_sharded(layer.weight) and self.constant_model.adaptive is None and not self.undo_shortfalls:
-                work.scatter_step(index, layer, step, dtype)  # no rank keeps the whole step
+            if is_sharded(layer.weight) and not self.undo_shortfalls:  # each rank receives its shard
+                work.scatter_step(index, layer, step, dtype)
+                # The owner keeps the step for the adaptive curvature (the others a stand-in).
+                kept = torch.empty(0, dtype=dtype, device=work.device) if step is None else step.to(dtype)
+                grad_dot_step = kept.new_zeros(()) if grad_dot_step is None else grad_dot_step
                 bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
-                self.constant_model.note_step(index, before[0], bound)
+                constant = scored.constants[index]
+                self.constant_model.after_step(index, before, bound, kept, grad_dot_step, step_norm, constant, shape)
                 return None
             step, grad_dot_step = work.share_step(index, step, grad_dot_step, shape, dtype)
         assert step is not None
@@ -665,7 +669,13 @@ class DSGD(torch.optim.Optimizer):
         """Everything beyond torch's optimizer state needed to continue identically: counters,
         the random and cyclic selection state, the constant model and momentum buffers. The buffers
         are here, not in torch's per-parameter ``state``: each belongs to a block ``[W, b]`` (or a
-        slice of a fused projection), and torch would cast it to the parameter's dtype on load."""
+        slice of a fused projection), and torch would cast it to the parameter's dtype on load.
+        With shared work under FSDP2 this is a collective (each pending adaptive step comes from
+        its owner)."""
+        adaptive = self.constant_model.adaptive
+        if self._work is not None and self._work.shared and adaptive is not None:
+            sharded = [i for i in adaptive.pending if is_sharded(self.layers[i].weight)]
+            self._work.complete_pending(adaptive.pending, sharded, self._block_shapes)
         return {
             "norm": self.geometry.name,
             "constants": self.constants_mode,

@@ -229,6 +229,19 @@ class WorkPlan:
             return rows[0]
         return summary.tolist()
 
+    def complete_pending(self, pending: dict, indices: Sequence[int], shapes: Sequence[Sequence[int]]) -> None:
+        """Before a checkpoint (a collective): the pending adaptive steps of ``indices``, kept by
+        their owners only (a stand-in elsewhere), with their ``⟨g, Δ⟩``, broadcast to every rank,
+        so that the state rank 0 saves is complete."""
+        for i in sorted(indices):
+            entry, shape = pending[i], tuple(shapes[i])
+            if self.rank == self.owners[i]:
+                buffer = torch.cat([entry.step.reshape(-1), entry.grad_dot_step.to(entry.step.dtype).reshape(1)])
+            else:
+                buffer = entry.step.new_empty(math.prod(shape) + 1)
+            dist.broadcast(buffer, src=self.owners[i])
+            entry.step, entry.grad_dot_step = buffer[:-1].reshape(shape), buffer[-1]
+
     def check_agreement(self, checks: list[float], step: int) -> None:
         """Every rank must hold the same gradients (DDP): ``checks`` are every rank's per-layer
         sums of squares, read in the step's one host synchronisation."""

@@ -49,9 +49,16 @@ class RecordWork(Callback):
         self.steps: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        plan = trainer.optimizers[0].work_plan
+        opt = trainer.optimizers[0]
+        plan, adaptive = opt.work_plan, opt.constant_model.adaptive
+        pending = [] if adaptive is None else list(adaptive.pending.values())
         self.steps.append(
-            {"scored": plan.layers_scored, "gathered": plan.gradients_gathered, "bytes": plan.gathered_bytes}
+            {
+                "scored": plan.layers_scored,
+                "gathered": plan.gradients_gathered,
+                "bytes": plan.gathered_bytes,
+                "kept": sum(p.step.numel() * p.step.element_size() for p in pending),  # adaptive steps held
+            }
         )
 
     def on_fit_end(self, trainer, pl_module) -> None:

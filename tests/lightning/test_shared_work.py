@@ -113,6 +113,10 @@ def test_each_rank_scores_its_own_layers_and_all_choose_alike(tmp_path, case, co
             assert step["gathered"] == (own if sharded else 0)
             assert step["bytes"] < work["full_gradient_bytes"]
             assert (step["bytes"] > 0) == sharded
+            # Adaptive: every layer moved; under FSDP2 each owner alone keeps its steps' blocks.
+            kept = step["kept"]
+            assert (kept > 0) == (constants == "adaptive")
+            assert kept < work["full_gradient_bytes"] if sharded else kept in (0, work["full_gradient_bytes"])
     assert rank0["layers"] == rank1["layers"]
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name

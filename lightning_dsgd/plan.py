@@ -12,11 +12,12 @@ is computed and how it travels.
   ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
   measures its adaptive curvature. Those per-layer values travel in the step's ONE all-gather,
   every rank reads each layer's entries from its owner's row, computes the same constants and the
-  same argmax. The step of a layer that moves is computed by its owner and broadcast (with
-  ``⟨g, Δ⟩`` for the adaptive constants, which keep it to measure the curvature at the next
-  step), so every rank applies the same step to its parameter or its shard and every rank's
-  optimizer state stays identical (a checkpoint of rank 0 is complete); under FSDP2 with certified
-  constants nobody keeps it, and each rank receives only its own shard (a ``scatter``).
+  same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
+  broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
+  same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
+  alone keeps the whole step for the adaptive curvature at the next step (which then travels in
+  the all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
+  the checkpoint rank 0 writes, is complete.
 """
 
 from __future__ import annotations

@@ -41,8 +41,10 @@ if TYPE_CHECKING:  # constants.py builds this regime around its own
 
 
 @dataclass
-class _Pending:
-    step: Tensor  # Δ, as the layer's block matrix
+class PendingStep:
+    """A step awaiting its curvature measurement (at the layer's next gradient)."""
+
+    step: Tensor  # Δ, as the layer's block matrix (a stand-in on a rank that did not compute it)
     grad_dot_step: Tensor  # ⟨g_i(w), Δ⟩
     step_norm_sq: Tensor  # ‖Δ‖²_(i)
     constant: Tensor  # the L used for the step
@@ -125,7 +127,7 @@ class AdaptiveConstants:
         # Certified base constants are bounds already: never go above them (m ≤ 1).
         self.ceiling = [1.0 if base.certified else float("inf")] * len(self.layers)
         self.multipliers: Tensor | None = None
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, PendingStep] = {}
         self.measured = [False] * len(self.layers)
         self.anchors: Tensor | None = None  # multipliers at their last measurement (floor until then)
         self.trust_region = TrustRegion(self.layers, geometry_of, max_relative_step)
@@ -147,15 +149,22 @@ class AdaptiveConstants:
         return self.base.take_batch()
 
     # ------------------------------------------------------------------ the constants
-    def compute(
-        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
-    ) -> Tensor:
+    measures_curvature = True
+
+    def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The base regime's constants (before the multipliers)."""
+        return self.base.base_constants(batch, dtype, device)
+
+    def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
+        """The curvature met along each pending step, for the layers whose new gradient is in
+        ``grads`` (see [curvature][lightning_dsgd.adaptive.AdaptiveConstants.curvature])."""
+        return {i: self.curvature(i, augment(*grad)) for i in self.pending if (grad := grads[i]) is not None}
+
+    def adjust(self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:
         """This step's constants (in the dtype of ``dual_norms``): the multipliers first see the
-        new gradients against the current base constants, and the constants are capped by the
+        curvatures met against the current ``base`` constants, and ``m ⊙ base`` is capped by the
         trust region."""
-        base = self.base.compute(batch, grads, dual_norms, etas)
-        grad_of = {i: grads[i] for i in self.pending}
-        self.observe({i: augment(*g) for i, g in grad_of.items() if g is not None}, base)
+        self.observe(curvatures, base)
         constants = self.constants(base).to(dual_norms.dtype)
         return self.trust_region.cap(constants, dual_norms, etas)
 
@@ -166,9 +175,14 @@ class AdaptiveConstants:
         self.multipliers = self.multipliers.to(device=base.device, dtype=base.dtype)
         return self.multipliers * base
 
-    def observe(self, blocks: dict[int, Tensor], base: Tensor) -> None:
-        """Correct the multiplier of every layer that moved last step, from its new gradient
-        ``blocks[i]`` (as a block matrix); ``base`` are the current base constants."""
+    def curvature(self, index: int, new_grad: Tensor) -> Tensor:
+        """``κ`` met along layer ``index``'s pending step, from its new gradient (block matrix)."""
+        pending = self.pending[index]
+        return ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / pending.step_norm_sq
+
+    def observe(self, curvatures: Mapping[int, Tensor], base: Tensor) -> None:
+        """Correct the multiplier of every layer that moved last step from the curvature met along
+        its step (``curvatures[i]``, see ``curvature``); ``base`` are the current base constants."""
         if self.multipliers is None or not self.pending:
             return
         ceiling = device_constant(tuple(self.ceiling), base.dtype, base.device)
@@ -178,13 +192,10 @@ class AdaptiveConstants:
         if idle:
             lowest = (self.anchors[idle] * self.idle_reach).clamp(min=self.floor)
             self.multipliers[idle] = torch.maximum(self.multipliers[idle] * self.idle_shrink, lowest)
-        for i, pending in self.pending.items():
-            new_grad = blocks.get(i)
-            if new_grad is None:
+        for i in self.pending:
+            curvature = curvatures.get(i)
+            if curvature is None:
                 continue
-            curvature = ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / (
-                pending.step_norm_sq
-            )
             target = self.safety * curvature
             used = self.multipliers[i] * base[i]  # the model's constant, before any step cap
             new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
@@ -202,18 +213,33 @@ class AdaptiveConstants:
         return self.base.before_step(index), block_key(self.layers[index])
 
     def after_step(
-        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+        self,
+        index: int,
+        before: tuple,
+        bound: Tensor,
+        step: Tensor,
+        grad_dot_step: Tensor | None,
+        step_norm: Tensor,
+        constant: Tensor,
+        shape: Sequence[int] | None = None,
     ) -> None:
         """Layer ``index`` moved by the block ``step`` (``‖step‖ ≤ bound``; ``step_norm`` as
-        computed) under ``constant``, at the gradient ``grad``: the base regime and the trust
-        region follow their norms, and the curvature along the step is measured at the next
-        gradient."""
+        computed) under ``constant``, with ``⟨g, step⟩ = grad_dot_step`` at the gradient before it:
+        the base regime and the trust region follow their norms, and the curvature along the step
+        is measured at the next gradient. ``shape``: the block's, where ``step`` is a stand-in (the
+        rank that computed the step keeps it, see [lightning_dsgd.plan][])."""
         base_before, block_before = before
-        self.base.after_step(index, base_before, bound, step, grad, step_norm, constant)
-        self.trust_region.after_step(index, block_before, bound, step.shape)
-        self.pending[index] = _Pending(
+        self.base.after_step(index, base_before, bound, step, grad_dot_step, step_norm, constant, shape)
+        self.trust_region.after_step(index, block_before, bound, step.shape if shape is None else shape)
+        assert grad_dot_step is not None, "adaptive constants need ⟨g, step⟩ (measures_curvature)"
+        self.remember(index, step, grad_dot_step, step_norm, constant)
+
+    def remember(self, index: int, step: Tensor, grad_dot_step: Tensor, step_norm: Tensor, constant: Tensor) -> None:
+        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad_dot_step`` is
+        ``⟨g_i(w), step⟩`` at its gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
+        self.pending[index] = PendingStep(
             step=step.detach(),
-            grad_dot_step=(grad.to(step.dtype) * step).sum(),
+            grad_dot_step=grad_dot_step,
             step_norm_sq=step_norm.square(),
             constant=constant.detach(),
         )
@@ -252,7 +278,7 @@ class AdaptiveConstants:
         self.measured = list(adaptive["measured"])
         self.anchors = None if adaptive["anchors"] is None else adaptive["anchors"].to(device, copy=True)
         self.pending = {
-            int(i): _Pending(**{k: v.to(device, copy=True) for k, v in fields.items()})
+            int(i): PendingStep(**{k: v.to(device, copy=True) for k, v in fields.items()})
             for i, fields in adaptive["pending"].items()
         }
 
@@ -309,7 +335,7 @@ class TrustRegion:
         tiny = torch.finfo(direction_norm.dtype).tiny
         return torch.minimum(scale, self.radii[index] / direction_norm.clamp(min=tiny))
 
-    def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: torch.Size) -> None:
+    def after_step(self, index: int, before: tuple, bound: Tensor, step_shape: Sequence[int]) -> None:
         """Advance the weight-norm bound of layer ``index`` by ``bound ≥ ‖Δ‖`` (triangle inequality),
         from the ``block_key`` of its weight and bias ``before`` the step."""
         layer = self.layers[index]

@@ -22,9 +22,17 @@ chain and ``constants=``. The optimizer talks to the one object it returns throu
   layers' input norms (``reset``, ``enabled``, ``remove``, ``precision_reason``);
 * ``reduce_max`` — the MAX all-reduce over data-parallel ranks (``None``: one process);
 * ``take_batch()`` — the batch's input and rank bounds, once per step, before the dual norms;
-* ``compute(batch, grads, dual_norms, etas)`` — this step's constants, one per layer;
-* ``before_step(index)`` / ``after_step(index, before, bound, step, grad, step_norm, constant)`` —
-  around each layer's step (what moved, to follow norms and measure curvature);
+* this step's constants, one per layer, in three stages (so that, with shared work, each rank
+  measures its own layers and the measurements travel in the step's one collective,
+  [lightning_dsgd.plan][]): ``base_constants(batch, dtype, device)`` — the regime's constants
+  before any correction; ``curvatures(grads)`` — the curvature met along each pending step whose
+  new gradient is in ``grads`` (``{}`` outside the adaptive regime); ``adjust(base, curvatures,
+  dual_norms, etas)`` — the constants used (``base`` itself outside the adaptive regime);
+* ``measures_curvature`` — whether ``after_step`` needs ``⟨g, Δ⟩`` (the adaptive regime);
+  ``pending`` — the steps awaiting their curvature, by layer (empty outside the adaptive regime);
+* ``before_step(index)`` / ``after_step(index, before, bound, step, grad_dot_step, step_norm,
+  constant, shape)`` — around each layer's step (what moved, to follow norms and measure
+  curvature; ``step`` may be a stand-in of the block ``shape`` on a rank that did not compute it);
 * ``limit(index, scale, direction_norm)`` — the step size along a direction other than ``ρ(g)``
   (momentum), cut where the regime bounds steps;
 * ``grow(index, factor)`` — a step of layer ``index`` broke its promise and was undone;
@@ -42,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dsgd.adaptive import AdaptiveConstants
+from lightning_dsgd.adaptive import AdaptiveConstants, PendingStep
 from lightning_dsgd.chain import Chain
 from lightning_dsgd.distributed import Reducer, full, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, reduction_dtype
@@ -74,16 +82,33 @@ class ConstantModel(Protocol):
     recorder: InputNormRecorder
     reduce_max: Reducer | None
 
+    measures_curvature: bool
+
+    @property
+    def pending(self) -> Mapping[int, PendingStep]: ...
+
     def take_batch(self) -> BatchInputs: ...
 
-    def compute(
-        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
+    def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor: ...
+
+    def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]: ...
+
+    def adjust(
+        self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]
     ) -> Tensor: ...
 
     def before_step(self, index: int) -> tuple: ...
 
     def after_step(
-        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+        self,
+        index: int,
+        before: tuple,
+        bound: Tensor,
+        step: Tensor,
+        grad_dot_step: Tensor | None,
+        step_norm: Tensor,
+        constant: Tensor,
+        shape: Sequence[int] | None = None,
     ) -> None: ...
 
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor: ...
@@ -191,13 +216,36 @@ class _Measured:
         )
 
     # ------------------------------------------------------------------ the protocol's defaults
+    measures_curvature = False
+
+    @property
+    def pending(self) -> Mapping[int, PendingStep]:
+        """No step awaits a curvature measurement."""
+        return {}
+
+    def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
+        """No curvature is measured."""
+        return {}
+
+    def adjust(self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:
+        """The constants are ``base`` itself (in the dtype of ``dual_norms``)."""
+        return base.to(dual_norms.dtype)
+
     def before_step(self, index: int) -> tuple:
         """What [after_step][lightning_dsgd.constants.CertifiedConstants.after_step] needs of
         layer ``index`` before it moves: the version of its weight."""
         return version_key(self.layers[index].weight)
 
     def after_step(
-        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+        self,
+        index: int,
+        before: tuple,
+        bound: Tensor,
+        step: Tensor,
+        grad_dot_step: Tensor | None,
+        step_norm: Tensor,
+        constant: Tensor,
+        shape: Sequence[int] | None = None,
     ) -> None:
         """Layer ``index`` moved by ``step`` with ``‖step‖ ≤ bound``: nothing to follow here."""
 
@@ -242,11 +290,8 @@ class CertifiedConstants(_Measured):
         self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
         self._s2 = [0.0] + [a.s2 for a in chain.activations[1:]]  # type: ignore[union-attr]
 
-    def compute(
-        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
-    ) -> Tensor:
-        """This step's constants, in the dtype of ``dual_norms``."""
-        dtype, device = dual_norms.dtype, dual_norms.device
+    def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """This step's certified constants, in ``dtype``."""
         norms = self._operator_norms().to(dtype)
         s1, s2 = self._activation_bounds(norms)
         return mlp_constants(norms, self._input_bounds(batch, dtype, device), s1, s2, self.g, self.h)
@@ -274,7 +319,15 @@ class CertifiedConstants(_Measured):
         return torch.stack([zero] + [v.to(zero.dtype) for v in values])
 
     def after_step(
-        self, index: int, before: tuple, bound: Tensor, step: Tensor, grad: Tensor, step_norm: Tensor, constant: Tensor
+        self,
+        index: int,
+        before: tuple,
+        bound: Tensor,
+        step: Tensor,
+        grad_dot_step: Tensor | None,
+        step_norm: Tensor,
+        constant: Tensor,
+        shape: Sequence[int] | None = None,
     ) -> None:
         """Layer ``index`` moved by a block step with ``‖Δ‖_(i) ≤ bound`` from weight version
         ``before``: its operator norm (never above the layer norm) follows by the triangle
@@ -366,11 +419,8 @@ class EstimatedConstants(_Measured):
             self._no_forward()
         return measured
 
-    def compute(
-        self, batch: BatchInputs, grads: list[BlockGrad | None], dual_norms: Tensor, etas: list[float]
-    ) -> Tensor:
-        """This step's estimates, in the dtype of ``dual_norms``."""
-        dtype, device = dual_norms.dtype, dual_norms.device
+    def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """This step's estimates, in ``dtype``."""
         bounds = []
         for i, layer in enumerate(self.layers):
             measured = None if batch.input_bounds is None else batch.input_bounds[i]

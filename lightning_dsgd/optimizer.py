@@ -28,9 +28,10 @@ from lightning_dsgd.adaptive import check_adaptive_options
 from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import make_constant_model
-from lightning_dsgd.distributed import Gatherer, Reducer, full, shard_like
+from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
 from lightning_dsgd.layers import Layer, discover_layers
+from lightning_dsgd.plan import WorkPlan, process_group_size
 from lightning_dsgd.precision import full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
@@ -154,6 +155,11 @@ class DSGD(torch.optim.Optimizer):
             step's decision (layer, finiteness, random/cyclic choice) is taken from rank 0's row,
             so ranks agree by construction, and a rank whose own greedy decision differs raises
             (one small collective, folded into the step's single host synchronisation).
+        share_work: split the layers among the ranks ([lightning_dsgd.plan][]): each rank scores
+            its own layers (under FSDP2 it gathers only their full gradients), the scores travel
+            in the step's one all-gather, and the owner of a moving layer computes its direction
+            for every rank. ``None`` (default): on when ``gather`` is given (the Lightning
+            integration) and ``momentum == 0``; ``False``: every rank scores every layer.
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class DSGD(torch.optim.Optimizer):
         adaptive_options: Mapping[str, float] | None = None,
         reduce_max: Reducer | None = None,
         gather: Gatherer | None = None,
+        share_work: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -199,6 +206,7 @@ class DSGD(torch.optim.Optimizer):
             full_batch=full_batch,
             undo_shortfalls=undo_shortfalls,
             adaptive_options=adaptive_options,
+            share_work=share_work,
         )
         eta, seed, momentum, data_bound = options["eta"], options["seed"], options["momentum"], options["data_bound"]
         self.geometry = make_geometry(norm)
@@ -248,6 +256,9 @@ class DSGD(torch.optim.Optimizer):
         )
         self.constant_model.reduce_max = reduce_max
         self.gather = gather
+        self.share_work = share_work
+        self._work: WorkPlan | None = None
+        self._work_key: tuple | None = None
         # Set by a caller that changes the gradients DSGD scores in a way the guarantee does not cover.
         self.external_uncertified_reason: str | None = None
         # The certificate reads the loss's graph back to the chain's logits (lightning_dsgd.certificate).
@@ -276,6 +287,19 @@ class DSGD(torch.optim.Optimizer):
     @reduce_max.setter
     def reduce_max(self, reducer: Reducer | None) -> None:
         self.constant_model.reduce_max = reducer
+
+    @property
+    def work_plan(self) -> WorkPlan:
+        """Who scores which layer and computes its direction (made anew when the process group or
+        ``gather`` change, e.g. at the first step); ``work_plan.shared`` says whether work is split."""
+        key = (self.gather is not None, process_group_size())
+        if self._work is None or self._work_key != key:
+            share = self.share_work if self.share_work is not None else self.gather is not None and not self.momentum
+            self._block_shapes = self._layer_shapes()
+            n = len(self.layers)
+            self._work = WorkPlan.balanced(self.layers, self._block_shapes) if share else WorkPlan.replicated(n)
+            self._work_key = key
+        return self._work
 
     @property
     def uncertified_reason(self) -> str | None:
@@ -321,6 +345,8 @@ class DSGD(torch.optim.Optimizer):
             return self._step(loss)
 
     def _step(self, loss: Tensor | None) -> Tensor | None:
+        """The stages: gradients, scores and agreement (``_score``), direction and update
+        (``_update``), record."""
         scored = self._score(plan=True)
         if scored.nonfinite and self.nonfinite == "raise":
             raise FloatingPointError(
@@ -331,16 +357,13 @@ class DSGD(torch.optim.Optimizer):
         realized, undone = self._check_previous(loss)
         if undone is not None:
             scored = replace(scored, nonfinite=False, skip_reason=undone)
-        chosen: list[int] = []
-        if scored.skip_reason is None:
-            chosen = self._choose(scored)
-            steps = [self._update(i, scored) for i in chosen]
-            if self.full_batch and loss is not None:
-                promise = sum(self._promise(scored, i) for i in chosen)
-                self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
+        chosen = [] if scored.skip_reason is not None else self._choose(scored)
+        steps = [self._update(i, scored) for i in chosen]
+        if chosen and self.full_batch and loss is not None:
+            promise = sum(self._promise(scored, i) for i in chosen)
+            self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
         record = self._record(scored, chosen, loss, realized, self._take_loss_problem())
-        if record.skipped:
-            self.skipped_steps += 1
+        self.skipped_steps += record.skipped
         for i in chosen:
             self.selection_counts[i] += 1
         self.last_step = record
@@ -384,48 +407,38 @@ class DSGD(torch.optim.Optimizer):
         return problem
 
     def _score(self, plan: bool = False) -> _Scored:
-        """Dual norms, constants and scores of every layer, and the greedy choice (with ``plan``,
-        also the random/cyclic choice). A layer with a zero gradient scores 0 whatever its
-        constant (``0/0`` is not a failure); a layer is *bad* only for an inf/NaN gradient, or a
-        nonzero gradient with a constant that is inf/NaN or not > 0 (an infinite or uphill step)."""
+        """Gradients, scores and agreement: dual norms, constants and scores of every layer, and the
+        greedy choice (with ``plan``, also the random/cyclic choice), identical on every rank. A
+        layer with a zero gradient scores 0 whatever its constant (``0/0`` is not a failure); a
+        layer is *bad* only for an inf/NaN gradient, or a nonzero gradient with a constant that is
+        inf/NaN or not > 0 (an infinite or uphill step)."""
+        work = self.work_plan
         etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
-        grads = [self._block_grad(layer) for layer in self.layers]
+        if any(layer.weight.grad is None for layer in self.layers):
+            _check_layers_attached(self._model, self.layers)
+        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
         )
-        if any(g is None for g in grads):
-            self._check_layers_attached()
         batch = self.constant_model.take_batch()
-        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)
-        constants = self.constant_model.compute(batch, grads, dual_norms, etas)
-        moving = dual_norms > 0
-        usable = torch.isfinite(constants) & (constants > 0)
-        finite = torch.isfinite(dual_norms) & (usable | ~moving)
-        scores = torch.where(moving & usable, dual_norms.square() / torch.where(usable, constants, 1.0), 0.0)
-        masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
-        planned = self._plan() if plan else -1
-        # The one host synchronisation of a step: the greedy choice, finiteness, best score, the
-        # planned random/cyclic choice, which layers can move and (several layers per step) their
-        # order by score — rank 0's, when ranks are gathered.
-        n = len(self.layers)
-        parts = [
-            torch.stack([masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]),
-            torch.full((1,), float(planned), dtype=scores.dtype, device=scores.device),
-            moving.to(scores.dtype),
-        ]
-        if self.layers_per_step > 1:
-            parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
-        summary = torch.cat(parts)
-        if self.gather is not None:
-            rows = self.gather(summary).tolist()
-            self._check_ranks_agree(rows)
-            values = rows[0]
-        else:
-            values = summary.tolist()
+        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
+        base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
+        curvatures = self.constant_model.curvatures(grads)
+        planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
+        checks = None
+        if work.shared:  # agreement: the step's one collective, each layer's values from its owner
+            pending = list(self.constant_model.pending)
+            gather = self.gather or all_gather_rows()
+            dual_norms, curvatures, planned, checks = work.share_scores(
+                gather, self.layers, dual_norms, curvatures, pending, planned
+            )
+        constants = self.constant_model.adjust(base, curvatures, dual_norms, etas)
+        scores, masked, summary = _decide(dual_norms, constants, planned, self.layers_per_step > 1)
+        values = work.read(summary, checks, self.gather, self.steps_taken)  # the one host synchronisation
         best, all_finite, best_score, agreed = values[:4]
         skip_reason = None
         if not all_finite:
-            skip_reason = self._nonfinite_reason(dual_norms, constants, batch.input_bounds)
+            skip_reason = _nonfinite_reason(self.layers, dual_norms, constants, batch.input_bounds)
         elif best_score <= 0.0:  # whatever the selection: no layer can move
             skip_reason = "every layer's gradient is zero or missing (did the closure call backward()?)"
         return _Scored(
@@ -439,10 +452,10 @@ class DSGD(torch.optim.Optimizer):
             int(best),
             not all_finite,
             skip_reason,
-            [m > 0 for m in values[4 : 4 + n]],
+            [m > 0 for m in values[4 : 4 + len(self.layers)]],
             int(agreed) if agreed >= 0 else None,
             precision_reason,
-            [int(i) for i in values[4 + n :]] if self.layers_per_step > 1 else None,
+            [int(i) for i in values[4 + len(self.layers) :]] if self.layers_per_step > 1 else None,
         )
 
     def _plan(self) -> int:
@@ -454,36 +467,6 @@ class DSGD(torch.optim.Optimizer):
             self._generator.set_state(state)
             return index
         return self._cursor if self.selection == "cyclic" else -1
-
-    def _check_ranks_agree(self, rows: list[list[float]]) -> None:
-        """Every rank scored the same gradients and constants, so its greedy choice and finiteness
-        equal rank 0's; a rank that differs means they were not synchronised."""
-        for rank, row in enumerate(rows[1:], start=1):
-            if row[:2] != rows[0][:2]:
-                raise RuntimeError(
-                    f"DSGD ranks disagree at step {self.steps_taken}: rank {rank} scores layer {int(row[0])} best "
-                    f"(all finite: {bool(row[1])}) but rank 0 scores layer {int(rows[0][0])} (all finite: "
-                    f"{bool(rows[0][1])}). Their gradients or input norms differ: the gradients were not averaged "
-                    "over the ranks. Train through a DSGD strategy or DSGDMixin with Lightning's DDP/FSDP2, call "
-                    "self.manual_backward (not loss.backward()), and keep every trainable layer in the forward."
-                )
-
-    def _check_layers_attached(self) -> None:
-        """A layer without a gradient: raise if its module or parameter was replaced after DSGD
-        was built (the replacement would never be trained)."""
-        modules = {id(m) for m in self._model.modules()}
-        params = {id(p) for p in self._model.parameters()}
-        stale = [
-            layer.name
-            for layer in self.layers
-            if id(layer.module) not in modules or any(id(p) not in params for p in layer.params)
-        ]
-        if stale:
-            raise RuntimeError(
-                f"DSGD's layer(s) {stale} are no longer part of the model: a module or parameter was replaced "
-                "after the optimizer was built, so the new one would never be trained. Build DSGD (or start "
-                "the Trainer's fit) after changing the model."
-            )
 
     def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
         """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
@@ -508,16 +491,6 @@ class DSGD(torch.optim.Optimizer):
     def geometry_of(self, layer: Layer) -> Geometry:
         return self.geometries[layer.norm]
 
-    def _block_grad(self, layer: Layer) -> BlockGrad:
-        """The layer's gradient as a ``(W, b)`` matrix pair of full tensors (gathered if sharded)."""
-        if layer.weight.grad is None:
-            return None
-        weight = layer.weight_matrix(full(layer.weight.grad))
-        if layer.bias is None:
-            return weight, None
-        bias = full(layer.bias.grad) if layer.bias.grad is not None else torch.zeros_like(full(layer.bias))
-        return weight, layer.bias_vector(bias)
-
     def _choose(self, scored: _Scored) -> list[int]:
         if self.selection == "random":
             torch.randint(len(self.layers), (1,), generator=self._generator, device="cpu")  # advance, as _plan drew
@@ -533,38 +506,56 @@ class DSGD(torch.optim.Optimizer):
         return sorted(i for i in scored.order[: self.layers_per_step] if scored.moving[i]) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
-        """``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the block, in place (on each
-        rank's shard); returns the step taken as ``(layer, block step)``."""
-        grad = scored.grads[index]
-        if grad is None or (scored.moving is not None and not scored.moving[index]):
-            return None  # a zero gradient: the step is zero (and η/L may be 0/0)
+        """Direction and update: ``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the
+        block, computed by the layer's owner and applied in place on every rank (to its shard);
+        returns the step taken as ``(layer, block step)``."""
         layer = self.layers[index]
-        geometry = self.geometry_of(layer)
-        block_grad = augment(*grad)
-        direction = geometry.duality_map(block_grad, scored.bases[index])
-        if self.momentum > 0.0:
-            buffer = self._momentum.get(index)
-            if buffer is not None:
-                # Restart when the velocity no longer points downhill (⟨g, v⟩ ≤ 0), so that the
-                # step stays a descent direction (adaptive restart), without a host sync.
-                downhill = ((block_grad.to(buffer.dtype) * buffer).sum() > 0).to(buffer.dtype)
-                direction = buffer.mul_(self.momentum * downhill).add_(direction)
-            self._momentum[index] = direction
+        if scored.moving is not None and not scored.moving[index]:  # the same on every rank
+            return None  # a zero or missing gradient: the step is zero (and η/L may be 0/0)
+        work, geometry = self.work_plan, self.geometry_of(layer)
         scale = scored.etas[index] / scored.constants[index]
-        if self.momentum == 0.0:
-            step_norm = scale * scored.dual_norms[index]
-        else:
-            velocity_norm = geometry.norm(direction)
-            # A regime that bounds its steps (the adaptive trust region) bounds this one too.
-            scale = self.constant_model.limit(index, scale, velocity_norm)
-            step_norm = scale * velocity_norm
-        step = direction * (-scale)
+        step_norm = scale * scored.dual_norms[index]
+        step = grad_dot_step = None
+        if work.owns(index):
+            block_grad = augment(*scored.grads[index])  # type: ignore[misc]
+            direction = geometry.duality_map(block_grad, scored.bases[index])
+            if self.momentum > 0.0:
+                direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
+            step = direction * (-scale)
+            if self.constant_model.measures_curvature:
+                grad_dot_step = (block_grad.to(step.dtype) * step).sum()
         before = self.constant_model.before_step(index)
+        if work.shared:
+            shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
+            if is_sharded(layer.weight) and not self.undo_shortfalls:  # each rank receives its shard
+                work.scatter_step(index, layer, step, dtype)
+                # The owner keeps the step for the adaptive curvature (the others a stand-in).
+                kept = torch.empty(0, dtype=dtype, device=work.device) if step is None else step.to(dtype)
+                grad_dot_step = kept.new_zeros(()) if grad_dot_step is None else grad_dot_step
+                bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
+                constant = scored.constants[index]
+                self.constant_model.after_step(index, before, bound, kept, grad_dot_step, step_norm, constant, shape)
+                return None
+            step, grad_dot_step = work.share_step(index, step, grad_dot_step, shape, dtype)
+        assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
-        self.constant_model.after_step(index, before, bound, step, block_grad, step_norm, scored.constants[index])
+        self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
         return layer, step
+
+    def _momentum_step(self, index: int, block_grad: Tensor, direction: Tensor, scale: Tensor) -> tuple:
+        """The velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that the step stays a
+        descent direction, without a host sync), its step size (cut to the trust region) and norm."""
+        buffer = self._momentum.get(index)
+        if buffer is not None:
+            downhill = ((block_grad.to(buffer.dtype) * buffer).sum() > 0).to(buffer.dtype)
+            direction = buffer.mul_(self.momentum * downhill).add_(direction)
+        self._momentum[index] = direction
+        velocity_norm = self.geometry_of(self.layers[index]).norm(direction)
+        # A regime that bounds its steps (the adaptive trust region) bounds this one too.
+        scale = self.constant_model.limit(index, scale, velocity_norm)
+        return direction, scale, scale * velocity_norm
 
     @staticmethod
     def _apply(layer: Layer, block_step: Tensor) -> None:
@@ -648,29 +639,6 @@ class DSGD(torch.optim.Optimizer):
         self.skipped_steps += 1
         self.steps_taken += 1
 
-    def _nonfinite_reason(self, dual_norms: Tensor, constants: Tensor, inputs: list[Tensor | None] | None) -> str:
-        """Name the layers and the cause of a bad step (a host sync; only on that path)."""
-        names = self.layer_names
-        bad_grads = [names[i] for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
-        if bad_grads:
-            return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
-        moving = dual_norms > 0
-        bad = [names[i] for i in torch.nonzero(moving & ~torch.isfinite(constants)).flatten().tolist()]
-        zero = [names[i] for i in torch.nonzero(moving & (constants <= 0)).flatten().tolist()]
-        bad_inputs = [
-            names[i] for i, b in enumerate(inputs or []) if b is not None and not bool(torch.isfinite(b).all())
-        ]
-        bad_weights = [
-            layer.name for layer in self.layers if not all(bool(torch.isfinite(full(p)).all()) for p in layer.params)
-        ]
-        if bad_inputs:
-            return f"non-finite input (inf/NaN) to layer(s) {bad_inputs} in this batch: no weight was changed"
-        if bad_weights:
-            return f"non-finite smoothness constant for layer(s) {bad}: the weights of {bad_weights} hold inf/NaN"
-        if bad:
-            return f"non-finite smoothness constant for layer(s) {bad} (an input norm or weight too large to represent)"
-        return f"smoothness constant ≤ 0 with a nonzero gradient for layer(s) {zero}: the step would be infinite"
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus DSGD's own under ``"dsgd"``
@@ -700,7 +668,13 @@ class DSGD(torch.optim.Optimizer):
         """Everything beyond torch's optimizer state needed to continue identically: counters,
         the random and cyclic selection state, the constant model and momentum buffers. The buffers
         are here, not in torch's per-parameter ``state``: each belongs to a block ``[W, b]`` (or a
-        slice of a fused projection), and torch would cast it to the parameter's dtype on load."""
+        slice of a fused projection), and torch would cast it to the parameter's dtype on load.
+        With shared work under FSDP2 this is a collective (each pending adaptive step comes from
+        its owner)."""
+        if self._work is not None and self._work.shared:
+            pending = self.constant_model.pending
+            sharded = [i for i in pending if is_sharded(self.layers[i].weight)]
+            self._work.complete_pending(pending, sharded, self._block_shapes)
         return {
             "norm": self.geometry.name,
             "constants": self.constants_mode,
@@ -774,6 +748,65 @@ class DSGD(torch.optim.Optimizer):
             self._outputs.remove()
 
 
+def _decide(dual_norms: Tensor, constants: Tensor, planned: Tensor, ordered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The scores ``s_i = ‖g_i‖²_* / L_i``, the scores with bad layers at ``-inf``, and the summary
+    read in the step's one host synchronisation: the greedy choice, finiteness, the best score,
+    the planned random/cyclic choice, which layers can move and (``ordered``) their order by score."""
+    moving = dual_norms > 0
+    usable = torch.isfinite(constants) & (constants > 0)
+    finite = torch.isfinite(dual_norms) & (usable | ~moving)
+    scores = torch.where(moving & usable, dual_norms.square() / torch.where(usable, constants, 1.0), 0.0)
+    masked = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
+    parts = [
+        torch.stack([masked.argmax().to(scores.dtype), finite.all().to(scores.dtype), masked.max()]),
+        planned.to(scores.dtype).reshape(1),
+        moving.to(scores.dtype),
+    ]
+    if ordered:
+        parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
+    return scores, masked, torch.cat(parts)
+
+
+def _check_layers_attached(model: nn.Module, layers: list[Layer]) -> None:
+    """A layer without a gradient: raise if its module or parameter was replaced after DSGD
+    was built (the replacement would never be trained)."""
+    modules = {id(m) for m in model.modules()}
+    params = {id(p) for p in model.parameters()}
+    stale = [
+        layer.name
+        for layer in layers
+        if id(layer.module) not in modules or any(id(p) not in params for p in layer.params)
+    ]
+    if stale:
+        raise RuntimeError(
+            f"DSGD's layer(s) {stale} are no longer part of the model: a module or parameter was replaced "
+            "after the optimizer was built, so the new one would never be trained. Build DSGD (or start "
+            "the Trainer's fit) after changing the model."
+        )
+
+
+def _nonfinite_reason(
+    layers: list[Layer], dual_norms: Tensor, constants: Tensor, inputs: list[Tensor | None] | None
+) -> str:
+    """Name the layers and the cause of a bad step (a host sync; only on that path)."""
+    names = [layer.name for layer in layers]
+    bad_grads = [names[i] for i in torch.nonzero(~torch.isfinite(dual_norms)).flatten().tolist()]
+    if bad_grads:
+        return f"non-finite gradient (inf/NaN) in layer(s) {bad_grads}"
+    moving = dual_norms > 0
+    bad = [names[i] for i in torch.nonzero(moving & ~torch.isfinite(constants)).flatten().tolist()]
+    zero = [names[i] for i in torch.nonzero(moving & (constants <= 0)).flatten().tolist()]
+    bad_inputs = [names[i] for i, b in enumerate(inputs or []) if b is not None and not bool(torch.isfinite(b).all())]
+    bad_weights = [layer.name for layer in layers if not all(bool(torch.isfinite(full(p)).all()) for p in layer.params)]
+    if bad_inputs:
+        return f"non-finite input (inf/NaN) to layer(s) {bad_inputs} in this batch: no weight was changed"
+    if bad_weights:
+        return f"non-finite smoothness constant for layer(s) {bad}: the weights of {bad_weights} hold inf/NaN"
+    if bad:
+        return f"non-finite smoothness constant for layer(s) {bad} (an input norm or weight too large to represent)"
+    return f"smoothness constant ≤ 0 with a nonzero gradient for layer(s) {zero}: the step would be infinite"
+
+
 def _merge_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One param group per parameter set: blocks that share a parameter (q, k and v of a fused
     attention projection) share its group, since torch allows a parameter in one group only."""
@@ -843,6 +876,14 @@ def check_options(**options: Any) -> dict[str, Any]:
     if options["undo_shortfalls"] and not options["full_batch"]:
         raise ValueError("undo_shortfalls needs full_batch=True: only then is the next loss comparable.")
     check_adaptive_options(options["adaptive_options"])
+    share = options.get("share_work")
+    if share is not None and not isinstance(share, bool):
+        raise TypeError(f"share_work must be True, False or None (on under DDP/FSDP2 without momentum), got {share!r}.")
+    if share and momentum:
+        raise ValueError(
+            "share_work=True splits the layers among the ranks, and momentum > 0 keeps a velocity per layer that "
+            "only its owner would hold: pass share_work=False (or None) with momentum, or momentum=0."
+        )
     return out
 
 

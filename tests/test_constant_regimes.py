@@ -158,6 +158,53 @@ def test_only_the_adaptive_regime_limits_a_step_and_grows():
     assert adaptive.multipliers[1] == min(2.0 * before[1], 1.0) and torch.equal(adaptive.multipliers[0], before[0])
 
 
+@pytest.mark.parametrize(("build", "mode"), [(tanh_net, "data"), (tanh_net, "architecture")])
+def test_a_certified_regime_measures_no_curvature_and_adjusts_nothing(build, mode):
+    model = build()
+    opt = DSGD(model, constants=mode)
+    x, y = classification_data(16, 4, 3)
+    opt.step(make_closure(model, opt, x, y))
+    regime = opt.constant_model
+    assert not regime.measures_curvature and dict(regime.pending) == {}
+    grads = [(layer.weight.grad, layer.bias.grad) for layer in opt.layers]
+    assert regime.curvatures(grads) == {}
+    base = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    dual_norms = torch.full((3,), 1e6, dtype=torch.float32)  # a trust region would raise the constants
+    adjusted = regime.adjust(base, {0: torch.tensor(1e9)}, dual_norms, [1.0] * 3)
+    assert adjusted.dtype == torch.float32 and torch.equal(adjusted, base.float())
+
+
+def test_the_adaptive_curvature_is_the_exact_second_difference_of_a_quadratic_loss():
+    """``κ = ⟨g(w + Δ) − g(w), Δ⟩ / ‖Δ‖²`` (Frobenius), which for a quadratic loss is
+    ``(f(w + Δ) + f(w − Δ) − 2 f(w)) / ‖Δ‖²`` exactly."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, dtype=torch.float64)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    opt = DSGD(model, constants="adaptive", norm="frobenius", loss="mse")
+    regime = opt.constant_model
+    assert regime.measures_curvature
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    step = regime.pending[0].step  # the block [ΔW, Δb] just taken
+    closure()  # the gradient at w + Δ
+    (grad,) = [(layer.weight.grad, layer.bias.grad) for layer in opt.layers]
+    (curvature,) = regime.curvatures([grad]).values()
+
+    def loss_at(shift: int) -> torch.Tensor:
+        w, b = model.weight + shift * step[:, :-1], model.bias + shift * step[:, -1]
+        return nn.functional.mse_loss(x @ w.T + b, y)
+
+    with torch.no_grad():
+        second_difference = loss_at(0) + loss_at(-2) - 2 * loss_at(-1)
+    assert torch.allclose(curvature, second_difference / step.square().sum(), rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     ("full_batch", "options", "idle_shrink"),
     [(False, None, 0.9), (True, None, 0.8), (True, {"idle_shrink": 0.95}, 0.95)],

@@ -53,6 +53,8 @@ class DSGDSettings:
         undo_shortfalls: With full_batch, undo a step that decreased the loss by less than its promise.
         adaptive_options: Tuning of the adaptive constants: safety, shrink, idle_shrink, idle_reach,
             floor, max_relative_step (each > 0).
+        share_work: Under DDP/FSDP2, split the layers among the ranks (each scores its own and computes
+            their directions); None (the default): on unless momentum > 0; False: every rank scores all.
         accumulate_grad_batches: Sum gradients over this many batches (no DDP/FSDP sync on all but the
             last) and let DSGD choose on the sum; replaces Trainer(accumulate_grad_batches).
         gradient_clip_val: Clip the unscaled gradients right before DSGD scores them (None: no clipping);
@@ -78,6 +80,7 @@ class DSGDSettings:
     full_batch: bool = False
     undo_shortfalls: bool = False
     adaptive_options: dict[str, float] | None = None
+    share_work: bool | None = None
 
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None

@@ -7,9 +7,11 @@ They add to their base strategy exactly what DSGD needs:
 * ``verify_every_n_steps``: every N optimizer steps all ranks compare the chosen layer and a
   checksum of their weights, and fail loudly naming the rank that diverged.
 
-Every rank scores identically without further help: DDP averages the gradients before the step,
-FSDP2 norms are computed on full tensors, and the measured input norms are MAX-reduced
-([lightning_dsgd.distributed][]). Registered names (after ``import lightning_dsgd``):
+Every rank decides identically without further help: DDP averages the gradients before the step,
+the measured input norms are MAX-reduced ([lightning_dsgd.distributed][]), and by default the
+layers are split among the ranks, each scoring its own and sharing its scores in one all-gather
+([lightning_dsgd.plan][]; ``DSGDSettings(share_work=False)``: every rank scores every layer on
+full tensors). Registered names (after ``import lightning_dsgd``):
 ``dsgd``, ``dsgd_ddp``, ``dsgd_ddp_spawn``, ``dsgd_model_parallel``.
 """
 
@@ -127,8 +129,8 @@ class DSGDDDPStrategy(_DSGDStrategy, DDPStrategy):
 
 
 class DSGDModelParallelStrategy(_DSGDStrategy, ModelParallelStrategy):
-    """FSDP2 (``ModelParallelStrategy``) that runs DSGD; norms are taken on full tensors and the
-    chosen layer's update is applied to each rank's shard."""
+    """FSDP2 (``ModelParallelStrategy``) that runs DSGD; each rank gathers and scores the full
+    gradients of its own layers only, and the chosen layer's update is applied to each rank's shard."""
 
 
 def _register() -> None:

@@ -41,6 +41,39 @@ class BreakRankOneGradients(Callback):
             pl_module.net[2].weight.grad.fill_(float("nan"))
 
 
+class RecordWork(Callback):
+    """Saves what DSGD's work plan made this rank do at every step (``work{rank}.pt``)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        opt = trainer.optimizers[0]
+        plan, pending = opt.work_plan, list(opt.constant_model.pending.values())
+        self.steps.append(
+            {
+                "scored": plan.layers_scored,
+                "gathered": plan.gradients_gathered,
+                "bytes": plan.gathered_bytes,
+                "kept": sum(p.step.numel() * p.step.element_size() for p in pending),  # adaptive steps held
+            }
+        )
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        full_bytes = sum(p.numel() * p.element_size() for layer in opt.layers for p in layer.params)
+        torch.save(
+            {
+                "shared": opt.work_plan.shared,
+                "owners": opt.work_plan.owners,
+                "steps": self.steps,
+                "full_gradient_bytes": full_bytes,
+            },
+            f"{self.out_dir}/work{trainer.global_rank}.pt",
+        )
+
+
 class StepTimer(Callback):
     """Wall time of every training batch (forward, backward, DSGD step) after a warm-up."""
 
@@ -90,6 +123,66 @@ def gather_cost(args: argparse.Namespace) -> None:
         )
 
 
+def share_cost(args: argparse.Namespace) -> None:
+    """Per rank, median time of DSGD's scoring (the dual norms) and of its whole step, with the
+    work shared and with every rank scoring every layer (as one process does), alternating."""
+    from torch import nn
+
+    import lightning_dsgd.optimizer as optimizer
+
+    class Deep(DSGDClassifier):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            h = self.hparams.hidden
+            hidden = [m for _ in range(6) for m in (nn.Linear(h, h), nn.Tanh())]
+            self.net = nn.Sequential(nn.Linear(6, h), nn.Tanh(), *hidden, nn.Linear(h, 3))
+
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, method):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = method(*a, **k)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    original_norms, original_step = optimizer.DSGD._dual_norms, optimizer.DSGD.step
+    medians: dict[tuple[str, bool], list[float]] = {}
+    for share in (True, False, True, False):
+        times.clear()
+        optimizer.DSGD._dual_norms = timed("score", original_norms)
+        optimizer.DSGD.step = timed("step", original_step)
+        settings = DSGDSettings(norm=args.norm, constants=args.constants, share_work=share)
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            default_root_dir=args.out,
+        )
+        trainer.fit(Deep(batch_size=32, hidden=args.hidden, dsgd=settings))
+        optimizer.DSGD._dual_norms, optimizer.DSGD.step = original_norms, original_step
+        for name in ("score", "step"):
+            warm = sorted(times[name][3:])
+            medians.setdefault((name, share), []).append(warm[len(warm) // 2])
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    line = ", ".join(
+        f"{name}: shared {min(medians[name, True]) * 1e3:.2f} ms vs every layer {min(medians[name, False]) * 1e3:.2f} "
+        f"ms (ratio {min(medians[name, True]) / min(medians[name, False]):.2f})"
+        for name in ("score", "step")
+    )
+    print(f"rank {rank}, hidden {args.hidden}, 8 layers, median over {args.steps - 3} steps, best of 2: {line}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -104,6 +197,7 @@ def main() -> None:
             "per_rank_seed",
             "unsynced",
             "gather_cost",
+            "share_cost",
         ],
     )
     parser.add_argument("--out", required=True)
@@ -115,15 +209,19 @@ def main() -> None:
     parser.add_argument("--selection", default="greedy")
     parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
     parser.add_argument("--resume", default=None, help="resume from this checkpoint")
+    parser.add_argument("--share-work", default="none", choices=["none", "true", "false"], help="DSGD's share_work")
     args = parser.parse_args()
-    if args.case == "gather_cost":
+    if args.case in ("gather_cost", "share_cost"):
         try:
-            gather_cost(args)
+            (gather_cost if args.case == "gather_cost" else share_cost)(args)
         finally:
             release_process_group()
         return
-    settings = DSGDSettings(norm=args.norm, constants=args.constants, selection=args.selection, seed=3)
-    callbacks: list[Callback] = [RecordChoices(args.out)]
+    share_work = {"none": None, "true": True, "false": False}[args.share_work]
+    settings = DSGDSettings(
+        norm=args.norm, constants=args.constants, selection=args.selection, seed=3, share_work=share_work
+    )
+    callbacks: list[Callback] = [RecordChoices(args.out), RecordWork(args.out)]
     if args.checkpoints:
         callbacks.append(
             ModelCheckpoint(args.checkpoints, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)

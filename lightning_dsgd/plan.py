@@ -1,0 +1,299 @@
+"""Who does which part of a DSGD step: ``WorkPlan``, beside the maths of `lightning_dsgd.optimizer`.
+
+Every rank takes the same decision from the same numbers; the plan only says where each number
+is computed and how it travels.
+
+* **Replicated** (one process, or ``share_work=False``): every rank scores every layer on full
+  gradients ([full][lightning_dsgd.distributed.full]); the step's decision row of every rank is
+  all-gathered, rank 0's is taken and a rank whose own greedy choice or finiteness differs raises.
+* **Shared** (several ranks): layer ``i`` has one owner, from a greedy longest-processing-time
+  split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
+  same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
+  ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
+  measures its adaptive curvature. Those per-layer values travel in the step's ONE all-gather,
+  every rank reads each layer's entries from its owner's row, computes the same constants and the
+  same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
+  broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
+  same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
+  alone keeps the whole step for the adaptive curvature at the next step (which then travels in
+  the all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
+  the checkpoint rank 0 writes, is complete.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_dsgd.distributed import Gatherer, full, is_sharded, local
+from lightning_dsgd.geometry import BlockGrad
+from lightning_dsgd.layers import Layer
+
+
+def layer_cost(rows: int, cols: int, norm: str) -> int:
+    """Work to score one ``rows × cols`` block: an SVD for the spectral norm, one pass otherwise."""
+    return rows * cols * min(rows, cols) if norm == "spectral" else rows * cols
+
+
+def balanced_owners(costs: Sequence[int], world: int) -> tuple[int, ...]:
+    """Greedy longest-processing-time: the costliest layer first, each to the least-loaded rank
+    (ties to the lower index and rank), so that every rank computes the same split."""
+    loads = [0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return tuple(owners)
+
+
+def process_group_size() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group (``(0, 1)`` without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class WorkPlan:
+    """Owner rank of every layer, and this rank's counters of the last step's work.
+
+    ``owners[i]`` is the rank whose row carries layer ``i``'s values (all 0 when replicated)."""
+
+    owners: tuple[int, ...]
+    rank: int = 0
+    world: int = 1
+    shared: bool = False
+    device: torch.device | None = None  # where steps are received
+    #: Layers this rank scored (dual norm, and its SVD where spectral) in the last step.
+    layers_scored: int = 0
+    #: Full gradients this rank assembled from shards in the last step, and their bytes.
+    gradients_gathered: int = 0
+    gathered_bytes: int = 0
+    _owner_index: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def replicated(cls, n: int) -> WorkPlan:
+        rank, world = process_group_size()
+        return cls((0,) * n, rank, world)
+
+    @classmethod
+    def balanced(cls, layers: Sequence[Layer], shapes: Sequence[Sequence[int]]) -> WorkPlan:
+        rank, world = process_group_size()
+        costs = [layer_cost(rows, cols, layer.norm) for layer, (rows, cols) in zip(layers, shapes, strict=True)]
+        for layer in layers:
+            _check_shardable(layer, world)
+        device = layers[0].weight.device
+        return cls(balanced_owners(costs, world), rank, world, shared=world > 1, device=device)
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank scores layer ``index`` (and computes its direction)."""
+        return not self.shared or self.owners[index] == self.rank
+
+    # ------------------------------------------------------------------ gradients
+    def gradients(self, layers: Sequence[Layer]) -> list[BlockGrad]:
+        """Every layer's gradient as a ``(W, b)`` pair of full matrices on the rank that scores it
+        (``None`` elsewhere, and for a layer without a gradient)."""
+        self.gradients_gathered, self.gathered_bytes = 0, 0
+        grads = [self._gradient(layer, i) for i, layer in enumerate(layers)]
+        self.layers_scored = sum(1 for i, g in enumerate(grads) if g is not None and self.owns(i))
+        return grads
+
+    def _gradient(self, layer: Layer, index: int) -> BlockGrad:
+        if layer.weight.grad is None:
+            return None
+        bias = layer.bias
+        if bias is not None:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        if not self.shared:
+            weight = layer.weight_matrix(full(layer.weight.grad))
+            return weight, None if bias is None else layer.bias_vector(full(bias_grad))
+        owner = self.owners[index]
+        parts = [layer.weight.grad] + ([] if bias is None else [bias_grad])
+        if is_sharded(layer.weight.grad):
+            gathered = [self._gather(part, owner) for part in parts]
+        else:
+            gathered = parts if owner == self.rank else [None]
+        if gathered[0] is None:
+            return None
+        if any(is_sharded(p) for p in parts):
+            self.gradients_gathered += 1
+            self.gathered_bytes += sum(g.numel() * g.element_size() for g in gathered)
+        weight = layer.weight_matrix(gathered[0])
+        return weight, None if bias is None else layer.bias_vector(gathered[1])
+
+    def _gather(self, grad: Tensor, owner: int) -> Tensor | None:
+        """The full tensor of a dim-0 sharded ``grad`` on ``owner`` (``None`` on the other ranks):
+        each rank's shard, padded to the chunk size, is gathered to the owner only."""
+        shard = local(grad)
+        rows = grad.shape[0]
+        chunk = math.ceil(rows / self.world)
+        padded = shard.new_zeros((chunk, *shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        # The owner receives into one buffer: every shard but the last ones is full, so its first
+        # ``rows`` rows are the tensor.
+        whole = padded.new_empty((chunk * self.world, *shard.shape[1:])) if self.rank == owner else None
+        dist.gather(padded, None if whole is None else list(whole.split(chunk)), dst=owner)
+        return None if whole is None else whole[:rows]
+
+    # ------------------------------------------------------------------ agreement
+    def share_scores(
+        self,
+        gather: Gatherer,
+        layers: Sequence[Layer],
+        dual_norms: Tensor,
+        curvatures: dict[int, Tensor],
+        pending: Sequence[int],
+        planned: Tensor,
+    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
+        """The step's one collective: this rank's dual norms and adaptive curvatures (of its own
+        layers), a checksum of every layer's gradient (DDP: every rank must hold the same, read in
+        the step's host synchronisation) and its planned random/cyclic choice are all-gathered.
+        Returns each layer's dual norm, and the curvature of each ``pending`` layer that has a
+        gradient now (every rank knows which) from its owner's row, every rank's checksums ``(world,
+        n)`` and rank 0's planned choice."""
+        n = len(layers)
+        owned = torch.zeros((2, n), dtype=dual_norms.dtype, device=dual_norms.device)
+        owned[0] = dual_norms
+        for i, value in curvatures.items():
+            owned[1, i] = value.to(owned.dtype)
+        checks = torch.zeros_like(dual_norms)
+        if not any(is_sharded(p) for layer in layers for p in layer.params):  # DDP: every rank holds them
+            for i, layer in enumerate(layers):
+                grads = [p.grad for p in layer.params if p.grad is not None]
+                if grads:
+                    checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
+        rows = gather(torch.cat([owned.reshape(-1), checks, planned.to(owned.dtype).reshape(1)]))
+        values = rows[:, : 2 * n].reshape(self.world, 2, n)
+        if self._owner_index is None or self._owner_index.device != rows.device:  # uploaded once
+            self._owner_index = torch.tensor(self.owners, device=rows.device)
+        values = values[self._owner_index, :, torch.arange(n, device=rows.device)].T
+        measured = {i: values[1, i] for i in pending if layers[i].weight.grad is not None}
+        return values[0], measured, rows[0, -1], rows[:, 2 * n : 3 * n]
+
+    # ------------------------------------------------------------------ steps
+    def share_step(
+        self, index: int, step: Tensor | None, extra: Tensor | None, shape: Sequence[int], dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Layer ``index``'s block step (and one scalar ``extra``) broadcast from its owner; ``shape``
+        and ``dtype`` are the block step's, known to every rank."""
+        owner = self.owners[index]
+        if self.rank == owner:
+            assert step is not None
+            extra = step.new_zeros(()) if extra is None else extra
+            buffer = torch.cat([step.to(dtype).reshape(-1), extra.to(dtype).reshape(1)])
+        else:
+            buffer = torch.empty(math.prod(shape) + 1, dtype=dtype, device=self.device)
+        dist.broadcast(buffer, src=owner)
+        return buffer[:-1].reshape(tuple(shape)), buffer[-1]
+
+    def scatter_step(self, index: int, layer: Layer, step: Tensor | None, dtype: torch.dtype) -> None:
+        """FSDP2, when no rank needs the whole step afterwards: layer ``index``'s step from its owner,
+        each rank receiving and adding only its own dim-0 shard of the weight (and bias)."""
+        from torch.distributed.tensor import DTensor
+
+        owner = self.owners[index]
+        parts = layer.split(step.to(dtype)) if step is not None else (None, None)
+        for param, part in ((layer.weight, parts[0]), (layer.bias, parts[1])):
+            if param is None:
+                continue
+            rows = param.shape[0]
+            chunk = math.ceil(rows / self.world)
+            mine = torch.empty((chunk, *param.shape[1:]), dtype=dtype, device=self.device)
+            pieces = None
+            if part is not None:
+                padded = part.new_zeros((chunk * self.world, *param.shape[1:]))
+                padded[:rows] = part
+                pieces = list(padded.split(chunk))
+            dist.scatter(mine, pieces, src=owner)
+            shard = mine[: _shard_rows(rows, self.world, self.rank)].to(param.dtype)
+            spec = {"run_check": False, "shape": param.shape, "stride": param.stride()}
+            param.add_(DTensor.from_local(shard, param.device_mesh, param.placements, **spec))  # type: ignore[attr-defined]
+
+    def read(self, summary: Tensor, checks: Tensor | None, gather: Gatherer | None, step: int) -> list[float]:
+        """The step's one host synchronisation: the decision ``summary`` every rank computed alike
+        (shared: with every rank's gradient checksums, which must agree), or, replicated, rank 0's
+        summary, every rank's being all-gathered and checked against it."""
+        if self.shared:
+            assert checks is not None
+            values = torch.cat([summary, checks.reshape(-1).to(summary.dtype)]).tolist()
+            self.check_agreement(values[len(summary) :], step)
+            return values[: len(summary)]
+        if gather is not None:
+            rows = gather(summary).tolist()
+            check_rows_agree(rows, step)
+            return rows[0]
+        return summary.tolist()
+
+    def complete_pending(self, pending: dict, indices: Sequence[int], shapes: Sequence[Sequence[int]]) -> None:
+        """Before a checkpoint (a collective): the pending adaptive steps of ``indices``, kept by
+        their owners only (a stand-in elsewhere), with their ``⟨g, Δ⟩``, broadcast to every rank,
+        so that the state rank 0 saves is complete."""
+        for i in sorted(indices):
+            entry, shape = pending[i], tuple(shapes[i])
+            if self.rank == self.owners[i]:
+                buffer = torch.cat([entry.step.reshape(-1), entry.grad_dot_step.to(entry.step.dtype).reshape(1)])
+            else:
+                buffer = entry.step.new_empty(math.prod(shape) + 1)
+            dist.broadcast(buffer, src=self.owners[i])
+            entry.step, entry.grad_dot_step = buffer[:-1].reshape(shape), buffer[-1]
+
+    def check_agreement(self, checks: list[float], step: int) -> None:
+        """Every rank must hold the same gradients (DDP): ``checks`` are every rank's per-layer
+        sums of squares, read in the step's one host synchronisation."""
+        n = len(self.owners)
+        rows = [checks[r * n : (r + 1) * n] for r in range(self.world)]
+        for rank, row in enumerate(rows[1:], start=1):
+            differ = [i for i, (a, b) in enumerate(zip(row, rows[0], strict=True)) if not _same(a, b)]
+            if differ:
+                raise RuntimeError(
+                    f"DSGD ranks disagree at step {step}: the gradients of layer(s) {differ} on rank {rank} differ "
+                    "from rank 0's. Their gradients were not averaged over the ranks. Train through a DSGD strategy "
+                    "or DSGDMixin with Lightning's DDP/FSDP2, call self.manual_backward (not loss.backward()), and "
+                    "keep every trainable layer in the forward."
+                )
+
+
+def check_rows_agree(rows: list[list[float]], step: int) -> None:
+    """Replicated scoring: every rank scored the same gradients and constants, so its greedy
+    choice and finiteness equal rank 0's; a rank that differs means they were not synchronised."""
+    for rank, row in enumerate(rows[1:], start=1):
+        if row[:2] != rows[0][:2]:
+            raise RuntimeError(
+                f"DSGD ranks disagree at step {step}: rank {rank} scores layer {int(row[0])} best "
+                f"(all finite: {bool(row[1])}) but rank 0 scores layer {int(rows[0][0])} (all finite: "
+                f"{bool(rows[0][1])}). Their gradients or input norms differ: the gradients were not averaged "
+                "over the ranks. Train through a DSGD strategy or DSGDMixin with Lightning's DDP/FSDP2, call "
+                "self.manual_backward (not loss.backward()), and keep every trainable layer in the forward."
+            )
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _shard_rows(rows: int, world: int, rank: int) -> int:
+    """Rows of a dim-0 shard on ``rank`` (``torch.chunk`` sizes, as ``Shard(0)`` places them)."""
+    chunk = math.ceil(rows / world)
+    return max(0, min(chunk, rows - rank * chunk))
+
+
+def _check_shardable(layer: Layer, world: int) -> None:
+    """Shared work gathers dim-0 shards over every rank in rank order (FSDP2's data-parallel mesh)."""
+    for p in layer.params:
+        if not is_sharded(p):
+            continue
+        from torch.distributed.tensor import Shard
+
+        mesh_ranks = p.device_mesh.mesh.flatten().tolist()  # type: ignore[attr-defined]
+        if tuple(p.placements) != (Shard(0),) or mesh_ranks != list(range(world)):  # type: ignore[attr-defined]
+            raise ValueError(
+                f"share_work splits DSGD's layers among ranks, and it supports parameters sharded on dim 0 over "
+                f"every rank in order (FSDP2 data parallelism); {layer.name} is placed {p.placements} on ranks "  # type: ignore[attr-defined]
+                f"{mesh_ranks}. Pass share_work=False (DSGDSettings(share_work=False)) to score on full tensors."
+            )

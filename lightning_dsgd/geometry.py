@@ -253,15 +253,15 @@ class SpectralGeometry(Geometry):
         bases: list[Basis] = [None] * len(grads)
         generator = _generator(device, seed)
         for (shape, _, k), idx in groups.items():
-            stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
-            if k == "polar":
-                directions, inner, fell_back = polar_directions(stack)
+            if k == "polar":  # inf/NaN blocks: a zero direction and a NaN score, from polar_directions
+                directions, inner, fell_back = polar_directions(torch.stack([blocks[i] for i in idx]))
                 self.polar_fallbacks = self.polar_fallbacks + fell_back.sum()
-                inner = _nan_where_not(finite, inner).to(dtype)
+                inner = inner.to(dtype)
                 for j, i in enumerate(idx):
                     bases[i] = PolarDirection(directions[j], inner[j])
                     values[i] = inner[j]
                 continue
+            stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
             if isinstance(k, int):
                 omega = _randn((k, shape[0]), generator, device, stack.dtype)
                 basis = torch.linalg.qr((omega @ stack).mT).Q  # (batch, n, k), orthonormal columns

@@ -61,9 +61,9 @@ seventh and eighth stages took ``0.993`` to ``1 − 10⁻⁹`` for a third more 
 #: ``‖X_K‖₂ ≤ B (1 + μ)`` (seen: at most ``1.003 B`` on the GPT-shaped model's gradients and the
 #: test families); a block beyond it is scaled by its Gershgorin bound instead (looser, certified).
 ROUNDING_MARGIN = 1.0 / 128
-#: Columns per chunk of the certificate's Gram: float32 partial sums over at most this many
-#: columns, then summed across chunks, so the rounding bound is ``γ_{chunk + chunks}``, not ``γ_n``.
-GRAM_CHUNK = 128
+#: Largest relative rounding bound ``ε`` (of ``tr D Dᵀ``) allowed for a float32 Gram; shapes where no
+#: chunking reaches it use a float64 product (``_gram_chunks``).
+GRAM_TOLERANCE = 2e-3
 
 _U64 = torch.finfo(torch.float64).eps / 2
 
@@ -115,40 +115,54 @@ def _gamma(n: int, u: float = _U64) -> float:
 def _power_of_two_scale(t: Tensor) -> tuple[Tensor, Tensor]:
     """Per matrix of a stack: ``2^{-e}`` (in ``t``'s dtype) and ``e`` with ``max |t| · 2^{-e} ∈ [½, 1)``
     (``e = 0`` for a zero or non-finite matrix): scaling by it is exact (up to underflow)."""
-    peak = torch.linalg.vector_norm(t, ord=math.inf, dim=(-2, -1), keepdim=True)
+    peak = t.abs().amax(dim=(-2, -1), keepdim=True)  # NaN propagates (and is 12× faster than ord=inf)
     peak = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1.0)
     _, exponent = torch.frexp(peak)
     return torch.ldexp(torch.ones_like(peak), -exponent), exponent
 
 
-def _gram(direction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``Ŝ ≈ D Dᵀ`` (float64), ``tr Ŝ`` and ``e ≥ ‖Ŝ − D Dᵀ‖₂``. float64 stacks: one float64 product,
-    ``|Ŝ − D Dᵀ| ≤ γ_n |D||D|ᵀ``. float32 (and narrower) stacks, scaled by a power of two to
-    ``max |D| ∈ [½, 1)`` (exact): float32 partial products over column chunks of at most
-    ``GRAM_CHUNK``, summed over the ``C`` chunks in float32, so ``|Ŝ − D Dᵀ| ≤ (γ_k + γ_C (1 + γ_k))
-    |D||D|ᵀ`` (float32 ``u``) plus ``n`` underflows of at most ``2⁻¹⁴⁹`` per entry — at a third of
-    the cost of a float64 product on a CPU. Either way ``‖|D||D|ᵀ‖₂ ≤ tr(|D||D|ᵀ) = ‖D‖²_F ≤
-    tr Ŝ / (1 − γ)`` (the diagonal sums non-negative terms)."""
-    batch, m, n = direction.shape
-    if direction.dtype == torch.float64:
-        gram = direction @ direction.mT
-        gamma, underflow, unscale = _gamma(n), m * n * 2.0**-1074, None
+def _gram_chunks(m: int, n: int) -> int | None:
+    """Fewest column chunks ``C`` for which the float32 Gram of an ``m × n`` block errs by at most
+    ``GRAM_TOLERANCE · tr`` (``(γ_k + γ_C) m ≤ ε`` with ``k = ⌈n/C⌉``); ``None``: no ``C`` does."""
+    u32 = torch.finfo(torch.float32).eps / 2
+    for chunks in range(1, math.isqrt(n) + 2):
+        if (-(-n // chunks) + chunks) * u32 * m <= GRAM_TOLERANCE:
+            return chunks
+    return None
+
+
+def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``Ŝ ≈ D Dᵀ`` (float32 or float64, as computed), ``tr Ŝ`` and ``e ≥ ‖Ŝ − D Dᵀ‖₂`` (float64),
+    where ``|Ŝ − D Dᵀ| ≤ γ |D||D|ᵀ`` plus ``n`` underflows per entry, and ``‖|D||D|ᵀ‖₂ ≤
+    tr(|D||D|ᵀ) = ‖D‖²_F ≤ tr Ŝ / (1 − γ)`` (the diagonal sums non-negative terms). float64 stacks,
+    and float32 shapes of ``_gram_chunks(m, n) = None``: one float64 product, ``γ = γ_n``. Otherwise
+    float32 products over ``C`` column chunks of at most ``k`` columns, added in float32:
+    ``γ = γ_k + γ_C (1 + γ_k)`` (float32 ``u``) — less than half the cost of a float64 product on a
+    CPU. A stack that is not ``normalized`` (``max |D| ≤ 1``) is first scaled by a power of two
+    (exact), so that nothing overflows."""
+    m, n = direction.shape[-2:]
+    chunks = None if direction.dtype == torch.float64 else _gram_chunks(m, n)
+    d = direction.to(torch.float64 if chunks is None else torch.float32)
+    u = torch.finfo(d.dtype).eps / 2
+    unscale = None
+    if not normalized:
+        scale, exponent = _power_of_two_scale(d)
+        d, unscale = d * scale, torch.ldexp(torch.ones_like(scale, dtype=torch.float64), 2 * exponent)
+    if chunks is None:
+        gram, gamma = d @ d.mT, _gamma(n, u)
     else:
-        scale, exponent = _power_of_two_scale(direction.to(torch.float32))
-        d = direction.to(torch.float32) * scale
-        chunks = -(-n // GRAM_CHUNK)
-        width = -(-n // chunks)
-        if chunks > 1:
-            d = torch.nn.functional.pad(d, (0, chunks * width - n))
-            d = d.view(batch, m, chunks, width).permute(0, 2, 1, 3).reshape(batch * chunks, m, width)
-        u32 = torch.finfo(torch.float32).eps / 2
-        gram = (d @ d.mT).view(batch, chunks, m, m).sum(1).to(torch.float64)
-        gamma = _gamma(width, u32) + _gamma(chunks, u32) * (1 + _gamma(width, u32))
-        underflow, unscale = m * n * 2.0**-148, torch.ldexp(torch.ones_like(gram[:, :1, :1]), 2 * exponent)
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1) * (1 + _gamma(m))  # ≥ tr Ŝ as computed exactly
-    error = gamma / (1 - gamma) * trace + underflow
+        parts = torch.tensor_split(d, chunks, dim=-1)
+        gram = parts[0] @ parts[0].mT
+        for part in parts[1:]:
+            gram = gram + part @ part.mT
+        k = parts[0].shape[-1]
+        gamma = _gamma(k, u) + _gamma(chunks, u) * (1 + _gamma(k, u))
+    # ≥ tr Ŝ (float64 sum of the stored diagonal)
+    trace = gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1) * (1 + _gamma(m))
+    error = gamma / (1 - gamma) * trace + m * n * torch.finfo(d.dtype).tiny
     if unscale is not None:  # exact: powers of two in float64
-        gram, trace, error = gram * unscale, trace * unscale.flatten(), error * unscale.flatten()
+        gram = gram.to(torch.float64) * unscale
+        trace, error = trace * unscale.flatten(), error * unscale.flatten()
     return gram, trace, error
 
 
@@ -157,27 +171,38 @@ def certify_unit_norm(
 ) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: True where ``‖D‖₂² = λ_max(D Dᵀ) ≤ bound`` is proved.
 
-    With ``Ŝ`` and its error ``e`` from ``_gram``, a float64 Cholesky of the symmetric
+    With ``Ŝ`` and its error ``e`` from ``_gram``, a Cholesky factorisation of the symmetric
     ``M = fl(t I − Ŝ)`` that completes proves ``λ_min(M) ≥ −γ_{m+1} tr(M)/(1 − γ_{m+1})`` (Demmel's
-    backward error ``|ΔM| ≤ γ_{m+1} |R|ᵀ|R|`` and ``‖|R|ᵀ|R|‖₂ ≤ tr(|R|ᵀ|R|) = tr(M + ΔM)``,
-    ``tr M ≤ m t``); the diagonal subtraction errs by ``u (t + max Ŝ_ii)``. With ``t = bound −`` twice
-    the sum of these and of ``e``, ``λ_max(D Dᵀ) ≤ bound``."""
-    gram, _, gram_error = _gram(direction) if gram is None else gram
+    backward error ``|ΔM| ≤ γ_{m+1} |R|ᵀ|R|`` and ``‖|R|ᵀ|R|‖₂ ≤ tr(|R|ᵀ|R|) = tr(M + ΔM)``, with
+    ``tr M ≤ m t − tr Ŝ``); the diagonal subtraction errs by ``u (t + max Ŝ_ii)``. With ``t = bound −``
+    twice the sum of these and of ``e``, ``λ_max(D Dᵀ) ≤ bound``. The factorisation runs in float32
+    where ``Ŝ`` is float32 and ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 258``: even a rank-deficient
+    ``Ŝ``, ``tr M ≈ m``, passes), else in float64."""
+    gram, trace, gram_error = _gram(direction) if gram is None else gram
     m = gram.shape[-1]
-    diag_max = gram.diagonal(dim1=-2, dim2=-1).amax(-1)
-    slack = gram_error + _gamma(m + 1) * m * bound / (1 - _gamma(m + 1)) + _U64 * (bound + diag_max)
-    t = bound - 2.0 * slack
-    eye = torch.eye(m, dtype=torch.float64, device=gram.device)
-    _, info = torch.linalg.cholesky_ex(t[:, None, None] * eye - gram)
+    u32 = torch.finfo(torch.float32).eps / 2
+    single = gram.dtype == torch.float32 and _gamma(m + 1, u32) * m <= 2 * GRAM_TOLERANCE
+    dtype = torch.float32 if single else torch.float64
+    u = torch.finfo(dtype).eps / 2
+    gram = gram.to(dtype)
+    diag_max = gram.diagonal(dim1=-2, dim2=-1).amax(-1).to(torch.float64)
+    subtraction = u * (bound + diag_max)
+    t = bound - 2.0 * (gram_error + subtraction)
+    trace_m = m * t - trace * (1 - 3 * _gamma(m)) + m * subtraction  # ≥ tr M as stored
+    t = t - 2.0 * _gamma(m + 1, u) * trace_m.clamp(min=0.0) / (1 - _gamma(m + 1, u))
+    eye = torch.eye(m, dtype=dtype, device=gram.device)
+    _, info = torch.linalg.cholesky_ex(t.to(dtype)[:, None, None] * eye - gram)
     return (info == 0) & (t > 0)
 
 
 def gershgorin_scale(direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: ``s`` with ``‖fl(D / s)‖₂ ≤ 1`` proved, from
-    ``λ_max(D Dᵀ) ≤ max_i Σ_j |Ŝ_ij| + ‖Ŝ − D Dᵀ‖₂`` (Gershgorin), times ``_division_margin``."""
+    ``λ_max(D Dᵀ) ≤ max_i Σ_j |Ŝ_ij| + ‖Ŝ − D Dᵀ‖₂`` (Gershgorin; the row sums rounded in ``Ŝ``'s
+    dtype), times ``_division_margin``."""
     gram, _, gram_error = _gram(direction) if gram is None else gram
     m = gram.shape[-1]
-    bound = (gram.abs().sum(-1).amax(-1) + gram_error) * (1 + _gamma(m + 1))
+    rows = torch.linalg.matrix_norm(gram, ord=math.inf).to(torch.float64)
+    bound = (rows * (1 + _gamma(m + 1, torch.finfo(gram.dtype).eps / 2)) + gram_error) * (1 + _gamma(2))
     return bound.sqrt() * _division_margin(direction.dtype, m)
 
 
@@ -218,15 +243,16 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
     with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (the bounds assume them)
         wide = stack.shape[-2] <= stack.shape[-1]
         g = stack if wide else stack.mT
-        finite = torch.isfinite(torch.linalg.vector_norm(g, ord=math.inf, dim=(-2, -1)))
-        g = torch.where(finite[:, None, None], g, 0.0)
-        scale, _ = _power_of_two_scale(g)
+        peak = g.abs().amax(dim=(-2, -1), keepdim=True)  # NaN/inf where a block is not finite
+        finite = torch.isfinite(peak)
+        g = torch.where(finite, g, 0.0)
+        scale, _ = _power_of_two_scale(peak)
         x = g * scale  # max |x| ∈ [½, 1): no overflow in ‖·‖_F
         x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(dtype).tiny)
         x = x.to(torch.bfloat16)
         for a, b, c in coefficients:
             x = _stage(x, a, b, c)
-        gram = _gram(x)
+        gram = _gram(x, normalized=True)
         x = x.to(dtype)  # exact: the stored bfloat16 values
         bound = polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN)
         ok = certify_unit_norm(x, gram, bound**2)
@@ -234,11 +260,11 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
         x = x / scale.to(dtype)[:, None, None]
         # ‖D‖²_F ≤ ‖X‖²_F / s² (1 + u)², ‖X‖²_F ≤ tr Ŝ + e.
         trace = (gram[1] + gram[2]) / scale.square() * (1 + 4 * torch.finfo(dtype).eps)
-        inner = torch.where(finite, certified_inner(g, x, trace), math.nan)
+        inner = torch.where(finite.flatten(), certified_inner(g, x, trace), math.nan)
         rounded = inner.to(dtype)  # rounded toward zero, so that it stays ≤ ⟨G, D⟩
         above = rounded.to(torch.float64) > inner
         rounded = torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
-        return (x if wide else x.mT), rounded, ~ok & finite
+        return (x if wide else x.mT), rounded, ~ok & finite.flatten()
 
 
 def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:

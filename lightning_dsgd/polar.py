@@ -196,14 +196,17 @@ def certify_unit_norm(
 
 
 def gershgorin_scale(direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """Per matrix of a ``(batch, m, n)`` stack: ``s`` with ``‖fl(D / s)‖₂ ≤ 1`` proved, from
-    ``λ_max(D Dᵀ) ≤ max_i Σ_j |Ŝ_ij| + ‖Ŝ − D Dᵀ‖₂`` (Gershgorin; the row sums rounded in ``Ŝ``'s
-    dtype), times ``_division_margin``."""
-    gram, _, gram_error = _gram(direction) if gram is None else gram
-    m = gram.shape[-1]
-    rows = torch.linalg.matrix_norm(gram, ord=math.inf).to(torch.float64)
-    bound = (rows * (1 + _gamma(m + 1, torch.finfo(gram.dtype).eps / 2)) + gram_error) * (1 + _gamma(2))
-    return bound.sqrt() * _division_margin(direction.dtype, m)
+    """Per matrix of a ``(batch, m, n)`` stack: ``s`` with ``‖fl(D / s)‖₂ ≤ 1`` proved (``fl`` in
+    ``D``'s dtype), from ``λ_max(D Dᵀ) ≤ max_i Σ_j |Ŝ_ij| + ‖Ŝ − D Dᵀ‖₂`` (Gershgorin)."""
+    gram = _gram(direction) if gram is None else gram
+    return _gershgorin_bound(gram).sqrt() * _division_margin(direction.dtype, direction.shape[-2])
+
+
+def _gershgorin_bound(gram: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``≥ λ_max(D Dᵀ)``: the largest absolute row sum of ``Ŝ`` (rounded in its dtype) plus its error."""
+    s, _, error = gram
+    rows = torch.linalg.matrix_norm(s, ord=math.inf).to(torch.float64)
+    return (rows * (1 + _gamma(s.shape[-1] + 1, torch.finfo(s.dtype).eps / 2)) + error) * (1 + _gamma(2))
 
 
 def _division_margin(dtype: torch.dtype, m: int) -> float:
@@ -213,58 +216,58 @@ def _division_margin(dtype: torch.dtype, m: int) -> float:
     return (1 + 2 * u * math.sqrt(m)) * (1 + 2 * u)
 
 
-def certified_inner(grads: Tensor, direction: Tensor, direction_trace: Tensor | None = None) -> Tensor:
-    """``c ≤ ⟨G, D⟩`` per matrix, for finite stacks: row dot products in the inputs' dtype (float32
-    or wider; ``G`` scaled by a power of two first, exactly), summed in float64, minus the rounding
-    bound ``(γ_n + γ_m(1 + γ_n)) Σ_i |G_i|·|D_i| ≤ … ‖G‖_F ‖D‖_F`` (doubled, which covers the rounding
-    of the norms; ``direction_trace``: a bound on ``‖D‖²_F`` if known) and the underflows, clamped
-    at 0."""
+def certified_inner(
+    grads: Tensor, direction: Tensor, direction_trace: Tensor | None = None, grads_norm: Tensor | None = None
+) -> Tensor:
+    """``c ≤ ⟨G, D⟩`` per matrix of finite stacks: row dot products in the inputs' dtype (float32 or
+    wider), summed in float64, minus the rounding bound ``(γ_n + γ_m(1 + γ_n)) Σ_i |G_i|·|D_i| ≤ …
+    ‖G‖_F ‖D‖_F`` (doubled, which covers the rounding of the norms; ``direction_trace``: a bound on
+    ``‖D‖²_F``, ``grads_norm``: ``‖G‖_F`` in float64, if known) and ``2 m n`` underflows; clamped at 0.
+    A row sum overflows (giving NaN) only where ``‖G‖_F ‖D‖_F`` exceeds the dtype's range."""
     dtype = torch.promote_types(torch.promote_types(grads.dtype, direction.dtype), torch.float32)
-    scale, exponent = _power_of_two_scale(grads.to(dtype))
-    g, d = grads.to(dtype) * scale, direction.to(dtype)
+    g, d = grads.to(dtype), direction.to(dtype)
     m, n = g.shape[-2], g.shape[-1]
     rows = torch.linalg.vecdot(g, d, dim=-1).to(torch.float64).sum(-1)
     if direction_trace is None:
-        direction_trace = torch.linalg.vector_norm(d.to(torch.float64), dim=(-2, -1)).square()
+        direction_trace = torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square()
+    if grads_norm is None:
+        grads_norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float64)
     u = torch.finfo(dtype).eps / 2
     gamma = _gamma(n + 1, u) + _gamma(m) * (1 + _gamma(n + 1, u))
-    norm = torch.linalg.vector_norm(g, dim=(-2, -1)).to(torch.float64)
-    underflow = 4 * m * n * torch.finfo(dtype).tiny * torch.finfo(dtype).eps
-    error = 2 * gamma * norm * direction_trace.sqrt() + underflow
-    return torch.ldexp((rows - error).clamp(min=0.0), exponent.flatten().to(torch.float64))
+    underflow = 2 * m * n * torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    error = 2 * gamma * grads_norm * direction_trace.sqrt() + underflow
+    return (rows - error).clamp(min=0.0)
 
 
 def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> tuple[Tensor, Tensor, Tensor]:
     """For a ``(batch, m, n)`` stack of float32/float64 blocks: directions ``D`` with ``‖D_j‖₂ ≤ 1``
     proved, and ``c_j ≤ ⟨G_j, D_j⟩`` (hence ``c_j ≤ ‖G_j‖_*``), both in the stack's dtype; and where
     the Gershgorin fallback was needed (bool: a looser, still certified ``c_j``). A block holding
-    inf/NaN gets ``D_j = 0`` and ``c_j = NaN``."""
+    inf/NaN gets ``c_j = NaN`` (and a meaningless ``D_j``; the other blocks are unaffected)."""
     dtype = stack.dtype
     with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (the bounds assume them)
         wide = stack.shape[-2] <= stack.shape[-1]
-        g = stack if wide else stack.mT
-        peak = g.abs().amax(dim=(-2, -1), keepdim=True)  # NaN/inf where a block is not finite
-        finite = torch.isfinite(peak)
-        g = torch.where(finite, g, 0.0)
-        scale, _ = _power_of_two_scale(peak)
-        x = g * scale  # max |x| ∈ [½, 1): no overflow in ‖·‖_F
-        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(dtype).tiny)
-        x = x.to(torch.bfloat16)
+        g = stack if wide else stack.mT  # the iteration runs on the wide orientation (``A`` is ``m × m``)
+        norm = torch.linalg.vector_norm(stack, dim=(-2, -1), dtype=torch.float64)  # no overflow; inf/NaN if not finite
+        finite = torch.isfinite(norm)
+        factor = torch.where(finite & (norm > 0), 1.0 / norm, 0.0).to(dtype)
+        # One pass: scale, transpose (tall blocks) and round to bfloat16, into a contiguous stack.
+        x = torch.mul(g, factor[:, None, None], out=torch.empty(g.shape, dtype=torch.bfloat16, device=g.device))
         for a, b, c in coefficients:
             x = _stage(x, a, b, c)
         gram = _gram(x, normalized=True)
-        x = x.to(dtype)  # exact: the stored bfloat16 values
         bound = polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN)
         ok = certify_unit_norm(x, gram, bound**2)
-        scale = torch.where(ok, bound * _division_margin(dtype, x.shape[-2]), gershgorin_scale(x, gram))
-        x = x / scale.to(dtype)[:, None, None]
+        scale = torch.where(ok, bound, _gershgorin_bound(gram).sqrt()) * _division_margin(dtype, x.shape[-2])
+        # The bfloat16 values divided in the stack's dtype, back in the stack's orientation (contiguous).
+        direction = torch.div(x if wide else x.mT, scale.to(dtype)[:, None, None], out=torch.empty_like(stack))
         # ‖D‖²_F ≤ ‖X‖²_F / s² (1 + u)², ‖X‖²_F ≤ tr Ŝ + e.
         trace = (gram[1] + gram[2]) / scale.square() * (1 + 4 * torch.finfo(dtype).eps)
-        inner = torch.where(finite.flatten(), certified_inner(g, x, trace), math.nan)
+        inner = torch.where(finite, certified_inner(stack, direction, trace, norm * (1 + 1e-12)), math.nan)
         rounded = inner.to(dtype)  # rounded toward zero, so that it stays ≤ ⟨G, D⟩
         above = rounded.to(torch.float64) > inner
         rounded = torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
-        return (x if wide else x.mT), rounded, ~ok & finite.flatten()
+        return direction, rounded, ~ok & finite
 
 
 def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:

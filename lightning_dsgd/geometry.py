@@ -208,9 +208,10 @@ class SpectralGeometry(Geometry):
         #: certified scores), counted on the device without a host sync; expected to stay 0.
         self.polar_fallbacks: Tensor | int = 0
 
-    def uses_polar(self, shape: Sequence[int], device: torch.device) -> bool:
-        """Whether a block that is not sketched takes the matmul path."""
-        return self.polar == "always" or (self.polar == "auto" and use_polar(shape, device))
+    def uses_polar(self, shape: Sequence[int], device: torch.device, every_layer: bool = False) -> bool:
+        """Whether a block that is not sketched takes the matmul path (``every_layer``: every layer
+        moves this step, so the exact path would need an ``svd`` of every block)."""
+        return self.polar == "always" or (self.polar == "auto" and use_polar(shape, device, every_layer))
 
     def dual_norms(self, grads: Sequence[BlockGrad]) -> Tensor:
         return self.dual_norms_and_bases(grads)[0]
@@ -245,7 +246,7 @@ class SpectralGeometry(Geometry):
             k: int | str | None = self.sketch_size(
                 block.shape, None if rank_bounds is None else rank_bounds[i], device.type
             )
-            if k is None and self.uses_polar(block.shape, device):
+            if k is None and self.uses_polar(block.shape, device, directions):
                 k = "polar"
             groups[(tuple(block.shape), blocks[i].dtype, k)].append(i)
         dtype = next(iter(blocks.values())).dtype if blocks else torch.float32

@@ -278,18 +278,22 @@ def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- when to use it
-#: Smallest ``min(m, n)`` from which the matmul path beats the exact path (``svdvals`` of every
-#: block on its tall orientation, plus one ``svd``), per device type; ``None``: never. CPU (2-core
-#: Xeon with AMX, 1 thread; ``benchmarks/bench_polar.py`` and the GPT section of docs/benchmarks.md):
-#: LAPACK's SVD is 1.2–2.7× faster from 128 × 129 to 2048 × 513, a tie at 1024 × 1025 (0.94×), and
-#: the GPT-shaped step at width 1024 took 1.6× longer with the matmul path on its ≥ 1024 blocks —
-#: so never. CUDA: unmeasured (no GPU run yet); an SVD per block is latency-bound there.
+#: Smallest ``min(m, n)`` from which the matmul path beats the exact path, per device type and mode
+#: of the step; ``None``: never. One layer moves (certified greedy: the exact path is ``svdvals`` of
+#: every block plus one ``svd``); every layer moves (estimated constants: an ``svd`` of every block).
+#: CPU (2-core Xeon with AMX, 1 thread, ``python -m benchmarks.bench_polar``, matmul ÷ exact): one
+#: layer: 4.5× at 64 × 65, 0.95–1.65× from 128 × 129 to 2048 × 513, 0.82× at 1024 × 1025 — never;
+#: every layer: 2.3× at 64 × 65, 0.45× at 128 × 129 (1.14× at 128 × 513), 0.47–0.70× from 256 × 257
+#: to 1024 × 1025 — from 128. CUDA: unmeasured (no GPU run yet); an SVD per block is
+#: latency-bound there.
 POLAR_MIN_SIDE: dict[str, int | None] = {"cpu": None, "cuda": 64}
+POLAR_MIN_SIDE_EVERY_LAYER: dict[str, int | None] = {"cpu": 128, "cuda": 64}
 #: Device types whose crossover has not been measured.
 UNMEASURED: frozenset[str] = frozenset({"cuda"})
 
 
-def use_polar(shape: Sequence[int], device: torch.device) -> bool:
-    """Whether a block of this shape takes the matmul path on this device (measured crossover)."""
-    side = POLAR_MIN_SIDE.get(device.type)
+def use_polar(shape: Sequence[int], device: torch.device, every_layer: bool = False) -> bool:
+    """Whether a block of this shape takes the matmul path on this device (measured crossover),
+    when one layer moves per step or (``every_layer``) every layer does."""
+    side = (POLAR_MIN_SIDE_EVERY_LAYER if every_layer else POLAR_MIN_SIDE).get(device.type)
     return side is not None and min(shape[-2:]) >= side

@@ -237,32 +237,30 @@ class SpectralGeometry(Geometry):
         ``(U Vᵀ, ‖G_r‖_*)``), instead of ``svdvals`` now and a second SVD per layer at the step."""
         device = self._device(grads)
         groups: dict[tuple[tuple[int, ...], torch.dtype, int | str | None], list[int]] = defaultdict(list)
-        blocks: dict[int, Tensor] = {}
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            block = augment(*g)
-            blocks[i] = block.to(reduction_dtype(block.dtype))
-            k: int | str | None = self.sketch_size(
-                block.shape, None if rank_bounds is None else rank_bounds[i], device.type
-            )
-            if k is None and self.uses_polar(block.shape, device, directions):
+            shape = (g[0].shape[0], g[0].shape[1] + (g[1] is not None))
+            k: int | str | None = self.sketch_size(shape, None if rank_bounds is None else rank_bounds[i], device.type)
+            if k is None and self.uses_polar(shape, device, directions):
                 k = "polar"
-            groups[(tuple(block.shape), blocks[i].dtype, k)].append(i)
-        dtype = next(iter(blocks.values())).dtype if blocks else torch.float32
+            block_dtype = g[0].dtype if g[1] is None else torch.promote_types(g[0].dtype, g[1].dtype)
+            groups[(shape, reduction_dtype(block_dtype), k)].append(i)
+        dtype = next(iter(groups))[1] if groups else torch.float32
         values: list[Tensor | None] = [None] * len(grads)
         bases: list[Basis] = [None] * len(grads)
         generator = _generator(device, seed)
-        for (shape, _, k), idx in groups.items():
-            if k == "polar":  # inf/NaN blocks: a zero direction and a NaN score, from polar_directions
-                directions, inner, fell_back = polar_directions(torch.stack([blocks[i] for i in idx]))
+        for (shape, group_dtype, k), idx in groups.items():
+            stack = _stack_blocks([grads[i] for i in idx], shape, group_dtype, device)  # type: ignore[misc]
+            if k == "polar":  # inf/NaN blocks: a NaN score, from polar_directions
+                polar, inner, fell_back = polar_directions(stack)
                 self.polar_fallbacks = self.polar_fallbacks + fell_back.sum()
                 inner = inner.to(dtype)
                 for j, i in enumerate(idx):
-                    bases[i] = PolarDirection(directions[j], inner[j])
+                    bases[i] = PolarDirection(polar[j], inner[j])
                     values[i] = inner[j]
                 continue
-            stack, finite = _without_nonfinite(torch.stack([blocks[i] for i in idx]))
+            stack, finite = _without_nonfinite(stack)
             if isinstance(k, int):
                 omega = _randn((k, shape[0]), generator, device, stack.dtype)
                 basis = torch.linalg.qr((omega @ stack).mT).Q  # (batch, n, k), orthonormal columns
@@ -401,6 +399,19 @@ def spectral_norms(weights: Sequence[Tensor]) -> Tensor:
         for k, i in enumerate(idx):
             values[i] = sigma[k]
     return torch.stack([v for v in values if v is not None])
+
+
+def _stack_blocks(
+    grads: Sequence[tuple[Tensor, Tensor | None]], shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The blocks ``[W, b]`` of same-shape layers as one ``(batch, out, in (+1))`` stack in ``dtype``,
+    each entry copied once (no ``cat`` then ``stack``)."""
+    stack = torch.empty((len(grads), *shape), dtype=dtype, device=device)
+    for j, (weight, bias) in enumerate(grads):
+        stack[j, :, : weight.shape[1]].copy_(weight)
+        if bias is not None:
+            stack[j, :, -1].copy_(bias)
+    return stack
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

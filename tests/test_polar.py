@@ -108,6 +108,46 @@ def test_gershgorin_scale_is_an_upper_bound_even_where_it_is_tight(shape):
     assert P.gershgorin_scale(flat).item() == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 30, 45), (2, 256, 257), (2, 64, 1025), (1, 600, 1200)])
+def test_gram_error_bound_covers_the_exact_error(shape):
+    """``e ≥ ‖Ŝ − D Dᵀ‖₂`` for the float32 chunked Gram (and the float64 one where no chunking is
+    tight enough, 600 × 1200), on bfloat16 directions, on entries of mixed sign and magnitude
+    (cancellation) and on unnormalized 10³⁰-scaled stacks."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(*shape, generator=g)
+    mixed = base * torch.logspace(0, -20, shape[-1]) + 1.0  # large common part: cancellation in D Dᵀ - S
+    for d, normalized in ((base.to(torch.bfloat16) / shape[-1] ** 0.5, True), (mixed, False), (base * 1e30, False)):
+        gram, trace, error = P._gram(d, normalized)
+        exact = d.double() @ d.double().mT  # float32 × float32 products are exact in float64
+        assert (torch.linalg.matrix_norm(gram.double() - exact, ord=2) <= error).all()
+        assert (trace + error >= exact.diagonal(dim1=-2, dim2=-1).sum(-1)).all()  # ‖D‖²_F, as polar_directions uses it
+    chunks = P._gram_chunks(shape[-2], shape[-1])
+    u = torch.finfo(torch.float32).eps / 2
+    if chunks is not None:
+        assert (-(-shape[-1] // chunks) + chunks) * u * shape[-2] <= P.GRAM_TOLERANCE
+    else:
+        assert all((-(-shape[-1] // c) + c) * u * shape[-2] > P.GRAM_TOLERANCE for c in range(1, shape[-1] + 1))
+
+
+def test_every_layer_mode_mixes_matmul_and_exact_blocks():
+    """Every layer moving, ``"auto"`` on the CPU: a 256 × 257 block takes the matmul path and a
+    32 × 33 block the exact SVD in the same call; both hand a certified direction with a score
+    between 0.95 and 1 of the exact nuclear norm."""
+    g = torch.Generator().manual_seed(8)
+    blocks = [torch.randn(256, 257, generator=g), torch.randn(32, 33, generator=g)]
+    geometry = SpectralGeometry()
+    assert geometry.uses_polar((256, 257), torch.device("cpu"), True)
+    assert not geometry.uses_polar((32, 33), torch.device("cpu"), True)
+    norms, bases = geometry.dual_norms_and_bases([(b[:, :-1], b[:, -1]) for b in blocks], directions=True)
+    for k, block in enumerate(blocks):
+        exact = torch.linalg.svdvals(block.double()).sum().item()
+        assert isinstance(bases[k], P.PolarDirection)
+        assert 0.95 * exact <= norms[k].item() <= exact
+        # proved ≤ 1 on the matmul path; U Vᵀ of a float32 SVD is 1 up to rounding (DSGD's step
+        # bound inflates it by rounding_margin)
+        assert spectral_norm(bases[k].direction) <= (1.0 if k == 0 else 1.0 + 1e-5)
+
+
 def test_certified_inner_product_is_below_the_exactly_rounded_one():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 64, 65, generator=g) * torch.logspace(0, -6, 65)

@@ -121,6 +121,12 @@ def _power_of_two_scale(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ldexp(torch.ones_like(peak), -exponent), exponent
 
 
+def _small_gram(x: Tensor, wide: bool) -> Tensor:
+    """``X Xᵀ`` (``wide``) or ``Xᵀ X``: the Gram on the block's smaller side (no transposed copy: the
+    products read ``X`` in place)."""
+    return x @ x.mT if wide else x.mT @ x
+
+
 def _gram_chunks(m: int, n: int) -> int | None:
     """Fewest column chunks ``C`` for which the float32 Gram of an ``m × n`` block errs by at most
     ``GRAM_TOLERANCE · tr`` (``(γ_k + γ_C) m ≤ ε`` with ``k = ⌈n/C⌉``); ``None``: no ``C`` does."""
@@ -140,7 +146,8 @@ def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, 
     ``γ = γ_k + γ_C (1 + γ_k)`` (float32 ``u``) — less than half the cost of a float64 product on a
     CPU. A stack that is not ``normalized`` (``max |D| ≤ 1``) is first scaled by a power of two
     (exact), so that nothing overflows."""
-    m, n = direction.shape[-2:]
+    rows, cols = direction.shape[-2:]
+    m, n = min(rows, cols), max(rows, cols)  # Ŝ is m × m: D Dᵀ or Dᵀ D, the same largest eigenvalue
     chunks = None if direction.dtype == torch.float64 else _gram_chunks(m, n)
     d = direction.to(torch.float64 if chunks is None else torch.float32)
     u = torch.finfo(d.dtype).eps / 2
@@ -148,15 +155,13 @@ def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, 
     if not normalized:
         scale, exponent = _power_of_two_scale(d)
         d, unscale = d * scale, torch.ldexp(torch.ones_like(scale, dtype=torch.float64), 2 * exponent)
-    if chunks is None:
-        gram, gamma = d @ d.mT, _gamma(n, u)
-    else:
-        parts = torch.tensor_split(d, chunks, dim=-1)
-        gram = parts[0] @ parts[0].mT
-        for part in parts[1:]:
-            gram = gram + part @ part.mT
-        k = parts[0].shape[-1]
-        gamma = _gamma(k, u) + _gamma(chunks, u) * (1 + _gamma(k, u))
+    wide = rows <= cols
+    parts = torch.tensor_split(d, chunks or 1, dim=-1 if wide else -2)  # chunks of the long side
+    gram = _small_gram(parts[0], wide)
+    for part in parts[1:]:
+        gram = gram + _small_gram(part, wide)
+    k = parts[0].shape[-1 if wide else -2]
+    gamma = _gamma(k, u) + (_gamma(chunks, u) * (1 + _gamma(k, u)) if chunks is not None else 0.0)
     # ≥ tr Ŝ (float64 sum of the stored diagonal)
     trace = gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1) * (1 + _gamma(m))
     error = gamma / (1 - gamma) * trace + m * n * torch.finfo(d.dtype).tiny
@@ -247,20 +252,19 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
     dtype = stack.dtype
     with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (the bounds assume them)
         wide = stack.shape[-2] <= stack.shape[-1]
-        g = stack if wide else stack.mT  # the iteration runs on the wide orientation (``A`` is ``m × m``)
         norm = torch.linalg.vector_norm(stack, dim=(-2, -1), dtype=torch.float64)  # no overflow; inf/NaN if not finite
         finite = torch.isfinite(norm)
         factor = torch.where(finite & (norm > 0), 1.0 / norm, 0.0).to(dtype)
-        # One pass: scale, transpose (tall blocks) and round to bfloat16, into a contiguous stack.
-        x = torch.mul(g, factor[:, None, None], out=torch.empty(g.shape, dtype=torch.bfloat16, device=g.device))
+        # One pass: scale and round to bfloat16.
+        x = torch.mul(stack, factor[:, None, None], out=torch.empty_like(stack, dtype=torch.bfloat16))
         for a, b, c in coefficients:
-            x = _stage(x, a, b, c)
+            x = _stage(x, a, b, c, wide)
         gram = _gram(x, normalized=True)
         bound = polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN)
         ok = certify_unit_norm(x, gram, bound**2)
-        scale = torch.where(ok, bound, _gershgorin_bound(gram).sqrt()) * _division_margin(dtype, x.shape[-2])
-        # The bfloat16 values divided in the stack's dtype, back in the stack's orientation (contiguous).
-        direction = torch.div(x if wide else x.mT, scale.to(dtype)[:, None, None], out=torch.empty_like(stack))
+        side = min(stack.shape[-2:])
+        scale = torch.where(ok, bound, _gershgorin_bound(gram).sqrt()) * _division_margin(dtype, side)
+        direction = x / scale.to(dtype)[:, None, None]  # the bfloat16 values divided in the stack's dtype
         # ‖D‖²_F ≤ ‖X‖²_F / s² (1 + u)², ‖X‖²_F ≤ tr Ŝ + e.
         trace = (gram[1] + gram[2]) / scale.square() * (1 + 4 * torch.finfo(dtype).eps)
         inner = torch.where(finite, certified_inner(stack, direction, trace, norm * (1 + 1e-12)), math.nan)
@@ -270,11 +274,14 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
         return direction, rounded, ~ok & finite
 
 
-def _stage(x: Tensor, a: float, b: float, c: float) -> Tensor:
-    """``a X + (b A + c A²) X`` with ``A = X Xᵀ`` (``c = 0``: one matmul fewer)."""
-    gram = x @ x.mT
+def _stage(x: Tensor, a: float, b: float, c: float, wide: bool = True) -> Tensor:
+    """``a X + (b A + c A²) X`` with ``A = X Xᵀ`` on a wide stack, ``a X + X (b A + c A²)`` with
+    ``A = Xᵀ X`` on a tall one (the same odd polynomial of the singular values; ``A`` is the smaller
+    side, and no transposed copy is made); ``c = 0``: one matmul fewer."""
+    gram = _small_gram(x, wide)
     poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if c != 0.0 else gram
-    return torch.baddbmm(x, poly, x, beta=a, alpha=1.0 if c != 0.0 else b)
+    alpha = 1.0 if c != 0.0 else b
+    return torch.baddbmm(x, poly, x, beta=a, alpha=alpha) if wide else torch.baddbmm(x, x, poly, beta=a, alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------- when to use it

@@ -2,28 +2,32 @@
 
 The maths: docs/theory.md, "The matmul path: a certified Polar-Express direction".
 
-For a block ``G`` (``m × n``, oriented so that ``m ≤ n``) the odd polynomial iteration
+For a block ``G`` (``m × n``; written here for ``m ≤ n``, a tall block uses ``A = XᵀX`` and
+right products) the odd polynomial iteration
 
     ``X₀ = G / ‖G‖_F``,    ``X_{k+1} = a_k X_k + (b_k A_k + c_k A_k²) X_k``,  ``A_k = X_k X_kᵀ``
 
 applies the composed odd polynomial ``p = q_K ∘ … ∘ q_1`` (``q_k(x) = a_k x + b_k x³ + c_k x⁵``) to
-every singular value: ``X_K = U p(Σ/‖G‖_F) Vᵀ ≈ U Vᵀ`` (Polar Express coefficients, Amsel et al.
-2025: ``p([10⁻³, 1]) ⊂ [1 − 10⁻⁹, 1]``). Its first stages run in bfloat16 (the polynomial
-only has to be roughly followed), the last in the block's reduction dtype.
+every singular value: ``X_K = U p(Σ/‖G‖_F) Vᵀ ≈ U Vᵀ`` (six Polar Express quintics, Amsel et al.
+2025: ``p([10⁻³, 1]) ⊂ [0.993 B, B]``), all in bfloat16: the polynomial only has to be roughly
+followed, since what is applied is certified afterwards.
 
 **Certificate.** The result is scaled to ``D = X_K / (B (1 + μ))`` with ``B`` the proved maximum
 of ``|p|`` on ``[0, 1]`` ([polynomial_bound][lightning_dsgd.polar.polynomial_bound], exact interval
-images stage by stage) and ``μ`` a margin for rounding; then ``‖D‖₂ ≤ 1`` is *proved for the
-stored D*, whatever the rounding of the iteration: a float64 Cholesky factorisation of
-``(1 − s) I − fl(D Dᵀ)`` that runs to completion shows ``λ_max(D Dᵀ) ≤ 1``
-([certify_unit_norm][lightning_dsgd.polar.certify_unit_norm], ``s`` covers the rounding of the
-Gram and of the factorisation). Where it fails (rounding beyond ``μ``), ``D`` is divided by a
-Gershgorin bound instead — looser, still certified. The score is ``c = ⟨G, D⟩`` accumulated in
-float64 minus its rounding bound, so ``c ≤ ⟨G, D⟩`` exactly, and the step ``ρ = c · D`` has
+images stage by stage) and ``μ`` a margin for the bfloat16 rounding; then ``‖D‖₂ ≤ 1`` is *proved
+for the stored D*, whatever the rounding of the iteration: a Cholesky factorisation of
+``t I − Ŝ`` (``Ŝ`` the Gram of ``X_K``, float32 over column chunks with a proved rounding bound, or
+float64) that runs to completion shows ``λ_max(X_K X_Kᵀ) ≤ (B (1 + μ))²``
+([certify_unit_norm][lightning_dsgd.polar.certify_unit_norm], ``t`` covers the rounding of the
+Gram and of the factorisation). Where it fails (rounding beyond ``μ``), ``X_K`` is divided by a
+Gershgorin bound instead — looser, still certified. The score is ``c = ⟨G, D⟩`` (row dot products
+summed in float64) minus its rounding bound, so ``c ≤ ⟨G, D⟩`` exactly, and the step ``ρ = c · D``
+has
 
     ``f(W − (η/L) ρ) ≤ f(W) − (η/L) c ⟨G, D⟩ + (η²/2L) c² ‖D‖₂² ≤ f(W) − η(1 − η/2) c²/L``,
 
-the guaranteed decrease of the direction actually applied; ``c ≤ ‖G‖_*`` since ``‖D‖₂ ≤ 1``.
+the guaranteed decrease of the direction actually applied; ``c ≤ ‖G‖_*`` since ``‖D‖₂ ≤ 1``. The
+same proof is made on every step, certified or not (every layer moving with estimated constants).
 """
 
 from __future__ import annotations

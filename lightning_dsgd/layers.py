@@ -8,6 +8,7 @@ A *layer* is one module that owns trainable parameters; its weight and bias form
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -45,7 +46,8 @@ class Layer:
 
     @property
     def in_features(self) -> int:
-        return self.weight_matrix(self.weight).shape[1]
+        shape = self.weight.shape  # the shape alone: no communication for a sharded (DTensor) weight
+        return math.prod(shape[1:]) if len(shape) >= 2 else 1
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         """The 2-D view of a weight-shaped tensor (the parameter, its gradient or an update)."""

@@ -6,6 +6,7 @@ single-process run on the same global batch."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -162,3 +163,21 @@ def test_adaptive_resume_with_shared_work_equals_the_uninterrupted_run(tmp_path,
         assert torch.equal(mine, theirs)
     for name, value in uninterrupted["weights"].items():
         assert torch.equal(resumed["weights"][name], value), name
+
+
+@pytest.mark.slow
+def test_fused_attention_norms_and_empty_shards_share_work_under_plain_fsdp2():
+    """Sharded fused q/k/v blocks, 1-D LayerNorm parameters and a one-row head (an empty shard):
+    the shared steps equal those of every rank scoring every layer, bit for bit (and nothing hangs)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = Path(__file__).with_name("plain_fsdp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])}
+    run = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and "identical" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -222,7 +222,7 @@ def test_adaptive_options_are_refused_by_every_certified_regime(mode):
 
 # ---------------------------------------------------------------------------- resuming old checkpoints
 @pytest.mark.parametrize("name", list(CASES))
-def test_checkpoints_saved_before_the_regimes_were_types_resume_bit_identically(name):
+def test_checkpoints_saved_before_the_regimes_were_types_resume_identically(name):
     saved = torch.load(FIXTURE, weights_only=False)[name]
     build, options, full_batch = CASES[name]
     model = build()
@@ -230,8 +230,11 @@ def test_checkpoints_saved_before_the_regimes_were_types_resume_bit_identically(
     opt = DSGD(model, seed=99, **options)
     opt.load_state_dict(saved["opt"])
     assert train(model, opt, BEFORE, AFTER, full_batch) == saved["chosen"]
+    # Equal to the last bits of float64: since the fixture was written, σ_max is taken from the SVD
+    # of the tall orientation (a faster LAPACK call, issue 12), which moves operator norms by ~1e-16.
+    # A state field lost on load moves the weights by ~1e-2 (the trust region's bounds: 1.2e-2).
     for key, value in model.state_dict().items():
-        assert torch.equal(value, saved["after"][key]), key
+        torch.testing.assert_close(value, saved["after"][key], rtol=1e-12, atol=0.0, msg=key)
 
 
 @pytest.mark.parametrize("name", list(CASES))

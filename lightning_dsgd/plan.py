@@ -22,8 +22,9 @@ is computed and how it travels.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dsgd.distributed import Gatherer, full, is_sharded, local
-from lightning_dsgd.geometry import BlockGrad
+from lightning_dsgd.geometry import BlockGrad, reduction_dtype
 from lightning_dsgd.layers import Layer
+from lightning_dsgd.norm_bounds import NormBounds
 
 
 def layer_cost(rows: int, cols: int, norm: str) -> int:
@@ -75,6 +77,8 @@ class WorkPlan:
     #: Full gradients this rank assembled from shards in the last step, and their bytes.
     gradients_gathered: int = 0
     gathered_bytes: int = 0
+    #: Shared work: the layers whose exact weight norms this rank computed in the last step (its own).
+    norms_computed: list[int] = field(default_factory=list)
     _owner_index: Tensor | None = field(default=None, repr=False)
 
     @classmethod
@@ -141,6 +145,38 @@ class WorkPlan:
         dist.gather(padded, None if whole is None else list(whole.split(chunk)), dst=owner)
         return None if whole is None else whole[:rows]
 
+    # ------------------------------------------------------------------ exact weight norms
+    def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> tuple[Tensor, list[int]] | None:
+        """Shared: the exact values of the ``due`` layers of each bounds (see
+        [NormBounds.due][lightning_dsgd.norm_bounds.NormBounds.due], the same on every rank), each
+        computed by the layer's owner alone (under FSDP2 its parameters are gathered to the owner
+        only); one flat vector over ``due``, zero where another rank owns the layer, and the owner
+        of each entry. ``None`` when nothing is due."""
+        self.norms_computed = []
+        owners = [self.owners[i] for _, indices in due for i in indices]
+        if not owners:
+            return None
+        reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
+        dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
+        out, offset = torch.zeros(len(owners), dtype=dtype, device=self.device), 0
+        for (bounds, indices), tensors in zip(due, reads, strict=True):
+            mine = [(k, whole) for k, i in enumerate(indices) if (whole := self._owned(i, tensors[k])) is not None]
+            if mine:
+                assert bounds.exact is not None
+                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine])
+                out[[offset + k for k, _ in mine]] = values.to(dtype)
+                self.norms_computed += [indices[k] for k, _ in mine]
+            offset += len(indices)
+        return out, owners
+
+    def _owned(self, index: int, tensors: list[Tensor]) -> list[Tensor] | None:
+        """Full ``tensors`` of layer ``index`` on its owner (``None`` elsewhere)."""
+        owner = self.owners[index]
+        if any(is_sharded(t) for t in tensors):
+            gathered = [self._gather(t, owner) if is_sharded(t) else t for t in tensors]
+            return None if owner != self.rank else gathered  # type: ignore[return-value]
+        return tensors if owner == self.rank else None
+
     # ------------------------------------------------------------------ agreement
     def share_scores(
         self,
@@ -150,15 +186,19 @@ class WorkPlan:
         curvatures: dict[int, Tensor],
         pending: Sequence[int],
         planned: Tensor,
-    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
+        norms: tuple[Tensor, list[int]] | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor, Tensor | None]:
         """The step's one collective: this rank's dual norms and adaptive curvatures (of its own
-        layers), a checksum of every layer's gradient (DDP: every rank must hold the same, read in
-        the step's host synchronisation) and its planned random/cyclic choice are all-gathered.
+        layers), its exact weight ``norms`` (of `exact_norms`), a checksum of every layer's gradient
+        (DDP: every rank must hold the same, read in the step's host synchronisation) and its
+        planned random/cyclic choice are all-gathered.
         Returns each layer's dual norm, and the curvature of each ``pending`` layer that has a
         gradient now (every rank knows which) from its owner's row, every rank's checksums ``(world,
-        n)`` and rank 0's planned choice."""
+        n)``, rank 0's planned choice and each exact norm from its owner's row."""
         n = len(layers)
-        owned = torch.zeros((2, n), dtype=dual_norms.dtype, device=dual_norms.device)
+        # A row wide enough for the exact norms too (float64 norms beside float32 scores).
+        dtype = dual_norms.dtype if norms is None else torch.promote_types(dual_norms.dtype, norms[0].dtype)
+        owned = torch.zeros((2, n), dtype=dtype, device=dual_norms.device)
         owned[0] = dual_norms
         for i, value in curvatures.items():
             owned[1, i] = value.to(owned.dtype)
@@ -168,13 +208,20 @@ class WorkPlan:
                 grads = [p.grad for p in layer.params if p.grad is not None]
                 if grads:
                     checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
-        rows = gather(torch.cat([owned.reshape(-1), checks, planned.to(owned.dtype).reshape(1)]))
-        values = rows[:, : 2 * n].reshape(self.world, 2, n)
+        extra = [] if norms is None else [norms[0].to(dtype)]
+        rows = gather(torch.cat([owned.reshape(-1), checks.to(dtype), *extra, planned.to(dtype).reshape(1)]))
+        received = None
+        if norms is not None:
+            mine, owners = norms
+            where = (torch.tensor(owners, device=rows.device), 3 * n + torch.arange(len(owners), device=rows.device))
+            received = rows[where].to(mine.dtype)
+        values = rows[:, : 2 * n].reshape(self.world, 2, n).to(dual_norms.dtype)
         if self._owner_index is None or self._owner_index.device != rows.device:  # uploaded once
             self._owner_index = torch.tensor(self.owners, device=rows.device)
         values = values[self._owner_index, :, torch.arange(n, device=rows.device)].T
         measured = {i: values[1, i] for i in pending if layers[i].weight.grad is not None}
-        return values[0], measured, rows[0, -1], rows[:, 2 * n : 3 * n]
+        planned, checks = rows[0, -1].to(dual_norms.dtype), rows[:, 2 * n : 3 * n].to(dual_norms.dtype)
+        return values[0], measured, planned, checks, received
 
     # ------------------------------------------------------------------ steps
     def share_step(
@@ -271,6 +318,11 @@ def check_rows_agree(rows: list[list[float]], step: int) -> None:
                 "over the ranks. Train through a DSGD strategy or DSGDMixin with Lightning's DDP/FSDP2, call "
                 "self.manual_backward (not loss.backward()), and keep every trainable layer in the forward."
             )
+
+
+def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every one of ``dtypes`` exactly."""
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _same(a: float, b: float) -> bool:

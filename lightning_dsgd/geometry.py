@@ -145,11 +145,6 @@ class FrobeniusGeometry(Geometry):
     def norm(self, block: Tensor) -> Tensor:
         return torch.linalg.matrix_norm(block.to(reduction_dtype(block.dtype)), ord="fro")
 
-    def norms(self, blocks: Sequence[Tensor]) -> Tensor:
-        """``σ_max`` of every block (NaN where it holds inf/NaN); same-shape blocks share one
-        batched SVD, on their tall orientation."""
-        return _grouped(blocks, lambda stack, shape, dtype: torch.linalg.matrix_norm(_tall(stack), ord=2))
-
     def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
         return spectral_norms(weights)
 

@@ -146,28 +146,30 @@ class WorkPlan:
         return None if whole is None else whole[:rows]
 
     # ------------------------------------------------------------------ exact weight norms
-    def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> tuple[Tensor, list[int]] | None:
+    def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> Tensor | None:
         """Shared: the exact values of the ``due`` layers of each bounds (see
         [NormBounds.due][lightning_dsgd.norm_bounds.NormBounds.due], the same on every rank), each
         computed by the layer's owner alone (under FSDP2 its parameters are gathered to the owner
-        only); one flat vector over ``due``, zero where another rank owns the layer, and the owner
-        of each entry. ``None`` when nothing is due."""
+        only); one flat vector over ``due``, exactly zero where another rank owns the layer (so
+        that the sum over the ranks' rows is each owner's value). ``None`` when nothing is due."""
         self.norms_computed = []
-        owners = [self.owners[i] for _, indices in due for i in indices]
-        if not owners:
+        size = sum(len(indices) for _, indices in due)
+        if not size:
             return None
         reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
         dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
-        out, offset = torch.zeros(len(owners), dtype=dtype, device=self.device), 0
+        zero = torch.zeros((), dtype=dtype, device=self.device)
+        out, offset = [zero] * size, 0
         for (bounds, indices), tensors in zip(due, reads, strict=True):
             mine = [(k, whole) for k, i in enumerate(indices) if (whole := self._owned(i, tensors[k])) is not None]
             if mine:
                 assert bounds.exact is not None
-                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine])
-                out[[offset + k for k, _ in mine]] = values.to(dtype)
+                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine]).to(dtype)
+                for j, (k, _) in enumerate(mine):
+                    out[offset + k] = values[j]
                 self.norms_computed += [indices[k] for k, _ in mine]
             offset += len(indices)
-        return out, owners
+        return torch.stack(out)
 
     def _owned(self, index: int, tensors: list[Tensor]) -> list[Tensor] | None:
         """Full ``tensors`` of layer ``index`` on its owner (``None`` elsewhere)."""
@@ -186,7 +188,7 @@ class WorkPlan:
         curvatures: dict[int, Tensor],
         pending: Sequence[int],
         planned: Tensor,
-        norms: tuple[Tensor, list[int]] | None = None,
+        norms: Tensor | None = None,
     ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor, Tensor | None]:
         """The step's one collective: this rank's dual norms and adaptive curvatures (of its own
         layers), its exact weight ``norms`` (of `exact_norms`), a checksum of every layer's gradient
@@ -197,7 +199,7 @@ class WorkPlan:
         n)``, rank 0's planned choice and each exact norm from its owner's row."""
         n = len(layers)
         # A row wide enough for the exact norms too (float64 norms beside float32 scores).
-        dtype = dual_norms.dtype if norms is None else torch.promote_types(dual_norms.dtype, norms[0].dtype)
+        dtype = dual_norms.dtype if norms is None else torch.promote_types(dual_norms.dtype, norms.dtype)
         owned = torch.zeros((2, n), dtype=dtype, device=dual_norms.device)
         owned[0] = dual_norms
         for i, value in curvatures.items():
@@ -208,13 +210,11 @@ class WorkPlan:
                 grads = [p.grad for p in layer.params if p.grad is not None]
                 if grads:
                     checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
-        extra = [] if norms is None else [norms[0].to(dtype)]
+        extra = [] if norms is None else [norms.to(dtype)]
         rows = gather(torch.cat([owned.reshape(-1), checks.to(dtype), *extra, planned.to(dtype).reshape(1)]))
         received = None
-        if norms is not None:
-            mine, owners = norms
-            where = (torch.tensor(owners, device=rows.device), 3 * n + torch.arange(len(owners), device=rows.device))
-            received = rows[where].to(mine.dtype)
+        if norms is not None:  # every rank but the owner sent 0 (exactly): the sum is the owner's value
+            received = rows[:, 3 * n : 3 * n + len(norms)].sum(dim=0).to(norms.dtype)
         values = rows[:, : 2 * n].reshape(self.world, 2, n).to(dual_norms.dtype)
         if self._owner_index is None or self._owner_index.device != rows.device:  # uploaded once
             self._owner_index = torch.tensor(self.owners, device=rows.device)

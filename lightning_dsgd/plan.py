@@ -10,9 +10,11 @@ is computed and how it travels.
   split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
   same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
   ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
-  measures its adaptive curvature. Those per-layer values travel in the step's ONE all-gather,
-  every rank reads each layer's entries from its owner's row, computes the same constants and the
-  same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
+  measures its adaptive curvature; it alone computes the layer's exact weight norms when they are
+  due (which are due follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`;
+  under FSDP2 from the weight gathered to it only). Those per-layer values travel in the step's ONE
+  all-gather, every rank reads each layer's entries from its owner's row, computes the same
+  constants and the same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
   broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
   same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
   alone keeps the whole step for the adaptive curvature at the next step (which then travels in

@@ -22,14 +22,14 @@ constant (``m ≤ 1``). Everything stays on the device: no host synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_dsgd.distributed import Reducer, full, version_key
+from lightning_dsgd.distributed import Reducer, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, augment
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
@@ -244,6 +244,10 @@ class AdaptiveConstants:
             constant=constant.detach(),
         )
 
+    def followed_norms(self) -> list[tuple[NormBounds, list[int], list[Hashable]]]:
+        """The base regime's followed norms and the trust region's."""
+        return self.base.followed_norms() + self.trust_region.followed_norms()
+
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
         """The step size along another direction than ``ρ(g)``, cut to the trust region."""
         return self.trust_region.limit(index, scale, direction_norm)
@@ -317,7 +321,11 @@ class TrustRegion:
         self.layers = list(layers)
         self._geometry_of = geometry_of
         self.max_relative_step = max_relative_step
-        self.weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
+        self.weight_norms = NormBounds(
+            tolerance=0.25,
+            reads=lambda i: [p.detach() for p in self.layers[i].params],
+            exact=self._exact_weight_norms,
+        )
         self.radii: Tensor | None = None  # this step's max_relative_step · max(‖[W_i, b_i]‖, 1)
 
     def cap(self, constants: Tensor, dual_norms: Tensor, etas: Sequence[float]) -> Tensor:
@@ -353,14 +361,26 @@ class TrustRegion:
         keys = [block_key(layer) for layer in self.layers]
         return torch.stack(self.weight_norms.values(range(len(self.layers)), keys))
 
-    def _exact_weight_norms(self, indices: list[int]) -> Tensor:
-        values = []
-        for i in indices:
+    def followed_norms(self) -> list[tuple[NormBounds, list[int], list[Hashable]]]:
+        """The weight-norm bounds, the layers they cover and those layers' versions now."""
+        return [(self.weight_norms, list(range(len(self.layers))), [block_key(layer) for layer in self.layers])]
+
+    def _exact_weight_norms(self, indices: list[int], tensors: list[list[Tensor]]) -> Tensor:
+        """``‖[W_i, b_i]‖_(i)`` from the full parameters; same-geometry blocks measured together
+        (same-shape spectral blocks in one batched SVD)."""
+        by_geometry: dict[int, tuple[Geometry, list[int]]] = {}
+        blocks = []
+        for k, (i, params) in enumerate(zip(indices, tensors, strict=True)):
             layer = self.layers[i]
-            weight = layer.weight_matrix(full(layer.weight.detach()))
-            bias = None if layer.bias is None else layer.bias_vector(full(layer.bias.detach()))
-            values.append(self._geometry_of(layer).norm(augment(weight, bias)))
-        return torch.stack(values)
+            bias = None if layer.bias is None else layer.bias_vector(params[1])
+            blocks.append(augment(layer.weight_matrix(params[0]), bias))
+            geometry = self._geometry_of(layer)
+            by_geometry.setdefault(id(geometry), (geometry, []))[1].append(k)
+        values: list[Tensor | None] = [None] * len(indices)
+        for geometry, ks in by_geometry.values():
+            for k, value in zip(ks, geometry.norms([blocks[k] for k in ks]), strict=True):
+                values[k] = value
+        return torch.stack([v for v in values if v is not None])
 
 
 def block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:

@@ -42,7 +42,7 @@ chain and ``constants=``. The optimizer talks to the one object it returns throu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lightning_dsgd.adaptive import AdaptiveConstants, PendingStep
 from lightning_dsgd.chain import Chain
-from lightning_dsgd.distributed import Reducer, full, version_key
+from lightning_dsgd.distributed import Reducer, version_key
 from lightning_dsgd.geometry import BlockGrad, Geometry, reduction_dtype
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
@@ -112,6 +112,8 @@ class ConstantModel(Protocol):
     ) -> None: ...
 
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor: ...
+
+    def followed_norms(self) -> list[tuple[NormBounds, list[int], list[Hashable]]]: ...
 
     def grow(self, index: int, factor: float) -> None: ...
 
@@ -249,6 +251,10 @@ class _Measured:
     ) -> None:
         """Layer ``index`` moved by ``step`` with ``‖step‖ ≤ bound``: nothing to follow here."""
 
+    def followed_norms(self) -> list[tuple[NormBounds, list[int], list[Hashable]]]:
+        """No norm is followed across steps."""
+        return []
+
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
         """Steps are not bounded: the step size stays ``scale``."""
         return scale
@@ -284,7 +290,8 @@ class CertifiedConstants(_Measured):
         super().__init__(layers, geometry, loss, mode, layers if recorded is None else recorded)
         self.chain = chain
         self.operator_norms = NormBounds(
-            lambda indices: self.geometry.operator_norms([full(layers[j].weight.detach()) for j in indices])
+            reads=lambda j: [layers[j].weight.detach()],
+            exact=lambda indices, tensors: self.geometry.operator_norms([t[0] for t in tensors]),
         )
         self._s_tensors: tuple[tuple[torch.dtype, torch.device], Tensor, Tensor] | None = None
         self._s1 = [0.0] + [a.s1 for a in chain.activations[1:]]  # type: ignore[union-attr]
@@ -312,11 +319,16 @@ class CertifiedConstants(_Measured):
         weight changed from outside (its version counter moved), else followed across DSGD's own
         steps by [after_step][lightning_dsgd.constants.CertifiedConstants.after_step] (see
         [lightning_dsgd.norm_bounds][])."""
-        above = range(1, len(self.layers))
-        values = self.operator_norms.values(above, [version_key(self.layers[j].weight) for j in above])
+        (_, above, keys), *_ = self.followed_norms()
+        values = self.operator_norms.values(above, keys)
         first = self.layers[0].weight
         zero = torch.zeros((), dtype=reduction_dtype(first.dtype), device=first.device)
         return torch.stack([zero] + [v.to(zero.dtype) for v in values])
+
+    def followed_norms(self) -> list[tuple[NormBounds, list[int], list[Hashable]]]:
+        """The operator-norm bounds, of every layer above the first, and their weights' versions."""
+        above = list(range(1, len(self.layers)))
+        return [(self.operator_norms, above, [version_key(self.layers[j].weight) for j in above])]
 
     def after_step(
         self,

@@ -25,7 +25,7 @@ tensor made here lives on the gradients' device, and no value is read back to th
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -93,6 +93,10 @@ class Geometry:
 
     def norm(self, block: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def norms(self, blocks: Sequence[Tensor]) -> Tensor:
+        """``norm`` of every block, as one tensor."""
+        return torch.stack([self.norm(b) for b in blocks])
 
     def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -301,6 +305,11 @@ class SpectralGeometry(Geometry):
         stack, finite = _without_nonfinite(block.to(reduction_dtype(block.dtype)).unsqueeze(0))
         return _nan_where_not(finite, torch.linalg.matrix_norm(_tall(stack), ord=2))[0]
 
+    def norms(self, blocks: Sequence[Tensor]) -> Tensor:
+        """``σ_max`` of every block (NaN where it holds inf/NaN); same-shape blocks share one
+        batched SVD, on their tall orientation."""
+        return _grouped(blocks, lambda stack, shape, dtype: torch.linalg.matrix_norm(_tall(stack), ord=2))
+
     def operator_norms(self, weights: Sequence[Tensor]) -> Tensor:
         return spectral_norms(weights)
 
@@ -388,16 +397,24 @@ class RowsGeometry(Geometry):
 def spectral_norms(weights: Sequence[Tensor]) -> Tensor:
     """Largest singular value of each matrix, inflated by its rounding margin; same-shape
     matrices share one batched SVD."""
+    return _grouped(
+        weights,
+        lambda stack, shape, dtype: torch.linalg.matrix_norm(_tall(stack), ord=2) * rounding_margin(dtype, max(shape)),
+    )
+
+
+def _grouped(blocks: Sequence[Tensor], measure: Callable[[Tensor, tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
+    """``measure`` of each block, called once per stack of same-shape blocks (in their reduction
+    dtype, inf/NaN blocks zeroed and measured as NaN)."""
     by_shape: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = defaultdict(list)
-    for i, w in enumerate(weights):
-        by_shape[(tuple(w.shape), reduction_dtype(w.dtype))].append(i)
-    values: list[Tensor | None] = [None] * len(weights)
+    for i, b in enumerate(blocks):
+        by_shape[(tuple(b.shape), reduction_dtype(b.dtype))].append(i)
+    values: list[Tensor | None] = [None] * len(blocks)
     for (shape, dtype), idx in by_shape.items():
-        stack, finite = _without_nonfinite(torch.stack([weights[i].to(dtype) for i in idx]))
-        sigma = torch.linalg.matrix_norm(_tall(stack), ord=2) * rounding_margin(dtype, max(shape))
-        sigma = _nan_where_not(finite, sigma)
+        stack, finite = _without_nonfinite(torch.stack([blocks[i].to(dtype) for i in idx]))
+        measured = _nan_where_not(finite, measure(stack, shape, dtype))
         for k, i in enumerate(idx):
-            values[i] = sigma[k]
+            values[i] = measured[k]
     return torch.stack([v for v in values if v is not None])
 
 

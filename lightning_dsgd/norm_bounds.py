@@ -19,6 +19,12 @@ asynchronously at one call and read at the next (by then the step that followed 
 synchronised), so there a bound past the tolerance is recomputed one call late — still an upper
 bound, looser by at most one more step.
 
+Under shared work ([lightning_dsgd.plan][]) the exact values are not computed by every rank:
+[due][lightning_dsgd.norm_bounds.NormBounds.due] says which are due (the same on every rank, from
+the same bounds and versions), each layer's owner computes its own, the values travel in the
+step's one collective and [provide][lightning_dsgd.norm_bounds.NormBounds.provide] hands them to
+the next ``values`` call, so that every rank holds the same bounds.
+
 A checkpoint carries the bounds
 ([`NormBounds.state_dict`][lightning_dsgd.norm_bounds.NormBounds.state_dict]), so that a resumed
 run uses the same constants as an uninterrupted one; a loaded bound is adopted at its first use as
@@ -29,11 +35,13 @@ bound for any other weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightning_dsgd.distributed import full
 
 
 def _copy_to_host(values: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
@@ -65,52 +73,105 @@ class _Entry:
     advanced: bool = False  # ν was moved by the triangle inequality since `exact`
 
 
-class NormBounds:
-    """``ν_i ≥ ‖W_i‖`` for layers ``i``; ``compute(indices)`` gives exact values (one tensor)."""
+#: Exact values of layers ``indices`` from the full tensors each reads (``tensors[k]`` for ``indices[k]``).
+Exact = Callable[[list[int], list[list[Tensor]]], Tensor]
 
-    def __init__(self, compute: Callable[[list[int]], Tensor], tolerance: float = 0.02) -> None:
+
+class NormBounds:
+    """``ν_i ≥ ‖W_i‖`` for layers ``i``; ``compute(indices)`` gives exact values (one tensor). Or,
+    so that each layer's owner can compute its own ([lightning_dsgd.plan][]), ``reads(i)``: the
+    parameters (detached, maybe sharded) layer ``i``'s value reads, and ``exact``: the values from
+    their full tensors; ``compute`` is then ``exact`` on the full tensors."""
+
+    def __init__(
+        self,
+        compute: Callable[[list[int]], Tensor] | None = None,
+        tolerance: float = 0.02,
+        *,
+        reads: Callable[[int], list[Tensor]] | None = None,
+        exact: Exact | None = None,
+    ) -> None:
+        if compute is None:
+            assert reads is not None and exact is not None, "NormBounds needs compute, or reads and exact"
+            compute = lambda indices: exact(indices, [[full(t) for t in reads(i)] for i in indices])  # noqa: E731
         self._compute = compute
+        self.reads = reads
+        self.exact = exact
         self.tolerance = tolerance
         self._entries: dict[int, _Entry] = {}
         self._growth: tuple[list[tuple[int, _Entry]], Tensor, torch.cuda.Event | None] | None = None
         self._loaded: dict[int, _Entry] = {}  # from a checkpoint, until first use
+        self._due: tuple[tuple, list[int]] | None = None  # `due`'s answer, for the next `values`
+        self._provided: dict[int, Tensor] = {}  # exact values computed by the layers' owners
         self.exact_computations = 0  # how many values were computed exactly (for tests and profiles)
 
     def values(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[Tensor]:
         """The bounds of ``indices`` whose weights now have version ``keys``; recomputes the stale
-        ones (changed from outside, or grown past the tolerance) in one ``compute`` call."""
+        ones (changed from outside, or grown past the tolerance) in one ``compute`` call (or takes
+        them from [provide][lightning_dsgd.norm_bounds.NormBounds.provide])."""
+        key_of = dict(zip(indices, keys, strict=True))
+        self._refresh(self._take_due(indices, keys), key_of)
+        advanced = [i for i in indices if self._entries[i].advanced]
+        if advanced and self._device_type() != "cpu":  # read at the next call, without a host sync now
+            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced])
+            self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
+        return [self._entries[i].value for i in indices]
+
+    def due(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[int]:
+        """The layers whose exact value the next ``values(indices, keys)`` needs: unknown, changed
+        from outside (their version moved), or grown past the tolerance (on the CPU checked now,
+        elsewhere at the previous call). The same on every rank that holds the same bounds."""
+        if self._due is not None and self._due[0] == (tuple(indices), tuple(keys)):
+            return list(self._due[1])
         key_of = dict(zip(indices, keys, strict=True))
         stale = [i for i, key in key_of.items() if i not in self._entries or self._entries[i].key != key]
         stale += [i for i in self._outgrown() if i in key_of and i not in stale]
-        self._refresh(stale, key_of)
-        advanced = [i for i in indices if self._entries[i].advanced]
-        if advanced:
-            growth = torch.stack([self._entries[i].value / self._entries[i].exact for i in advanced])
-            if growth.device.type == "cpu":  # host memory: reading it now synchronises no device
-                grown = growth.tolist()
-                self._refresh(
-                    [i for i, g in zip(advanced, grown, strict=True) if not g <= 1.0 + self.tolerance], key_of
-                )
-            else:  # read at the next call, without a host synchronisation now
-                self._growth = ([(i, self._entries[i]) for i in advanced], *_copy_to_host(growth))
-        return [self._entries[i].value for i in indices]
+        if self._device_type() == "cpu":  # host memory: reading the growth now synchronises no device
+            current = [i for i in key_of if i not in stale and self._entries[i].advanced]
+            loaded = [i for i in stale if i in self._loaded and self._loaded[i].advanced]
+            growth = [self._entries[i] for i in current] + [self._loaded[i] for i in loaded]
+            if growth:
+                ratios = torch.stack([e.value / e.exact for e in growth]).tolist()
+                outgrown = [i for i, g in zip(current + loaded, ratios, strict=True) if not g <= 1.0 + self.tolerance]
+                for i in outgrown:  # a saved bound past the tolerance is recomputed: drop it
+                    self._loaded.pop(i, None)
+                stale += [i for i in outgrown if i not in stale]
+        self._due = ((tuple(indices), tuple(keys)), stale)
+        return list(stale)
+
+    def provide(self, fresh: Mapping[int, Tensor]) -> None:
+        """Exact values of due layers computed elsewhere (by their owners), for the next ``values``."""
+        self._provided = dict(fresh)
+
+    def _take_due(self, indices: Sequence[int], keys: Sequence[Hashable]) -> list[int]:
+        stale = self.due(indices, keys)
+        self._due = None
+        return stale
+
+    def _device_type(self) -> str:
+        for entry in (*self._entries.values(), *self._loaded.values()):
+            return entry.value.device.type
+        return "cpu"
 
     def _refresh(self, stale: list[int], key_of: dict[int, Hashable]) -> None:
         """Compute the bounds of ``stale`` exactly (one ``compute`` call); a bound loaded from a
         checkpoint is adopted as ``max(saved, exact)``."""
+        provided, self._provided = self._provided, {}
         if not stale:
             return
-        fresh = self._compute(stale)
+        missing = [i for i in stale if i not in provided]
+        computed = dict(zip(missing, self._compute(missing) if missing else [], strict=True))
         self.exact_computations += len(stale)
-        for k, i in enumerate(stale):
+        for i in stale:
+            fresh = provided[i] if i in provided else computed[i]
             entry = self._loaded.pop(i, None)
             if entry is None:
-                self._entries[i] = _Entry(key_of[i], fresh[k], fresh[k])
+                self._entries[i] = _Entry(key_of[i], fresh, fresh)
                 continue
             # max(saved ν, exact), on the device: the saved bound for the checkpoint's own weights
-            saved = entry.value.to(fresh.dtype) >= fresh[k]
-            value = torch.where(saved, entry.value.to(fresh.dtype), fresh[k])
-            exact = torch.where(saved, entry.exact.to(fresh.dtype), fresh[k])
+            saved = entry.value.to(fresh.dtype) >= fresh
+            value = torch.where(saved, entry.value.to(fresh.dtype), fresh)
+            exact = torch.where(saved, entry.exact.to(fresh.dtype), fresh)
             self._entries[i] = _Entry(key_of[i], value, exact, entry.advanced)
 
     def _outgrown(self, consume: bool = True) -> list[int]:
@@ -141,7 +202,7 @@ class NormBounds:
     def load_state_dict(self, state: dict[int, dict], device: torch.device) -> None:
         """The bounds of [`state_dict`][lightning_dsgd.norm_bounds.NormBounds.state_dict], each
         adopted at its first use (see the module docstring)."""
-        self._entries, self._growth = {}, None
+        self._entries, self._growth, self._due, self._provided = {}, None, None, {}
         self._loaded = {
             int(i): _Entry(None, s["value"].to(device, copy=True), s["exact"].to(device, copy=True), s["advanced"])
             for i, s in state.items()
@@ -154,6 +215,7 @@ class NormBounds:
         """Record the step ``W ← W + Δ`` (``‖Δ‖ ≤ step_norm``, stored in ``dtype``, smaller side
         ``size``) taking the weight from version ``before`` to ``after``. A bound that was not
         current before the step is dropped (recomputed at next use)."""
+        self._due, self._provided = None, {}
         entry = self._entries.get(index)
         if entry is None or entry.key != before:
             self._entries.pop(index, None)

@@ -422,16 +422,24 @@ class DSGD(torch.optim.Optimizer):
         )
         batch = self.constant_model.take_batch()
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
-        base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
         curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         checks = None
         if work.shared:  # agreement: the step's one collective, each layer's values from its owner
             pending = list(self.constant_model.pending)
             gather = self.gather or all_gather_rows()
-            dual_norms, curvatures, planned, checks = work.share_scores(
-                gather, self.layers, dual_norms, curvatures, pending, planned
+            # The weight norms due an exact value: each computed by its layer's owner, sent along.
+            followed = self.constant_model.followed_norms()
+            due = [(bounds, bounds.due(indices, keys)) for bounds, indices, keys in followed]
+            dual_norms, curvatures, planned, checks, norms = work.share_scores(
+                gather, self.layers, dual_norms, curvatures, pending, planned, work.exact_norms(due)
             )
+            offset = 0
+            for bounds, indices in due:
+                assert norms is not None or not indices
+                bounds.provide({i: norms[offset + k] for k, i in enumerate(indices)})  # type: ignore[index]
+                offset += len(indices)
+        base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
         constants = self.constant_model.adjust(base, curvatures, dual_norms, etas)
         scores, masked, summary = _decide(dual_norms, constants, planned, self.layers_per_step > 1)
         values = work.read(summary, checks, self.gather, self.steps_taken)  # the one host synchronisation

@@ -10,9 +10,11 @@ is computed and how it travels.
   split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
   same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
   ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
-  measures its adaptive curvature. Those per-layer values travel in the step's ONE all-gather,
-  every rank reads each layer's entries from its owner's row, computes the same constants and the
-  same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
+  measures its adaptive curvature; it alone computes the layer's exact weight norms when they are
+  due (which are due follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`;
+  under FSDP2 from the weight gathered to it only). Those per-layer values travel in the step's ONE
+  all-gather, every rank reads each layer's entries from its owner's row, computes the same
+  constants and the same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
   broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
   same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
   alone keeps the whole step for the adaptive curvature at the next step (which then travels in
@@ -22,8 +24,9 @@ is computed and how it travels.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +34,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dsgd.distributed import Gatherer, full, is_sharded, local
-from lightning_dsgd.geometry import BlockGrad
+from lightning_dsgd.geometry import BlockGrad, reduction_dtype
 from lightning_dsgd.layers import Layer
+from lightning_dsgd.norm_bounds import NormBounds
 
 
 def layer_cost(rows: int, cols: int, norm: str) -> int:
@@ -75,6 +79,8 @@ class WorkPlan:
     #: Full gradients this rank assembled from shards in the last step, and their bytes.
     gradients_gathered: int = 0
     gathered_bytes: int = 0
+    #: Shared work: the layers whose exact weight norms this rank computed in the last step (its own).
+    norms_computed: list[int] = field(default_factory=list)
     _owner_index: Tensor | None = field(default=None, repr=False)
 
     @classmethod
@@ -141,6 +147,40 @@ class WorkPlan:
         dist.gather(padded, None if whole is None else list(whole.split(chunk)), dst=owner)
         return None if whole is None else whole[:rows]
 
+    # ------------------------------------------------------------------ exact weight norms
+    def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> Tensor | None:
+        """Shared: the exact values of the ``due`` layers of each bounds (see
+        [NormBounds.due][lightning_dsgd.norm_bounds.NormBounds.due], the same on every rank), each
+        computed by the layer's owner alone (under FSDP2 its parameters are gathered to the owner
+        only); one flat vector over ``due``, exactly zero where another rank owns the layer (so
+        that the sum over the ranks' rows is each owner's value). ``None`` when nothing is due."""
+        self.norms_computed = []
+        size = sum(len(indices) for _, indices in due)
+        if not size:
+            return None
+        reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
+        dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
+        zero = torch.zeros((), dtype=dtype, device=self.device)
+        out, offset = [zero] * size, 0
+        for (bounds, indices), tensors in zip(due, reads, strict=True):
+            mine = [(k, whole) for k, i in enumerate(indices) if (whole := self._owned(i, tensors[k])) is not None]
+            if mine:
+                assert bounds.exact is not None
+                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine]).to(dtype)
+                for j, (k, _) in enumerate(mine):
+                    out[offset + k] = values[j]
+                self.norms_computed += [indices[k] for k, _ in mine]
+            offset += len(indices)
+        return torch.stack(out)
+
+    def _owned(self, index: int, tensors: list[Tensor]) -> list[Tensor] | None:
+        """Full ``tensors`` of layer ``index`` on its owner (``None`` elsewhere)."""
+        owner = self.owners[index]
+        if any(is_sharded(t) for t in tensors):
+            gathered = [self._gather(t, owner) if is_sharded(t) else t for t in tensors]
+            return None if owner != self.rank else gathered  # type: ignore[return-value]
+        return tensors if owner == self.rank else None
+
     # ------------------------------------------------------------------ agreement
     def share_scores(
         self,
@@ -150,15 +190,19 @@ class WorkPlan:
         curvatures: dict[int, Tensor],
         pending: Sequence[int],
         planned: Tensor,
-    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
+        norms: Tensor | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor, Tensor | None]:
         """The step's one collective: this rank's dual norms and adaptive curvatures (of its own
-        layers), a checksum of every layer's gradient (DDP: every rank must hold the same, read in
-        the step's host synchronisation) and its planned random/cyclic choice are all-gathered.
+        layers), its exact weight ``norms`` (of `exact_norms`), a checksum of every layer's gradient
+        (DDP: every rank must hold the same, read in the step's host synchronisation) and its
+        planned random/cyclic choice are all-gathered.
         Returns each layer's dual norm, and the curvature of each ``pending`` layer that has a
         gradient now (every rank knows which) from its owner's row, every rank's checksums ``(world,
-        n)`` and rank 0's planned choice."""
+        n)``, rank 0's planned choice and each exact norm from its owner's row."""
         n = len(layers)
-        owned = torch.zeros((2, n), dtype=dual_norms.dtype, device=dual_norms.device)
+        # A row wide enough for the exact norms too (float64 norms beside float32 scores).
+        dtype = dual_norms.dtype if norms is None else torch.promote_types(dual_norms.dtype, norms.dtype)
+        owned = torch.zeros((2, n), dtype=dtype, device=dual_norms.device)
         owned[0] = dual_norms
         for i, value in curvatures.items():
             owned[1, i] = value.to(owned.dtype)
@@ -168,13 +212,18 @@ class WorkPlan:
                 grads = [p.grad for p in layer.params if p.grad is not None]
                 if grads:
                     checks[i] = sum(g.to(checks.dtype).square().sum() for g in grads)
-        rows = gather(torch.cat([owned.reshape(-1), checks, planned.to(owned.dtype).reshape(1)]))
-        values = rows[:, : 2 * n].reshape(self.world, 2, n)
+        extra = [] if norms is None else [norms.to(dtype)]
+        rows = gather(torch.cat([owned.reshape(-1), checks.to(dtype), *extra, planned.to(dtype).reshape(1)]))
+        received = None
+        if norms is not None:  # every rank but the owner sent 0 (exactly): the sum is the owner's value
+            received = rows[:, 3 * n : 3 * n + len(norms)].sum(dim=0).to(norms.dtype)
+        values = rows[:, : 2 * n].reshape(self.world, 2, n).to(dual_norms.dtype)
         if self._owner_index is None or self._owner_index.device != rows.device:  # uploaded once
             self._owner_index = torch.tensor(self.owners, device=rows.device)
         values = values[self._owner_index, :, torch.arange(n, device=rows.device)].T
         measured = {i: values[1, i] for i in pending if layers[i].weight.grad is not None}
-        return values[0], measured, rows[0, -1], rows[:, 2 * n : 3 * n]
+        planned, checks = rows[0, -1].to(dual_norms.dtype), rows[:, 2 * n : 3 * n].to(dual_norms.dtype)
+        return values[0], measured, planned, checks, received
 
     # ------------------------------------------------------------------ steps
     def share_step(
@@ -271,6 +320,11 @@ def check_rows_agree(rows: list[list[float]], step: int) -> None:
                 "over the ranks. Train through a DSGD strategy or DSGDMixin with Lightning's DDP/FSDP2, call "
                 "self.manual_backward (not loss.backward()), and keep every trainable layer in the forward."
             )
+
+
+def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every one of ``dtypes`` exactly."""
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _same(a: float, b: float) -> bool:

@@ -173,3 +173,23 @@ def test_trust_region_caps_a_step_from_a_constant_far_too_small():
         moved, size = geometry.norm(new - old).item(), geometry.norm(old).item()
         assert 0 < moved <= 0.2 * max(size, 1.0) * (1 + 1e-9)
     assert opt.constant_model.max_relative_step == 0.2
+
+
+@pytest.mark.parametrize("norm", ["spectral", "frobenius", "linf"])
+def test_trust_region_exact_weight_norms_are_each_blocks_norm(norm):
+    """The trust region measures same-shape blocks together (one batched SVD): every value is the
+    layer's own ``‖[W, b]‖`` bit for bit, in any order of the layers asked for."""
+    model = mlp([6, 10, 10, 10, 4], dtype=torch.float32)
+    opt = DSGD(model, constants="adaptive", norm=norm)
+    region = opt.constant_model.trust_region
+    indices = [3, 1, 0, 2]
+    params = [[p.detach() for p in opt.layers[i].params] for i in indices]
+    batched = region._exact_weight_norms(indices, params)
+    for k, i in enumerate(indices):
+        layer = opt.layers[i]
+        single = opt.geometry_of(layer).norm(augment(layer.weight.detach(), layer.bias.detach()))
+        assert torch.equal(batched[k], single), i
+    if norm == "spectral":
+        blocks = [augment(opt.layers[i].weight.detach(), opt.layers[i].bias.detach()).double() for i in indices]
+        expected = torch.stack([torch.linalg.svdvals(b)[0] for b in blocks])
+        torch.testing.assert_close(batched.double(), expected, rtol=1e-5, atol=0)

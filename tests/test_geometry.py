@@ -495,3 +495,28 @@ def test_unknown_norm_raises_naming_the_valid_ones(bad: str) -> None:
     assert repr(bad) in message
     for name in NORMS:
         assert f"'{name}'" in message
+
+
+@pytest.mark.parametrize("name", ["spectral", "frobenius", "linf", "rows"])
+def test_batched_norms_equal_per_block_values_and_the_true_norm(name: str) -> None:
+    """``norms`` (same-shape spectral blocks in one batched SVD, wide ones transposed) is each
+    block's ``norm`` bit for bit, and the spectral one is σ_max itself; inf/NaN blocks give NaN."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(5, 9), (7, 4), (5, 9), (7, 4), (5, 9), (3, 3)]
+    blocks = [torch.randn(*s, generator=g) * (k + 1) for k, s in enumerate(shapes)]
+    blocks.append(torch.randn(5, 9, generator=g, dtype=torch.float64))  # same shape, another dtype
+    blocks.append(torch.randn(7, 4, generator=g).to(torch.bfloat16))  # reduced in float32
+    blocks[2][1, 1] = float("nan")
+    geometry = make_geometry(name)
+    batched = geometry.norms(blocks)
+    assert batched.shape == (len(blocks),)
+    for k, block in enumerate(blocks):
+        single = geometry.norm(block)
+        assert torch.equal(batched[k], single.to(batched.dtype)) or (batched[k].isnan() and single.isnan()), k
+    if name == "spectral":
+        for k, block in enumerate(blocks):
+            if k == 2:
+                assert batched[k].isnan()
+                continue
+            true = torch.linalg.svdvals(block.double())[0]
+            torch.testing.assert_close(batched[k].double(), true, rtol=1e-5, atol=0)

@@ -120,3 +120,38 @@ def test_loaded_bound_on_other_weights_is_still_an_upper_bound():
     restored = NormBounds(spectral([other]))
     restored.load_state_dict(state, torch.device("cpu"))
     assert restored.values([0], [version_key(other)])[0].item() >= 3.0
+
+
+def test_due_values_provided_by_owners_replace_the_computation():
+    """Shared work: ``due`` names the values the next call needs (unknown, changed from outside,
+    grown past the tolerance), ``provide`` hands them in, and ``values`` then computes nothing and
+    holds exactly what a bounds computing them itself would hold."""
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(6, 4, generator=g), torch.randn(5, 5, generator=g)]
+    calls: list[list[int]] = []
+
+    def compute(indices):
+        calls.append(list(indices))
+        return spectral_norms([weights[i] for i in indices])
+
+    shared, alone = NormBounds(compute, tolerance=0.05), NormBounds(spectral(weights), tolerance=0.05)
+    for step in range(6):
+        keys = [version_key(w) for w in weights]
+        due = shared.due([0, 1], keys)
+        assert shared.due([0, 1], keys) == due  # asking again changes nothing
+        if step == 0:
+            assert due == [0, 1]
+        exact = spectral_norms([weights[i] for i in due]) if due else []
+        shared.provide({i: exact[k] for k, i in enumerate(due)})
+        got, expected = shared.values([0, 1], keys), alone.values([0, 1], keys)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), step
+        assert shared.exact_computations == alone.exact_computations
+        for i, w in enumerate(weights):  # a step of 4% of the norm: past 5% within two
+            before = version_key(w)
+            delta = 0.04 * got[i] * torch.randn(w.shape, generator=g) / w.numel() ** 0.5
+            w.add_(delta)
+            norm = torch.linalg.matrix_norm(delta, ord=2)
+            for bounds in (shared, alone):
+                bounds.advance(i, before, version_key(w), norm, w.dtype, min(w.shape))
+    assert calls == []  # every exact value came from the owners
+    assert shared.exact_computations > 2  # and some were recomputed after growing

@@ -57,6 +57,15 @@ class RecordWork(Callback):
                 "gathered": plan.gradients_gathered,
                 "bytes": plan.gathered_bytes,
                 "kept": sum(p.step.numel() * p.step.element_size() for p in pending),  # adaptive steps held
+                "norms": list(plan.norms_computed),  # layers whose exact weight norms this rank computed
+                # every followed weight-norm bound, as this rank holds it
+                "bounds": [
+                    {
+                        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in e.items()}
+                        for i, e in b.state_dict().items()
+                    }
+                    for b, _, _ in opt.constant_model.followed_norms()
+                ],
             }
         )
 
@@ -69,6 +78,7 @@ class RecordWork(Callback):
                 "owners": opt.work_plan.owners,
                 "steps": self.steps,
                 "full_gradient_bytes": full_bytes,
+                "followed": [list(indices) for _, indices, _ in opt.constant_model.followed_norms()],
             },
             f"{self.out_dir}/work{trainer.global_rank}.pt",
         )

@@ -181,3 +181,30 @@ def test_fused_attention_norms_and_empty_shards_share_work_under_plain_fsdp2():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])}
     run = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0 and "identical" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "constants"), [("dsgd_ddp", "adaptive"), ("model_parallel", "data")])
+def test_each_rank_computes_exact_weight_norms_of_its_own_layers_and_all_hold_the_same_bounds(
+    tmp_path, case, constants
+):
+    steps = 6
+    run = launch(case, tmp_path, "--constants", constants, "--steps", str(steps), "--hidden", "48")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    work0, work1 = _work(tmp_path)
+    owners, followed = work0["owners"], work0["followed"]
+    # Certified operator norms of the layers above the first; adaptive: the trust region's of every layer too.
+    assert followed == ([[1, 2], [0, 1, 2]] if constants == "adaptive" else [[1, 2]])
+    for rank, work in enumerate((work0, work1)):
+        own = [i for indices in followed for i in indices if owners[i] == rank]
+        assert work["steps"][0]["norms"] == own  # the first step needs every exact value: each rank its own
+        for step in work["steps"]:
+            assert all(owners[i] == rank for i in step["norms"])  # never another rank's layer
+    assert sum(len(s["norms"]) for w in (work0, work1) for s in w["steps"]) > 0
+    for mine, theirs in zip(work0["steps"], work1["steps"], strict=True):
+        assert len(mine["bounds"]) == len(followed)
+        for a, b in zip(mine["bounds"], theirs["bounds"], strict=True):  # every rank holds the same bounds
+            assert a.keys() == b.keys() == set(range(3)) - ({0} if a is mine["bounds"][0] else set())
+            for i in a:
+                assert a[i]["advanced"] == b[i]["advanced"] and a[i]["outgrown"] == b[i]["outgrown"]
+                assert torch.equal(a[i]["value"], b[i]["value"]) and torch.equal(a[i]["exact"], b[i]["exact"])

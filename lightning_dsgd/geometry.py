@@ -271,19 +271,25 @@ class SpectralGeometry(Geometry):
             wide = shape[0] < shape[1]
             oriented = stack.mT if wide else stack
             if directions:
-                u, s, vh = torch.linalg.svd(oriented, full_matrices=False)
-                singular = signal_singular_values(s, shape)
-                unit = (u * (singular > 0).unsqueeze(-2).to(u.dtype)) @ vh  # U Vᵀ of the signal part
-                unit = unit.mT if wide else unit
-                if isinstance(k, int):
-                    unit = unit @ basis.mT  # U (QV)ᵀ, the sketch's direction
+                # One block at a time: each U Vᵀ owns its storage (freed once its layer has moved) and
+                # the SVD's factors of one block only are alive at once.
+                units, sums = [], []
+                for j in range(len(idx)):
+                    u, s, vh = torch.linalg.svd(oriented[j], full_matrices=False)
+                    singular = signal_singular_values(s, shape)
+                    unit = (u * (singular > 0).unsqueeze(-2).to(u.dtype)) @ vh  # U Vᵀ of the signal part
+                    del u, vh
+                    unit = unit.mT if wide else unit
+                    units.append(unit @ basis[j].mT if isinstance(k, int) else unit)  # U (QV)ᵀ: the sketch's
+                    sums.append(singular.sum(-1))
+                nuclear = _nan_where_not(finite, torch.stack(sums)).to(dtype)
             else:
                 singular = signal_singular_values(torch.linalg.svdvals(oriented), shape)
-            nuclear = _nan_where_not(finite, singular.sum(-1)).to(dtype)
+                nuclear = _nan_where_not(finite, singular.sum(-1)).to(dtype)
             for j, i in enumerate(idx):
                 values[i] = nuclear[j]
                 if directions:
-                    bases[i] = PolarDirection(unit[j], nuclear[j])
+                    bases[i] = PolarDirection(units[j], nuclear[j])
         zero = torch.zeros((), device=device, dtype=dtype)
         return torch.stack([zero if v is None else v for v in values]), bases
 

@@ -416,13 +416,17 @@ class DSGD(torch.optim.Optimizer):
         etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
         if any(layer.weight.grad is None for layer in self.layers):
             _check_layers_attached(self._model, self.layers)
-        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
         )
         batch = self.constant_model.take_batch()
+        # The base constants read only weights and inputs: computed before any full gradient is
+        # gathered, their workspaces (exact weight norms) never add to the gradients' memory.
+        base = self.constant_model.base_constants(batch, *self._score_dtype_device())
+        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
-        base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
+        if (base.dtype, base.device) != (dual_norms.dtype, dual_norms.device):  # not foreseen: made again
+            base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
         curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         checks = None
@@ -457,6 +461,13 @@ class DSGD(torch.optim.Optimizer):
             precision_reason,
             [int(i) for i in values[4 + len(self.layers) :]] if self.layers_per_step > 1 else None,
         )
+
+    def _score_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of this step's scores, known before any gradient is gathered: the
+        widest reduction dtype of the gradients (as ``_dual_norms`` makes them), the first layer's device."""
+        dtypes = [reduction_dtype(p.grad.dtype) for layer in self.layers for p in layer.params if p.grad is not None]
+        dtype = max(dtypes or [torch.float32], key=lambda d: torch.finfo(d).bits)
+        return dtype, self.layers[0].weight.device
 
     def _plan(self) -> int:
         """This step's random or cyclic choice (-1 for greedy); the generator and cursor advance
@@ -522,6 +533,7 @@ class DSGD(torch.optim.Optimizer):
             if self.momentum > 0.0:
                 direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
             step = direction * (-scale)
+            del direction  # its memory is free for the scatter
             if self.constant_model.measures_curvature:
                 grad_dot_step = (block_grad.to(step.dtype) * step).sum()
         before = self.constant_model.before_step(index)
@@ -535,14 +547,23 @@ class DSGD(torch.optim.Optimizer):
                 bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
                 constant = scored.constants[index]
                 self.constant_model.after_step(index, before, bound, kept, grad_dot_step, step_norm, constant, shape)
+                self._release(scored, index)
                 return None
             step, grad_dot_step = work.share_step(index, step, grad_dot_step, shape, dtype)
+        self._release(scored, index)
         assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
         self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
         return layer, step
+
+    @staticmethod
+    def _release(scored: _Scored, index: int) -> None:
+        """Drop layer ``index``'s full gradient and direction once it has moved (each layer moves
+        once per step): only the layers still to move hold theirs."""
+        scored.grads[index] = None
+        scored.bases[index] = None
 
     def _momentum_step(self, index: int, block_grad: Tensor, direction: Tensor, scale: Tensor) -> tuple:
         """The velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that the step stays a

@@ -514,7 +514,7 @@ class DSGD(torch.optim.Optimizer):
             return [scored.best]
         # The best k layers that can move, by the order read in the step's one host synchronisation.
         assert scored.order is not None and scored.moving is not None
-        return sorted(i for i in scored.order[: self.layers_per_step] if scored.moving[i]) or [scored.best]
+        return sorted({i for i in scored.order[: self.layers_per_step] if scored.moving[i]}) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
         """Direction and update: ``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the
@@ -528,14 +528,18 @@ class DSGD(torch.optim.Optimizer):
         step_norm = scale * scored.dual_norms[index]
         step = grad_dot_step = None
         if work.owns(index):
+            # Each full buffer is dropped as soon as it is used: only the layers still to move hold theirs.
             block_grad = augment(*scored.grads[index])  # type: ignore[misc]
+            scored.grads[index] = None
             direction = geometry.duality_map(block_grad, scored.bases[index])
+            scored.bases[index] = None
             if self.momentum > 0.0:
                 direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
             step = direction * (-scale)
-            del direction  # its memory is free for the scatter
+            del direction
             if self.constant_model.measures_curvature:
                 grad_dot_step = (block_grad.to(step.dtype) * step).sum()
+            del block_grad
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
@@ -547,23 +551,14 @@ class DSGD(torch.optim.Optimizer):
                 bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
                 constant = scored.constants[index]
                 self.constant_model.after_step(index, before, bound, kept, grad_dot_step, step_norm, constant, shape)
-                self._release(scored, index)
                 return None
             step, grad_dot_step = work.share_step(index, step, grad_dot_step, shape, dtype)
-        self._release(scored, index)
         assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
         bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
         self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
         return layer, step
-
-    @staticmethod
-    def _release(scored: _Scored, index: int) -> None:
-        """Drop layer ``index``'s full gradient and direction once it has moved (each layer moves
-        once per step): only the layers still to move hold theirs."""
-        scored.grads[index] = None
-        scored.bases[index] = None
 
     def _momentum_step(self, index: int, block_grad: Tensor, direction: Tensor, scale: Tensor) -> tuple:
         """The velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that the step stays a

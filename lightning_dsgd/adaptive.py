@@ -152,7 +152,10 @@ class AdaptiveConstants:
     measures_curvature = True
 
     def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The base regime's constants (before the multipliers)."""
+        """The base regime's constants (before the multipliers); the trust region's weight norms are
+        brought up to date with them (both read only the weights: DSGD asks before it gathers any
+        full gradient, so their exact norms' workspaces never add to the gradients')."""
+        self.trust_region.prepare()
         return self.base.base_constants(batch, dtype, device)
 
     def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
@@ -319,14 +322,25 @@ class TrustRegion:
         self.max_relative_step = max_relative_step
         self.weight_norms = NormBounds(self._exact_weight_norms, tolerance=0.25)
         self.radii: Tensor | None = None  # this step's max_relative_step · max(‖[W_i, b_i]‖, 1)
+        self._prepared: tuple[list, Tensor] | None = None  # (block keys, their norms) from prepare()
 
     def cap(self, constants: Tensor, dual_norms: Tensor, etas: Sequence[float]) -> Tensor:
         """``max(L_i, η_i ‖g_i‖_* / r_i)`` with the radii ``r_i = max_relative_step ·
         max(‖[W_i, b_i]‖, 1)`` (kept in ``radii`` for steps along another direction)."""
         # One η (the usual case, scheduled or not) multiplies as a Python number: no upload per value.
         eta = etas[0] if len(set(etas)) == 1 else device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
-        self.radii = self.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0)
+        prepared, self._prepared = self._prepared, None
+        keys = [block_key(layer) for layer in self.layers]
+        norms = prepared[1] if prepared is not None and prepared[0] == keys else self._block_norms()
+        self.radii = self.max_relative_step * norms.to(dual_norms.dtype).clamp(min=1.0)
         return torch.maximum(constants, eta * dual_norms / self.radii)
+
+    def prepare(self) -> None:
+        """Bring the weight-norm bounds up to date now (once per step: a second call would read the
+        previous call's growth check); ``cap`` takes them while the weights are unchanged."""
+        keys = [block_key(layer) for layer in self.layers]
+        if self._prepared is None or self._prepared[0] != keys:
+            self._prepared = (keys, self._block_norms())
 
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
         """The step size ``scale`` along a direction of norm ``direction_norm`` (momentum's
@@ -346,6 +360,7 @@ class TrustRegion:
         return self.weight_norms.state_dict()
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self._prepared = None
         self.weight_norms.load_state_dict(state, device)
 
     def _block_norms(self) -> Tensor:

@@ -424,10 +424,10 @@ class DSGD(torch.optim.Optimizer):
         # gathered, their workspaces (exact weight norms) never add to the gradients' memory.
         base = self.constant_model.base_constants(batch, *self._score_dtype_device())
         grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
+        curvatures = self.constant_model.curvatures(grads)  # first: the last steps are then released
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
         if (base.dtype, base.device) != (dual_norms.dtype, dual_norms.device):  # not foreseen: made again
             base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
-        curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         checks = None
         if work.shared:  # agreement: the step's one collective, each layer's values from its owner

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # constants.py builds this regime around its own
 class PendingStep:
     """A step awaiting its curvature measurement (at the layer's next gradient)."""
 
-    step: Tensor  # Δ, as the layer's block matrix (a stand-in on a rank that did not compute it)
+    step: Tensor  # Δ, as the block matrix (a stand-in on a rank that did not compute it, and once measured)
     grad_dot_step: Tensor  # ⟨g_i(w), Δ⟩
     step_norm_sq: Tensor  # ‖Δ‖²_(i)
     constant: Tensor  # the L used for the step

@@ -387,7 +387,7 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
                     if measured:
                         times.append(seconds)
             param_bytes = padded_param_bytes(model, config.world)
-            del model, optimizer, loss
+            del model, optimizer, loss, module  # a child under fully_shard holds the whole model
             gc.collect()
         peaks = meter.peaks(("bench-step", "bench-optimizer"))
         steps = config.fsdp_steps

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # constants.py builds this regime around its own
 class PendingStep:
     """A step awaiting its curvature measurement (at the layer's next gradient)."""
 
-    step: Tensor  # Δ, as the layer's block matrix (a stand-in on a rank that did not compute it)
+    step: Tensor  # Δ, as the block matrix (a stand-in on a rank that did not compute it, and once measured)
     grad_dot_step: Tensor  # ⟨g_i(w), Δ⟩
     step_norm_sq: Tensor  # ‖Δ‖²_(i)
     constant: Tensor  # the L used for the step
@@ -152,13 +152,20 @@ class AdaptiveConstants:
     measures_curvature = True
 
     def base_constants(self, batch: BatchInputs, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The base regime's constants (before the multipliers)."""
+        """The base regime's constants (before the multipliers); the trust region's weight norms are
+        brought up to date with them (both read only the weights: DSGD asks before it gathers any
+        full gradient, so their exact norms' workspaces never add to the gradients')."""
+        self.trust_region.prepare()
         return self.base.base_constants(batch, dtype, device)
 
     def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
         """The curvature met along each pending step, for the layers whose new gradient is in
-        ``grads`` (see [curvature][lightning_dsgd.adaptive.AdaptiveConstants.curvature])."""
-        return {i: self.curvature(i, augment(*grad)) for i in self.pending if (grad := grads[i]) is not None}
+        ``grads`` (see [curvature][lightning_dsgd.adaptive.AdaptiveConstants.curvature]). Measured
+        once: the steps are released (a stand-in each), the multipliers read only the curvatures."""
+        measured = {i: self.curvature(i, augment(*grad)) for i in self.pending if (grad := grads[i]) is not None}
+        for pending in self.pending.values():
+            pending.step = pending.step.new_empty(0)
+        return measured
 
     def adjust(self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:
         """This step's constants (in the dtype of ``dual_norms``): the multipliers first see the
@@ -327,14 +334,25 @@ class TrustRegion:
             exact=self._exact_weight_norms,
         )
         self.radii: Tensor | None = None  # this step's max_relative_step · max(‖[W_i, b_i]‖, 1)
+        self._prepared: tuple[list, Tensor] | None = None  # (block keys, their norms) from prepare()
 
     def cap(self, constants: Tensor, dual_norms: Tensor, etas: Sequence[float]) -> Tensor:
         """``max(L_i, η_i ‖g_i‖_* / r_i)`` with the radii ``r_i = max_relative_step ·
         max(‖[W_i, b_i]‖, 1)`` (kept in ``radii`` for steps along another direction)."""
         # One η (the usual case, scheduled or not) multiplies as a Python number: no upload per value.
         eta = etas[0] if len(set(etas)) == 1 else device_constant(tuple(etas), dual_norms.dtype, dual_norms.device)
-        self.radii = self.max_relative_step * self._block_norms().to(dual_norms.dtype).clamp(min=1.0)
+        prepared, self._prepared = self._prepared, None
+        keys = [block_key(layer) for layer in self.layers]
+        norms = prepared[1] if prepared is not None and prepared[0] == keys else self._block_norms()
+        self.radii = self.max_relative_step * norms.to(dual_norms.dtype).clamp(min=1.0)
         return torch.maximum(constants, eta * dual_norms / self.radii)
+
+    def prepare(self) -> None:
+        """Bring the weight-norm bounds up to date now (once per step: a second call would read the
+        previous call's growth check); ``cap`` takes them while the weights are unchanged."""
+        keys = [block_key(layer) for layer in self.layers]
+        if self._prepared is None or self._prepared[0] != keys:
+            self._prepared = (keys, self._block_norms())
 
     def limit(self, index: int, scale: Tensor, direction_norm: Tensor) -> Tensor:
         """The step size ``scale`` along a direction of norm ``direction_norm`` (momentum's
@@ -354,6 +372,7 @@ class TrustRegion:
         return self.weight_norms.state_dict()
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self._prepared = None
         self.weight_norms.load_state_dict(state, device)
 
     def _block_norms(self) -> Tensor:

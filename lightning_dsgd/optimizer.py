@@ -416,30 +416,36 @@ class DSGD(torch.optim.Optimizer):
         etas = [_check_eta(self.param_groups[self._group_of[i]]["lr"]) for i in range(len(self.layers))]
         if any(layer.weight.grad is None for layer in self.layers):
             _check_layers_attached(self._model, self.layers)
-        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
         precision_reason = self.constant_model.recorder.precision_reason or low_precision_reason(
             {p.dtype for layer in self.layers for p in layer.params}
         )
         batch = self.constant_model.take_batch()
+        # The weight norms and base constants read only weights and inputs: computed before any
+        # full gradient is gathered, their workspaces (exact weight norms) never add to the
+        # gradients' memory. Shared work: each exact norm due is computed by its layer's owner and
+        # sent along with the scores; the base constants follow the collective.
+        followed = self.constant_model.followed_norms() if work.shared else []
+        due = [(bounds, bounds.due(indices, keys)) for bounds, indices, keys in followed]
+        exact = work.exact_norms(due) if work.shared else None
+        base = None if work.shared else self.constant_model.base_constants(batch, *self._score_dtype_device())
+        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
+        curvatures = self.constant_model.curvatures(grads)  # first: the last steps are then released
         dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
-        curvatures = self.constant_model.curvatures(grads)
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         checks = None
         if work.shared:  # agreement: the step's one collective, each layer's values from its owner
             pending = list(self.constant_model.pending)
             gather = self.gather or all_gather_rows()
-            # The weight norms due an exact value: each computed by its layer's owner, sent along.
-            followed = self.constant_model.followed_norms()
-            due = [(bounds, bounds.due(indices, keys)) for bounds, indices, keys in followed]
             dual_norms, curvatures, planned, checks, norms = work.share_scores(
-                gather, self.layers, dual_norms, curvatures, pending, planned, work.exact_norms(due)
+                gather, self.layers, dual_norms, curvatures, pending, planned, exact
             )
             offset = 0
             for bounds, indices in due:
                 assert norms is not None or not indices
                 bounds.provide({i: norms[offset + k] for k, i in enumerate(indices)})  # type: ignore[index]
                 offset += len(indices)
-        base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
+        if base is None or (base.dtype, base.device) != (dual_norms.dtype, dual_norms.device):
+            base = self.constant_model.base_constants(batch, dual_norms.dtype, dual_norms.device)
         constants = self.constant_model.adjust(base, curvatures, dual_norms, etas)
         scores, masked, summary = _decide(dual_norms, constants, planned, self.layers_per_step > 1)
         values = work.read(summary, checks, self.gather, self.steps_taken)  # the one host synchronisation
@@ -465,6 +471,13 @@ class DSGD(torch.optim.Optimizer):
             precision_reason,
             [int(i) for i in values[4 + len(self.layers) :]] if self.layers_per_step > 1 else None,
         )
+
+    def _score_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of this step's scores, known before any gradient is gathered: the
+        widest reduction dtype of the gradients (as ``_dual_norms`` makes them), the first layer's device."""
+        dtypes = [reduction_dtype(p.grad.dtype) for layer in self.layers for p in layer.params if p.grad is not None]
+        dtype = max(dtypes or [torch.float32], key=lambda d: torch.finfo(d).bits)
+        return dtype, self.layers[0].weight.device
 
     def _plan(self) -> int:
         """This step's random or cyclic choice (-1 for greedy); the generator and cursor advance
@@ -511,7 +524,7 @@ class DSGD(torch.optim.Optimizer):
             return [scored.best]
         # The best k layers that can move, by the order read in the step's one host synchronisation.
         assert scored.order is not None and scored.moving is not None
-        return sorted(i for i in scored.order[: self.layers_per_step] if scored.moving[i]) or [scored.best]
+        return sorted({i for i in scored.order[: self.layers_per_step] if scored.moving[i]}) or [scored.best]
 
     def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
         """Direction and update: ``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the
@@ -525,13 +538,18 @@ class DSGD(torch.optim.Optimizer):
         step_norm = scale * scored.dual_norms[index]
         step = grad_dot_step = None
         if work.owns(index):
+            # Each full buffer is dropped as soon as it is used: only the layers still to move hold theirs.
             block_grad = augment(*scored.grads[index])  # type: ignore[misc]
+            scored.grads[index] = None
             direction = geometry.duality_map(block_grad, scored.bases[index])
+            scored.bases[index] = None
             if self.momentum > 0.0:
                 direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
             step = direction * (-scale)
+            del direction
             if self.constant_model.measures_curvature:
                 grad_dot_step = (block_grad.to(step.dtype) * step).sum()
+            del block_grad
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)

@@ -244,25 +244,37 @@ class WorkPlan:
     def scatter_step(self, index: int, layer: Layer, step: Tensor | None, dtype: torch.dtype) -> None:
         """FSDP2, when no rank needs the whole step afterwards: layer ``index``'s step from its owner,
         each rank receiving and adding only its own dim-0 shard of the weight (and bias)."""
-        from torch.distributed.tensor import DTensor
-
         owner = self.owners[index]
-        parts = layer.split(step.to(dtype)) if step is not None else (None, None)
+        step = None if step is None else step.to(dtype)
+        if layer.rows is None and layer.bias_rows is None:  # the block's rows are the parameters' rows
+            shard = self._scatter_rows(
+                step, (layer.weight.shape[0], layer.in_features + (layer.bias is not None)), owner, dtype
+            )
+            weight, bias = shard[:, : layer.in_features], shard[:, layer.in_features :]
+            _add_shard(layer.weight, weight.reshape(-1, *layer.weight.shape[1:]))
+            if layer.bias is not None:
+                _add_shard(layer.bias, bias.reshape(-1))
+            return
+        parts = layer.split(step) if step is not None else (None, None)
         for param, part in ((layer.weight, parts[0]), (layer.bias, parts[1])):
-            if param is None:
-                continue
-            rows = param.shape[0]
-            chunk = math.ceil(rows / self.world)
-            mine = torch.empty((chunk, *param.shape[1:]), dtype=dtype, device=self.device)
-            pieces = None
-            if part is not None:
-                padded = part.new_zeros((chunk * self.world, *param.shape[1:]))
-                padded[:rows] = part
-                pieces = list(padded.split(chunk))
-            dist.scatter(mine, pieces, src=owner)
-            shard = mine[: _shard_rows(rows, self.world, self.rank)].to(param.dtype)
-            spec = {"run_check": False, "shape": param.shape, "stride": param.stride()}
-            param.add_(DTensor.from_local(shard, param.device_mesh, param.placements, **spec))  # type: ignore[attr-defined]
+            if param is not None:
+                _add_shard(param, self._scatter_rows(part, param.shape, owner, dtype))
+
+    def _scatter_rows(self, whole: Tensor | None, shape: Sequence[int], owner: int, dtype: torch.dtype) -> Tensor:
+        """This rank's dim-0 shard of ``whole`` (held by ``owner`` only): the owner scatters its row
+        chunks, copied only where they are not contiguous or the rows do not split evenly."""
+        rows = shape[0]
+        chunk = math.ceil(rows / self.world)
+        mine = torch.empty((chunk, *shape[1:]), dtype=dtype, device=self.device)
+        pieces = None
+        if whole is not None:
+            if rows % self.world or not whole.is_contiguous():
+                padded = whole.new_zeros((chunk * self.world, *shape[1:]))
+                padded[:rows] = whole
+                whole = padded
+            pieces = list(whole.split(chunk))
+        dist.scatter(mine, pieces, src=owner)
+        return mine[: _shard_rows(rows, self.world, self.rank)]
 
     def read(self, summary: Tensor, checks: Tensor | None, gather: Gatherer | None, step: int) -> list[float]:
         """The step's one host synchronisation: the decision ``summary`` every rank computed alike
@@ -329,6 +341,15 @@ def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 
 def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _add_shard(param: Tensor, shard: Tensor) -> None:
+    """Add this rank's dim-0 ``shard`` of a step to the sharded ``param`` (a ``DTensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    spec = {"run_check": False, "shape": param.shape, "stride": param.stride()}
+    local = shard.to(param.dtype)
+    param.add_(DTensor.from_local(local, param.device_mesh, param.placements, **spec))  # type: ignore[attr-defined]
 
 
 def _shard_rows(rows: int, world: int, rank: int) -> int:

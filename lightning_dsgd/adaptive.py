@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_dsgd.distributed import Reducer, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment, batches
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
@@ -388,18 +388,21 @@ class TrustRegion:
         """``‖[W_i, b_i]‖_(i)`` from the full parameters; same-geometry blocks measured together
         (same-shape spectral blocks in one batched SVD)."""
         by_geometry: dict[int, tuple[Geometry, list[int]]] = {}
-        blocks = []
-        for k, (i, params) in enumerate(zip(indices, tensors, strict=True)):
-            layer = self.layers[i]
-            bias = None if layer.bias is None else layer.bias_vector(params[1])
-            blocks.append(augment(layer.weight_matrix(params[0]), bias))
-            geometry = self._geometry_of(layer)
+        for k, i in enumerate(indices):
+            geometry = self._geometry_of(self.layers[i])
             by_geometry.setdefault(id(geometry), (geometry, []))[1].append(k)
         values: list[Tensor | None] = [None] * len(indices)
-        for geometry, ks in by_geometry.values():
-            for k, value in zip(ks, geometry.norms([blocks[k] for k in ks]), strict=True):
-                values[k] = value
+        for geometry, same in by_geometry.values():
+            for ks in batches(same, tensors[same[0]][0].device):  # the [W, b] copies of one batch at a time
+                blocks = [self._block(indices[k], tensors[k]) for k in ks]
+                for k, value in zip(ks, geometry.norms(blocks), strict=True):
+                    values[k] = value
         return torch.stack([v for v in values if v is not None])
+
+    def _block(self, index: int, params: list[Tensor]) -> Tensor:
+        layer = self.layers[index]
+        bias = None if layer.bias is None else layer.bias_vector(params[1])
+        return augment(layer.weight_matrix(params[0]), bias)
 
 
 def block_key(layer: Layer) -> tuple[tuple[int, int], tuple[int, int] | None]:

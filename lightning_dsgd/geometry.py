@@ -453,12 +453,26 @@ def _grouped(blocks: Sequence[Tensor], measure: Callable[[Tensor, tuple[int, ...
     for i, b in enumerate(blocks):
         by_shape[(tuple(b.shape), reduction_dtype(b.dtype))].append(i)
     values: list[Tensor | None] = [None] * len(blocks)
-    for (shape, dtype), idx in by_shape.items():
-        stack, finite = _without_nonfinite(torch.stack([blocks[i].to(dtype) for i in idx]))
-        measured = _nan_where_not(finite, measure(stack, shape, dtype))
-        for k, i in enumerate(idx):
-            values[i] = measured[k]
+    for (shape, dtype), same in by_shape.items():
+        for idx in batches(same, blocks[same[0]].device):
+            stack, finite = _without_nonfinite(torch.stack([blocks[i].to(dtype) for i in idx]))
+            measured = _nan_where_not(finite, measure(stack, shape, dtype))
+            for k, i in enumerate(idx):
+                values[i] = measured[k]
     return torch.stack([v for v in values if v is not None])
+
+
+#: The most blocks measured in one batched call, per device type. The CPU's LAPACK loops over a
+#: batch anyway: batching buys no time there and would hold a copy of every block at once.
+MAX_BATCH = {"cpu": 1}
+#: Elsewhere (a GPU: one launch instead of many; unmeasured).
+DEFAULT_MAX_BATCH = 16
+
+
+def batches(indices: Sequence[int], device: torch.device) -> list[list[int]]:
+    """``indices`` in runs of at most the device's ``MAX_BATCH``."""
+    size = MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH)
+    return [list(indices[k : k + size]) for k in range(0, len(indices), size)]
 
 
 def _tall(stack: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from helpers.models import classification_data, full_batch_loss, make_closure, mlp
 from torch import nn
 
+import lightning_dsgd.geometry as geometry_module
 from lightning_dsgd import DSGD
 from lightning_dsgd.geometry import augment
 
@@ -175,10 +176,12 @@ def test_trust_region_caps_a_step_from_a_constant_far_too_small():
     assert opt.constant_model.max_relative_step == 0.2
 
 
+@pytest.mark.parametrize("max_batch", [1, 16])  # the CPU's, a GPU's
 @pytest.mark.parametrize("norm", ["spectral", "frobenius", "linf"])
-def test_trust_region_exact_weight_norms_are_each_blocks_norm(norm):
-    """The trust region measures same-shape blocks together (one batched SVD): every value is the
-    layer's own ``‖[W, b]‖`` bit for bit, in any order of the layers asked for."""
+def test_trust_region_exact_weight_norms_are_each_blocks_norm(norm, max_batch, monkeypatch):
+    """The trust region measures same-shape blocks together (batched SVDs of at most ``MAX_BATCH``
+    blocks): every value is the layer's own ``‖[W, b]‖`` bit for bit, in any order of the layers."""
+    monkeypatch.setitem(geometry_module.MAX_BATCH, "cpu", max_batch)
     model = mlp([6, 10, 10, 10, 4], dtype=torch.float32)
     opt = DSGD(model, constants="adaptive", norm=norm)
     region = opt.constant_model.trust_region

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import lightning_dsgd.geometry as geometry_module
 from lightning_dsgd.geometry import Geometry, augment, make_geometry, spectral_norms
 
 NORMS = ["frobenius", "spectral", "linf"]
@@ -497,10 +498,15 @@ def test_unknown_norm_raises_naming_the_valid_ones(bad: str) -> None:
         assert f"'{name}'" in message
 
 
+@pytest.mark.parametrize("max_batch", [1, 2, 16])  # the CPU's 1, and the batches a GPU takes
 @pytest.mark.parametrize("name", ["spectral", "frobenius", "linf", "rows"])
-def test_batched_norms_equal_per_block_values_and_the_true_norm(name: str) -> None:
-    """``norms`` (same-shape spectral blocks in one batched SVD, wide ones transposed) is each
-    block's ``norm`` bit for bit, and the spectral one is σ_max itself; inf/NaN blocks give NaN."""
+def test_batched_norms_equal_per_block_values_and_the_true_norm(
+    name: str, max_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``norms`` (same-shape spectral blocks in batched SVDs of at most ``MAX_BATCH`` blocks, wide
+    ones transposed) is each block's ``norm`` bit for bit, and the spectral one is σ_max itself;
+    inf/NaN blocks give NaN."""
+    monkeypatch.setitem(geometry_module.MAX_BATCH, "cpu", max_batch)
     g = torch.Generator().manual_seed(3)
     shapes = [(5, 9), (7, 4), (5, 9), (7, 4), (5, 9), (3, 3)]
     blocks = [torch.randn(*s, generator=g) * (k + 1) for k, s in enumerate(shapes)]

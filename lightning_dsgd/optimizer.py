@@ -374,7 +374,9 @@ class DSGD(torch.optim.Optimizer):
     def score(self) -> StepRecord:
         """What a greedy ``step()`` would decide on the current gradients, without changing any
         weight, counter or random state (for observing a model trained by another optimizer).
-        Consumes the recorded input norms like ``step()`` does."""
+        Consumes what ``step()`` would: the recorded input norms and, with adaptive constants,
+        the curvature measurement pending from DSGD's own last step (the multipliers then learn
+        from these gradients, and the next ``step()`` does not measure it again)."""
         with full_precision(self._device_types()):
             scored = self._score()
             return self._record(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 
 import torch
@@ -72,6 +73,12 @@ def worker(rank: int, port: str) -> None:
             assert torch.equal(shared_weights[name], value), name
         if rank == 0:
             print("identical", flush=True)
+    except BaseException:
+        # Printed before the process group goes: tearing it down with the other rank still inside a
+        # collective can abort the process before spawn reports the exception.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         dist.destroy_process_group()
 

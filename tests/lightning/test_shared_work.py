@@ -178,7 +178,8 @@ def test_fused_attention_norms_and_empty_shards_share_work_under_plain_fsdp2():
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     script = Path(__file__).with_name("plain_fsdp_run.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])}
+    # PYTHONFAULTHANDLER: a worker that aborts prints every thread's Python stack.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2]), "PYTHONFAULTHANDLER": "1"}
     run = subprocess.run([sys.executable, str(script), port], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0 and "identical" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 

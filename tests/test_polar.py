@@ -129,6 +129,62 @@ def test_gram_error_bound_covers_the_exact_error(shape):
         assert all((-(-shape[-1] // c) + c) * u * shape[-2] > P.GRAM_TOLERANCE for c in range(1, P.MAX_GRAM_CHUNKS + 1))
 
 
+def _bf16_attack(case: str) -> torch.Tensor:
+    """bfloat16 stacks built to break the model of ``_bf16_products`` if it does not hold."""
+    g = torch.Generator().manual_seed(11)
+    if case == "biased products":  # (1 + 2⁻⁷)² = 1 + 2⁻⁶ + 2⁻¹⁴: every product rounded to bfloat16 drops 2⁻¹⁴
+        x = torch.full((2, 16, 257), 1 + 2.0**-7)
+        return (x * torch.where(torch.rand(2, 16, 257, generator=g) < 0.5, 1.0, 1 + 2.0**-6)).to(torch.bfloat16)
+    if case == "long sums":  # 2¹⁴ positive terms per entry
+        return torch.rand(2, 8, 16384, generator=g).to(torch.bfloat16)
+    if case == "cancellation":  # alternating signs: S_ij ≈ 0 while (|X||X|ᵀ)_ij ≈ n
+        signs = torch.tensor([1.0, -1.0]).repeat(1024)
+        return (signs * (1 + torch.rand(2, 32, 2048, generator=g) * 2.0**-5)).to(torch.bfloat16)
+    if case == "subnormal":  # bfloat16 subnormals next to normal entries: products far below 2⁻¹⁴⁹
+        x = torch.randn(2, 24, 300, generator=g) * 2.0**-130
+        x[:, :, ::7] = torch.randn(2, 24, 43, generator=g)
+        return x.to(torch.bfloat16)
+    # mixed exponents, 2⁻⁶⁰ to 1, mixed signs
+    return (torch.randn(2, 40, 513, generator=g) * 2.0 ** -torch.randint(0, 60, (2, 40, 513), generator=g)).to(
+        torch.bfloat16
+    )
+
+
+@pytest.mark.parametrize("case", ["biased products", "long sums", "cancellation", "subnormal", "mixed exponents"])
+def test_bf16_products_have_exact_products_and_float32_sums(case):
+    """The model behind the fast certificate Gram: under ``_bf16_products``, a float32 product of
+    bfloat16 values errs entrywise by at most ``γ_n (|X||X|ᵀ)_ij + 2n·2⁻¹²⁶`` (exact products, float32
+    sums in any order, flushes of subnormals) against float64 — which is exact here up to ``n u₆₄``.
+    Rounding the products (``biased products``: ~1000 u₃₂ per entry) or the result (2⁻⁹) to bfloat16,
+    or a lower-precision accumulation, breaks it. The user's flag is put back."""
+    x = _bf16_attack(case)
+    n = x.shape[-1]
+    xf = x.float()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with P._bf16_products(True):
+        gram = xf @ xf.mT
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    exact = x.double() @ x.double().mT
+    absolute = x.double().abs() @ x.double().abs().mT
+    u32 = torch.finfo(torch.float32).eps / 2
+    allowed = P._gamma(n, u32) * absolute * (1 + 1e-9) + 2 * n * 2.0**-126 + P._gamma(n) * absolute
+    assert ((gram.double() - exact).abs() <= allowed).all()
+    # and the whole certificate Gram (chunked, bf16 products) stays within its spectral bound
+    s, trace, error = P._gram(x, normalized=False)
+    assert (torch.linalg.matrix_norm(s.double() - exact, ord=2) <= error).all()
+    assert (trace + error >= exact.diagonal(dim1=-2, dim2=-1).sum(-1)).all()
+
+
+def test_the_certificate_gram_of_a_bf16_stack_uses_bf16_products_on_the_cpu(monkeypatch):
+    seen = []
+    original = P._bf16_products
+    monkeypatch.setattr(P, "_bf16_products", lambda enabled: seen.append(enabled) or original(enabled))
+    x = torch.randn(2, 64, 65).to(torch.bfloat16)
+    P._gram(x, normalized=False)
+    P._gram(x.float(), normalized=False)  # float32 inputs would be rounded: IEEE products
+    assert seen == [True, False]
+
+
 def test_every_layer_mode_mixes_matmul_and_exact_blocks():
     """Every layer moving, ``"auto"`` on the CPU: a 256 × 257 block takes the matmul path and a
     32 × 33 block the exact SVD in the same call; both hand a certified direction with a score

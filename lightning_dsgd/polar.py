@@ -224,13 +224,28 @@ def certify_unit_norm(
     backward error ``|ΔM| ≤ γ_{m+1} |R|ᵀ|R|`` and ``‖|R|ᵀ|R|‖₂ ≤ tr(|R|ᵀ|R|) = tr(M + ΔM)``, with
     ``tr M ≤ m t − tr Ŝ``); the diagonal subtraction errs by ``u (t + max Ŝ_ii)``. With ``t = bound −``
     twice the sum of these and of ``e``, ``λ_max(D Dᵀ) ≤ bound``. The factorisation runs in float32
-    where ``Ŝ`` is float32 and ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 365``: even a rank-deficient
-    ``Ŝ``, ``tr M ≈ m``, passes), else in float64."""
+    where ``Ŝ`` is float32. Where ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 365``) even a rank-deficient
+    ``Ŝ`` (``tr M ≈ m``) passes in float32; larger blocks are refactorised in float64 where float32
+    did not certify them (on the CPU, where the host read is free; elsewhere they run in float64)."""
     gram, trace, gram_error = _gram(direction) if gram is None else gram
     m = gram.shape[-1]
+    if gram.dtype != torch.float32:
+        return _cholesky_certifies(gram, trace, gram_error, bound, torch.float64)
     u32 = torch.finfo(torch.float32).eps / 2
-    single = gram.dtype == torch.float32 and _gamma(m + 1, u32) * m <= 2 * GRAM_TOLERANCE
-    dtype = torch.float32 if single else torch.float64
+    if _gamma(m + 1, u32) * m <= 2 * GRAM_TOLERANCE:
+        return _cholesky_certifies(gram, trace, gram_error, bound, torch.float32)
+    if gram.device.type != "cpu":
+        return _cholesky_certifies(gram, trace, gram_error, bound, torch.float64)
+    ok = _cholesky_certifies(gram, trace, gram_error, bound, torch.float32)
+    redo = ~ok
+    if bool(redo.any()):
+        ok[redo] = _cholesky_certifies(gram[redo], trace[redo], gram_error[redo], bound, torch.float64)
+    return ok
+
+
+def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: float, dtype: torch.dtype) -> Tensor:
+    """The test of ``certify_unit_norm``, with the factorisation in ``dtype``."""
+    m = gram.shape[-1]
     u = torch.finfo(dtype).eps / 2
     gram = gram.to(dtype)
     diag_max = gram.diagonal(dim1=-2, dim2=-1).amax(-1).to(torch.float64)

@@ -96,6 +96,22 @@ def test_certificate_accepts_norm_just_below_one_and_refuses_just_above(rank, dt
         assert bool(P.certify_unit_norm(d[None])[0]) == expected
 
 
+def test_large_blocks_are_refactorised_in_float64_only_where_float32_did_not_certify(monkeypatch):
+    """Smaller side 400 (> 365): a full-rank ``D`` of norm 0.995 is certified by the float32
+    factorisation (``tr M`` small); a rank-7 one (``tr M ≈ m``, a float32 rounding bound ≈ 0.02) only
+    by the float64 one it then gets; a ``D`` of norm ``1 + 10⁻⁵`` by neither."""
+    dtypes = []
+    original = P._cholesky_certifies
+    monkeypatch.setattr(P, "_cholesky_certifies", lambda *a: dtypes.append((a[-1], len(a[0]))) or original(*a))
+    full = with_spectrum(torch.linspace(0.995, 0.97, 400, dtype=torch.float64), 400, 420, seed=1)
+    low = with_spectrum(torch.linspace(0.995, 0.5, 7, dtype=torch.float64), 400, 420, seed=2)
+    above = with_spectrum(torch.linspace(1 + 1e-5, 0.9, 400, dtype=torch.float64), 400, 420, seed=3)
+    d = torch.stack([full, low, above]).float()
+    assert [spectral_norm(b) <= 1.0 for b in d] == [True, True, False]
+    assert P.certify_unit_norm(d, P._gram(d, normalized=True)).tolist() == [True, True, False]
+    assert dtypes == [(torch.float32, 3), (torch.float64, 2)]
+
+
 @pytest.mark.parametrize("shape", [(1, 50), (30, 30), (17, 300)])
 def test_gershgorin_scale_is_an_upper_bound_even_where_it_is_tight(shape):
     m, n = shape

@@ -392,11 +392,12 @@ def _stage(x: Tensor, a: float, b: float, c: float, wide: bool = True) -> Tensor
 #: of the step; ``None``: never. One layer moves (certified greedy: the exact path is ``svdvals`` of
 #: every block plus one ``svd``); every layer moves (estimated constants: an ``svd`` of every block).
 #: CPU (2-core Xeon with AMX, 1 thread, ``python -m benchmarks.bench_polar``, matmul ÷ exact): one
-#: layer: 4.5× at 64 × 65, 0.95–1.65× from 128 × 129 to 2048 × 513, 0.82× at 1024 × 1025 — never;
-#: every layer: 2.3× at 64 × 65, 0.45× at 128 × 129 (1.14× at 128 × 513), 0.47–0.70× from 256 × 257
-#: to 1024 × 1025 — from 128. CUDA: unmeasured (no GPU run yet); an SVD per block is
+#: layer: 6.6× at 64 × 65, 2.6× at 128 × 129, 0.87–1.23 at 256 × 257, 1024 × 257 and 256 × 1025,
+#: 0.56–0.76 from 512 × 513 to 1024 × 1025 (2048 × 2049, one block: 0.74 s against 1.79 s for
+#: ``svdvals``) — from 512; every layer: 3.1× at 64 × 65, 0.54 at 128 × 129, 0.34–0.69 from
+#: 128 × 513 to 1024 × 1025 — from 128. CUDA: unmeasured (no GPU run yet); an SVD per block is
 #: latency-bound there.
-POLAR_MIN_SIDE: dict[str, int | None] = {"cpu": None, "cuda": 64}
+POLAR_MIN_SIDE: dict[str, int | None] = {"cpu": 512, "cuda": 64}
 POLAR_MIN_SIDE_EVERY_LAYER: dict[str, int | None] = {"cpu": 128, "cuda": 64}
 #: Device types whose crossover has not been measured.
 UNMEASURED: frozenset[str] = frozenset({"cuda"})

@@ -298,7 +298,9 @@ def test_geometry_hands_the_certified_direction_from_score_to_step():
 def test_sketch_takes_precedence_and_auto_follows_the_measured_crossover():
     geometry = SpectralGeometry()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not geometry.uses_polar((4096, 4097), cpu)  # measured: LAPACK's svdvals win on this CPU
+    # one layer moving: svdvals of every block; the matmul path wins from 512 on this CPU
+    assert not geometry.uses_polar((256, 257), cpu) and geometry.uses_polar((512, 513), cpu)
+    assert geometry.uses_polar((2048, 2049), cpu)
     # every layer moving needs an svd per block: the matmul path wins from 128 on this CPU
     assert geometry.uses_polar((256, 257), cpu, every_layer=True) and not geometry.uses_polar((64, 65), cpu, True)
     assert geometry.uses_polar((256, 257), cuda) and not geometry.uses_polar((16, 17), cuda)

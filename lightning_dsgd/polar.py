@@ -304,7 +304,7 @@ def certified_inner(
         grads_norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float64)
     u = torch.finfo(dtype).eps / 2
     gamma = _gamma(n + 1, u) + _gamma(m) * (1 + _gamma(n + 1, u))
-    underflow = 2 * m * n * torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    underflow = 2 * m * n * torch.finfo(dtype).tiny  # a product or partial sum flushed to zero (FTZ/DAZ)
     error = 2 * gamma * grads_norm * direction_trace.sqrt() + underflow
     return (rows - error).clamp(min=0.0)
 
@@ -357,10 +357,10 @@ def _padded(stack: Tensor) -> Tensor:
 
 
 def _frobenius_norms(stack: Tensor) -> Tensor:
-    """``N ≥ ‖G‖_F`` per block, in float64, within ``10⁻⁶`` of it; inf/NaN exactly where a block is
+    """``N ≥ ‖G‖_F`` per block, in float64, within ``γ_{n+1}`` of it; inf/NaN exactly where a block is
     not finite. float32 blocks on the CPU: row norms in float32 (``fl(Σ_j g²)`` errs by at most
     ``γ_{n+1}`` relatively in any order of the sums, the square root by ``u``, and squares below
-    ``2⁻¹⁴⁹`` may be lost: ``n 2⁻¹⁴⁹`` per row), added in float64 — a fifth of the cost of a float64
+    ``2⁻¹²⁶`` may be lost, flushed or not: ``n 2⁻¹²⁶`` per row), added in float64 — a fifth of the cost of a float64
     copy. Blocks where a row overflowed, or whose bound is below ``√(mn) 2⁻⁴⁴`` (where lost squares
     could matter), are recomputed in float64 (one host read, free on the CPU), as are other dtypes
     and devices."""
@@ -369,7 +369,7 @@ def _frobenius_norms(stack: Tensor) -> Tensor:
         return torch.linalg.vector_norm(stack, dim=(-2, -1), dtype=torch.float64) * (1 + 1e-12)
     u = torch.finfo(torch.float32).eps / 2
     rows = torch.linalg.vector_norm(stack, dim=-1).to(torch.float64)
-    squares = (rows / (1 - u)).square() / (1 - _gamma(n + 1, u)) + n * 2.0**-149
+    squares = (rows / (1 - u)).square() / (1 - _gamma(n + 1, u)) + n * 2.0**-126
     norm = (squares.sum(-1) * (1 + _gamma(m))).sqrt() * (1 + 1e-12)
     redo = ~torch.isfinite(norm) | (norm < math.sqrt(m * n) * 2.0**-44)
     if bool(redo.any()):

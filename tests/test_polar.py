@@ -220,6 +220,21 @@ def test_every_layer_mode_mixes_matmul_and_exact_blocks():
         assert spectral_norm(bases[k].direction) <= (1.0 if k == 0 else 1.0 + 1e-5)
 
 
+def test_frobenius_norms_bound_from_above_and_survive_overflow_underflow_and_nan():
+    """float32 row norms with their rounding bound: ``N ≥ ‖G‖_F`` within ``γ_{n+1}``; a block whose rows
+    overflow float32 (10²⁵ entries), or so small that squares underflow (10⁻³⁰), is redone in
+    float64; inf/NaN blocks stay non-finite, a zero block is 0."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 70, 90, generator=g) * torch.logspace(0, -5, 90)
+    stack = torch.stack([base[0], base[1] * 1e25, base[2] * 1e-30, base[3], torch.zeros(70, 90), base[5]])
+    stack[3, 5, 7], stack[5, 0, 0] = math.inf, math.nan
+    norm = P._frobenius_norms(stack)
+    exact = torch.linalg.vector_norm(stack.double(), dim=(-2, -1))
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(norm), finite) and norm[4] == 0
+    assert (norm[finite] >= exact[finite]).all() and (norm[finite] <= exact[finite] * (1 + 100 * 2.0**-24)).all()
+
+
 def test_certified_inner_product_is_below_the_exactly_rounded_one():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 64, 65, generator=g) * torch.logspace(0, -6, 65)

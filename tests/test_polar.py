@@ -264,6 +264,7 @@ def families() -> dict[str, torch.Tensor]:
         "low rank": with_spectrum(torch.ones(1), 64, 300),
         "tall": torch.randn(400, 65, generator=g, dtype=torch.float64),
         "wide": torch.randn(33, 500, generator=g, dtype=torch.float64),
+        "tall, both sides padded": torch.randn(1000, 300, generator=g, dtype=torch.float64),  # to 1008 × 304
         "cross-entropy": ce,
         "bfloat16-stored": torch.randn(96, 129, generator=g).to(torch.bfloat16).double(),
         "large entries": torch.randn(40, 41, generator=g, dtype=torch.float64) * 1e25,

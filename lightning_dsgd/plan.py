@@ -9,16 +9,23 @@ is computed and how it travels.
 * **Shared** (several ranks): layer ``i`` has one owner, from a greedy longest-processing-time
   split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
   same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
-  ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
-  measures its adaptive curvature; it alone computes the layer's exact weight norms when they are
-  due (which are due follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`;
-  under FSDP2 from the weight gathered to it only). Those per-layer values travel in the step's ONE
-  all-gather, every rank reads each layer's entries from its owner's row, computes the same
-  constants and the same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
-  broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
-  same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
-  alone keeps the whole step for the adaptive curvature at the next step (which then travels in
-  the all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
+  ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), one layer at a
+  time (`each_gradient`): it measures the adaptive curvature along the layer's pending step
+  (which is then released), scores it and, when several layers move per step, computes its
+  direction ``ρ`` and ``⟨g, ρ⟩``, then drops the gradient, so that at most one gathered full
+  gradient is alive on a rank and each owned layer holds at most one full block at a time (its
+  pending step, then its direction, then its new step). With one layer per step the moving
+  layer's gradient is obtained again for its step. The exact weight norms that fall due (which
+  do follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`) are spread over
+  the ranks, the costliest first to the least loaded (`norm_owners`: scoring work and earlier
+  norms counted), each computed by one rank (under FSDP2 from the weight gathered to it only).
+  Those per-layer values travel in the step's ONE all-gather, every rank reads each value from
+  the row of the rank that computed it, computes the same constants and the same argmax. The
+  step of a layer that moves is computed by its owner. Under DDP it is broadcast (with
+  ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the same state.
+  Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner alone keeps
+  the whole step for the adaptive curvature at the next step (which then travels in the
+  all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
   the checkpoint rank 0 writes, is complete.
 """
 
@@ -101,6 +108,8 @@ class WorkPlan:
     norms_computed: list[int] = field(default_factory=list)
     _owner_index: Tensor | None = field(default=None, repr=False)
     _alive: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    #: Exact-norm work each rank did beyond the least busy one, over the steps so far (the same on every rank).
+    _norm_work: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def replicated(cls, n: int) -> WorkPlan:
@@ -191,8 +200,9 @@ class WorkPlan:
     def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> Tensor | None:
         """Shared: the exact values of the ``due`` layers of each bounds (see
         [NormBounds.due][lightning_dsgd.norm_bounds.NormBounds.due], the same on every rank), each
-        computed by one rank, the costliest first to the least loaded (this step's scoring work
-        included: `norm_owners`), under FSDP2 on its parameters gathered to that rank only; one
+        computed by one rank, the costliest first to the least loaded (its scoring work and the
+        norms it computed in earlier steps beyond the others' included: `norm_owners`, so an odd
+        norm alternates between ranks), under FSDP2 on its parameters gathered to that rank only; one
         flat vector over ``due``, exactly zero where another rank computes the value (so that the
         sum over the ranks' rows is the value). ``None`` when nothing is due."""
         self.norms_computed = []
@@ -200,8 +210,15 @@ class WorkPlan:
         if not size:
             return None
         flat = [i for _, indices in due for i in indices]
-        loads = [sum(c for c, o in zip(self.costs, self.owners, strict=True) if o == r) for r in range(self.world)]
-        computers = iter(norm_owners([self.costs[i] for i in flat], loads))
+        if not self._norm_work:
+            self._norm_work = [0] * self.world
+        scoring = [sum(c for c, o in zip(self.costs, self.owners, strict=True) if o == r) for r in range(self.world)]
+        loads = [a + b for a, b in zip(scoring, self._norm_work, strict=True)]
+        assigned = norm_owners([self.costs[i] for i in flat], loads)
+        for i, rank in zip(flat, assigned, strict=True):
+            self._norm_work[rank] += self.costs[i]
+        self._norm_work = [w - min(self._norm_work) for w in self._norm_work]
+        computers = iter(assigned)
         reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
         dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
         zero = torch.zeros((), dtype=dtype, device=self.device)

@@ -222,17 +222,18 @@ class WorkPlan:
         reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
         dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        out, offset = [zero] * size, 0
+        out: list[Tensor] = []
         for (bounds, indices), tensors in zip(due, reads, strict=True):
-            ranks = [next(computers) for _ in indices]
-            mine = [(k, whole) for k in range(len(indices)) if (whole := self._held(ranks[k], tensors[k])) is not None]
-            if mine:
+            for i, layer_tensors in zip(indices, tensors, strict=True):
+                # One layer at a time: only its full weight and the workspace of its norm are alive.
+                whole = self._held(next(computers), layer_tensors)
+                if whole is None:
+                    out.append(zero)
+                    continue
                 assert bounds.exact is not None
-                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine]).to(dtype)
-                for j, (k, _) in enumerate(mine):
-                    out[offset + k] = values[j]
-                self.norms_computed += [indices[k] for k, _ in mine]
-            offset += len(indices)
+                out.append(bounds.exact([i], [whole])[0].to(dtype))
+                self.norms_computed.append(i)
+                del whole
         return torch.stack(out)
 
     def _held(self, rank: int, tensors: list[Tensor]) -> list[Tensor] | None:

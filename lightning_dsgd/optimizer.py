@@ -497,12 +497,13 @@ class DSGD(torch.optim.Optimizer):
             curvatures.update(self.constant_model.curvatures(grads))
             norms, found = self._dual_norms(grads, rank_bounds)
             values[i], bases[i] = norms[i], found[i]
-            if prepared is not None:
+            del found
+            if prepared is not None:  # the basis (U Vᵀ) is released once ρ is formed, before ⟨g, ρ⟩
                 block = augment(*grad)
                 direction = self.geometry_of(self.layers[i]).duality_map(block, bases[i])
+                bases[i] = None
                 prepared[i] = direction, _inner(block, direction) if self.constant_model.measures_curvature else None
                 del block, direction
-                bases[i] = None
             grads[i] = None
             del grad
         present = [v.dtype for v in values if v is not None]

@@ -8,8 +8,12 @@ builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())`
 * **FSDP2**: a tanh MLP of equal widths, every ``Linear`` and the root under ``fully_shard``
   (parameters and gradients are ``DTensor`` shards). Per rank and per step, AdamW and DSGD alike:
 
-  - *memory*: on CPU, ``ProfiledMemory``: the bytes of every tensor Python holds at a phase's start
-    plus the largest rise within the phase of the allocator's running sum (the torch profiler's
+  - *memory*: on CPU, ``RssMemory`` (the meter the target reads): the rise of the rank's peak
+    resident set size over its RSS before the arm's model is built (``VmHWM``, reset at every phase
+    through ``/proc/self/clear_refs``), every allocation of ``MMAP_THRESHOLD`` bytes or more its own
+    mapping (``MALLOC_MMAP_THRESHOLD_``), so that it counts every tensor from its first write to its
+    free, whichever thread frees it; beside it ``ProfiledMemory``: the bytes of every tensor Python
+    holds at a phase's start plus the largest rise within the phase of the allocator's running sum (the torch profiler's
     memory events, ``profile_memory=True``; they include the workspaces inside kernels, and miss
     frees made on gloo's threads: the page reports how far the two disagree over a phase); on
     CUDA, ``torch.cuda``'s ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays

@@ -379,6 +379,8 @@ class Distributed:
     fsdp: list[FSDPArm] = field(default_factory=list)
     ddp: list[DDPArm] = field(default_factory=list)
     single: DDPArm | None = None
+    #: Per rank, what ``RssMemory`` read for a phase that wrote and freed ``RSS_CHECK_BYTES`` (CPU).
+    rss_check: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- the ranks
@@ -488,7 +490,20 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
                 else [rss_peaks["bench-step"][1], rss_peaks["bench-optimizer"][0], rss_peaks["bench-step"][0]],
             }
         )
-    return {"param_bytes": param_bytes, "arms": results}
+    return {"param_bytes": param_bytes, "arms": results, "rss_check": rss_check() if rss_meter_available() else None}
+
+
+#: The temporary ``rss_check`` writes and frees.
+RSS_CHECK_BYTES = 32 * 2**20
+
+
+def rss_check() -> int:
+    """The peak ``RssMemory`` reads for a phase that writes a ``RSS_CHECK_BYTES`` tensor and frees it."""
+    meter = RssMemory()
+    with meter, meter.mark("check/0"):
+        temporary = torch.ones(RSS_CHECK_BYTES // 4)
+        del temporary
+    return meter.peaks(("check",))["check"][0]
 
 
 @contextmanager
@@ -628,6 +643,7 @@ def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distrib
     fsdp, ddp = [r["fsdp"] for r in ranks], [r["ddp"] for r in ranks]
     single = launch(ddp_rank, config, device_name, 1)[0]["arms"][0]
     result = Distributed(config, device.type, sharing_option(), fsdp[0]["param_bytes"])
+    result.rss_check = [r["rss_check"] for r in fsdp if r.get("rss_check") is not None]
     for k, first in enumerate(fsdp[0]["arms"]):
         ranks = [r["arms"][k] for r in fsdp]
         result.fsdp.append(
@@ -709,8 +725,9 @@ def distributed_section(result: Distributed) -> list[str]:
         "`/proc/self/clear_refs`), glibc serving every allocation of "
         f"{MMAP_THRESHOLD // 1024} KiB or more from its own mapping (`MALLOC_MMAP_THRESHOLD_`), so that a "
         "tensor counts from its first write until it is freed, by any thread, at page granularity; "
-        "small allocations add under 1 MiB of noise (a check allocating 1 MiB and 32 MiB read 1.9 and 33.7)."
-        if rss
+        f"small allocations add a little noise: a phase that wrote and freed {_mib(RSS_CHECK_BYTES)} MiB read "
+        f"{_per_rank(result.rss_check)} MiB on the ranks."
+        if rss and result.rss_check
         else ""
     )
     lines = [

@@ -196,9 +196,7 @@ def test_fused_attention_norms_and_empty_shards_share_work_under_plain_fsdp2():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "constants"), [("dsgd_ddp", "adaptive"), ("model_parallel", "data")])
-def test_the_due_exact_weight_norms_are_balanced_over_the_ranks_and_all_hold_the_same_bounds(
-    tmp_path, case, constants
-):
+def test_the_due_exact_weight_norms_are_balanced_over_the_ranks_and_all_hold_the_same_bounds(tmp_path, case, constants):
     steps = 6
     run = launch(case, tmp_path, "--constants", constants, "--steps", str(steps), "--hidden", "48")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

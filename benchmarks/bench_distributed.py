@@ -8,8 +8,12 @@ builds it: ``DSGD(model, reduce_max=all_reduce_max(), gather=all_gather_rows())`
 * **FSDP2**: a tanh MLP of equal widths, every ``Linear`` and the root under ``fully_shard``
   (parameters and gradients are ``DTensor`` shards). Per rank and per step, AdamW and DSGD alike:
 
-  - *memory*: on CPU, ``ProfiledMemory``: the bytes of every tensor Python holds at a phase's start
-    plus the largest rise within the phase of the allocator's running sum (the torch profiler's
+  - *memory*: on CPU, ``RssMemory`` (the meter the target reads): the rise of the rank's peak
+    resident set size over its RSS before the arm's model is built (``VmHWM``, reset at every phase
+    through ``/proc/self/clear_refs``), every allocation of ``MMAP_THRESHOLD`` bytes or more its own
+    mapping (``MALLOC_MMAP_THRESHOLD_``), so that it counts every tensor from its first write to its
+    free, whichever thread frees it; beside it ``ProfiledMemory``: the bytes of every tensor Python
+    holds at a phase's start plus the largest rise within the phase of the allocator's running sum (the torch profiler's
     memory events, ``profile_memory=True``; they include the workspaces inside kernels, and miss
     frees made on gloo's threads: the page reports how far the two disagree over a phase); on
     CUDA, ``torch.cuda``'s ``memory_allocated`` / ``max_memory_allocated``. Reported: what stays
@@ -49,7 +53,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +205,71 @@ class ProfiledMemory:
         return out
 
 
+#: glibc serves every allocation of at least this many bytes with its own ``mmap`` (and gives it
+#: back with ``munmap`` when freed): set for the ranks, so that the resident set size follows the
+#: tensors (torch's CPU allocator caches nothing).
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_meter_available() -> bool:
+    """Linux with a resettable peak RSS (``/proc/self/clear_refs``, Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        return _status_kib("VmHWM") > 0
+    except OSError:
+        return False
+
+
+class RssMemory:
+    """The process's peak resident set size per marked phase, above its RSS when the meter was entered
+    (phases may nest, as for ``CudaMemory``): the kernel's high-water mark ``VmHWM``, reset at each
+    mark through ``/proc/self/clear_refs``. Every allocation of ``MMAP_THRESHOLD`` bytes or more is its
+    own mapping in the ranks (``MALLOC_MMAP_THRESHOLD_``), so a tensor counts from its first write to its
+    free, whichever thread frees it (gloo's included), at page granularity; small allocations reuse
+    the heap (a few KiB of noise)."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.found: dict[str, tuple[int, int]] = {}
+        self._open: list[str] = []
+
+    def __enter__(self) -> RssMemory:
+        self.base = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _fold(self) -> None:
+        peak, now = _status_kib("VmHWM") - self.base, _status_kib("VmRSS") - self.base
+        for prefix in self._open:
+            self.found[prefix] = (max(self.found.get(prefix, (0, 0))[0], peak), now)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+
+    @contextmanager
+    def mark(self, name: str) -> Iterator[None]:
+        self._fold()
+        self._open.append(name.rsplit("/", 1)[0])
+        try:
+            yield
+        finally:
+            self._fold()
+            self._open.pop()
+
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
+        return {p: (*self.found.get(p, (0, 0)), 0) for p in prefixes}
+
+
 class CudaMemory:
     """``torch.cuda``'s allocator statistics per marked phase (phases may nest: the peak seen before an
     inner phase resets the statistics counts for every open one); exact, so no uncertainty."""
@@ -283,6 +352,10 @@ class FSDPArm:
     uncertainty: list[int]
     comm: list[dict[str, dict[str, float]]]
     step_seconds: list[float]
+    #: CPU: the peak RSS meter's (``RssMemory``) resident, peak in step() and peak over the step per rank.
+    rss_resident: list[int] = field(default_factory=list)
+    rss_optimizer_peak: list[int] = field(default_factory=list)
+    rss_step_peak: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -306,6 +379,8 @@ class Distributed:
     fsdp: list[FSDPArm] = field(default_factory=list)
     ddp: list[DDPArm] = field(default_factory=list)
     single: DDPArm | None = None
+    #: Per rank, what ``RssMemory`` read for a phase that wrote and freed ``RSS_CHECK_BYTES`` (CPU).
+    rss_check: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- the ranks
@@ -356,9 +431,13 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
         gc.collect()  # the previous arm's cycles (modules, hooks) are freed before this arm's window opens
         dist.barrier()
         meter: ProfiledMemory | CudaMemory = CudaMemory(device) if device.type == "cuda" else ProfiledMemory()
+        rss = RssMemory() if device.type == "cpu" and rss_meter_available() else None
+        meters = [m for m in (meter, rss) if m is not None]
         counter = CollectiveBytes()
         times = []
-        with meter:
+        with ExitStack() as entered:
+            for m in meters:
+                entered.enter_context(m)
             model = _model(config, device)
             for module in model:
                 if isinstance(module, nn.Linear):
@@ -372,13 +451,13 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
                 for step in range(1 + config.fsdp_steps):  # step 0: warm-up (AdamW allocates its state)
                     measured = step > 0
                     tag = "bench" if measured else "warmup"
-                    with meter.mark(f"{tag}-step/{step}"):
+                    with _marks(meters, f"{tag}-step/{step}"):
                         optimizer.zero_grad(set_to_none=True)
                         counter.phase = "forward_backward" if measured else "warmup"
                         loss = nn.functional.cross_entropy(model(x), y)
                         loss.backward()
                         counter.phase = "optimizer" if measured else "warmup"
-                        with meter.mark(f"{tag}-optimizer/{step}"):
+                        with _marks(meters, f"{tag}-optimizer/{step}"):
                             _sync(device)
                             begin = time.perf_counter()
                             optimizer.step()
@@ -390,6 +469,7 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
             del model, optimizer, loss, module  # a child under fully_shard holds the whole model
             gc.collect()
         peaks = meter.peaks(("bench-step", "bench-optimizer"))
+        rss_peaks = rss.peaks(("bench-step", "bench-optimizer")) if rss is not None else None
         steps = config.fsdp_steps
         comm = {
             phase: {op: size / steps for op, size in ops.items()}
@@ -405,9 +485,33 @@ def fsdp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, 
                 "uncertainty": max(peaks["bench-step"][2], peaks["bench-optimizer"][2]),
                 "comm": comm,
                 "step_seconds": statistics.median(times),
+                "rss": None
+                if rss_peaks is None
+                else [rss_peaks["bench-step"][1], rss_peaks["bench-optimizer"][0], rss_peaks["bench-step"][0]],
             }
         )
-    return {"param_bytes": param_bytes, "arms": results}
+    return {"param_bytes": param_bytes, "arms": results, "rss_check": rss_check() if rss_meter_available() else None}
+
+
+#: The temporary ``rss_check`` writes and frees.
+RSS_CHECK_BYTES = 32 * 2**20
+
+
+def rss_check() -> int:
+    """The peak ``RssMemory`` reads for a phase that writes a ``RSS_CHECK_BYTES`` tensor and frees it."""
+    meter = RssMemory()
+    with meter, meter.mark("check/0"):
+        temporary = torch.ones(RSS_CHECK_BYTES // 4)
+        del temporary
+    return meter.peaks(("check",))["check"][0]
+
+
+@contextmanager
+def _marks(meters: list, name: str) -> Iterator[None]:
+    with ExitStack() as marked:
+        for meter in meters:
+            marked.enter_context(meter.mark(name))
+        yield
 
 
 def ddp_rank(rank: int, config: DistConfig, device: torch.device) -> dict[str, Any]:
@@ -499,18 +603,26 @@ def launch(job: Job, config: DistConfig, device_name: str, world: int) -> list[d
     in a process group when ``world > 1``; return each rank's result, in rank order."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(
-            _worker,
-            args=(job, config, device_name, free_port(), world, out),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        results = []
-        for rank in range(world):
-            with open(os.path.join(out, f"{rank}.json"), encoding="utf-8") as handle:
-                results.append(json.load(handle))
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # read by glibc as each rank starts (RssMemory)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            mp.start_processes(
+                _worker,
+                args=(job, config, device_name, free_port(), world, out),
+                nprocs=world,
+                join=True,
+                start_method="spawn",
+            )
+            results = []
+            for rank in range(world):
+                with open(os.path.join(out, f"{rank}.json"), encoding="utf-8") as handle:
+                    results.append(json.load(handle))
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     return results
 
 
@@ -531,6 +643,7 @@ def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distrib
     fsdp, ddp = [r["fsdp"] for r in ranks], [r["ddp"] for r in ranks]
     single = launch(ddp_rank, config, device_name, 1)[0]["arms"][0]
     result = Distributed(config, device.type, sharing_option(), fsdp[0]["param_bytes"])
+    result.rss_check = [r["rss_check"] for r in fsdp if r.get("rss_check") is not None]
     for k, first in enumerate(fsdp[0]["arms"]):
         ranks = [r["arms"][k] for r in fsdp]
         result.fsdp.append(
@@ -542,6 +655,7 @@ def measure_distributed(config: DistConfig, device_name: str = "cpu") -> Distrib
                 [r["uncertainty"] for r in ranks],
                 [r["comm"] for r in ranks],
                 [r["step_seconds"] for r in ranks],
+                *([r["rss"][k] for r in ranks] if all(r.get("rss") for r in ranks) else [] for k in range(3)),
             )
         )
     for k, first in enumerate(ddp[0]["arms"]):
@@ -604,6 +718,18 @@ def distributed_section(result: Distributed) -> list[str]:
         if result.option
         else f"This DSGD has no `{SHARE_OPTION}` option: every rank gathers every full gradient and scores every layer."
     )
+    rss = all(arm.rss_step_peak for arm in result.fsdp)
+    rss_text = (
+        " **Peak RSS** (the meter the target reads on CPU): the rise of the rank's peak resident set size "
+        "over its RSS before the run's model was built (Linux `VmHWM`, reset at each phase through "
+        "`/proc/self/clear_refs`), glibc serving every allocation of "
+        f"{MMAP_THRESHOLD // 1024} KiB or more from its own mapping (`MALLOC_MMAP_THRESHOLD_`), so that a "
+        "tensor counts from its first write until it is freed, by any thread, at page granularity; "
+        f"small allocations add a little noise: a phase that wrote and freed {_mib(RSS_CHECK_BYTES)} MiB read "
+        f"{_per_rank(result.rss_check)} MiB on the ranks."
+        if rss and result.rss_check
+        else ""
+    )
     lines = [
         "## Distributed: memory and communication per rank",
         "",
@@ -615,19 +741,26 @@ def distributed_section(result: Distributed) -> list[str]:
         f"{_mib(result.param_bytes)} MiB at full size), AdamW against DSGD. Memory per rank (MiB, rank 0 / rank 1): "
         "*resident* between steps (shards of parameters, gradients, optimizer state), the peak inside "
         "`optimizer.step()`, the peak over the whole step (zero_grad, forward, backward, step), from "
-        f"{memory}. Communication: payload bytes per step and "
+        f"{memory}.{rss_text} Communication: payload bytes per step and "
         "rank of every collective seen at the dispatcher (the gathered output of an all-gather, the full input of "
         "a reduce-scatter, the tensor of an all-reduce or broadcast), the largest over the ranks.",
         "",
         "| optimizer | resident | peak in step() | peak, whole step | × AdamW | "
-        "moved in fwd+bwd (MiB) | moved in step() (MiB) | total (MiB) | × AdamW | step() (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + ("peak RSS in step() | peak RSS, whole step | × AdamW | " if rss else "")
+        + "moved in fwd+bwd (MiB) | moved in step() (MiB) | total (MiB) | × AdamW | step() (ms) |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if rss else "") + "---:|---:|---:|---:|---:|",
     ]
     for arm in result.fsdp:
         total = comm_bytes(arm)
+        rss_cells = (
+            f"{_per_rank(arm.rss_optimizer_peak)} | {_per_rank(arm.rss_step_peak)} | "
+            f"{ratio(max(arm.rss_step_peak), max(adamw.rss_step_peak))} | "
+            if rss
+            else ""
+        )
         lines.append(
             f"| {arm.arm} | {_per_rank(arm.resident)} | {_per_rank(arm.optimizer_peak)} | "
-            f"{_per_rank(arm.step_peak)} | {ratio(max(arm.step_peak), max(adamw.step_peak))} | "
+            f"{_per_rank(arm.step_peak)} | {ratio(max(arm.step_peak), max(adamw.step_peak))} | {rss_cells}"
             f"{_mib(comm_bytes(arm, 'forward_backward'))} | {_mib(comm_bytes(arm, 'optimizer'))} | {_mib(total)} | "
             f"{ratio(total, comm_bytes(adamw))} | {ms(max(arm.step_seconds))} |"
         )
@@ -674,10 +807,11 @@ def distributed_verdicts(result: Distributed) -> list[str]:
     """The targets of the distributed work, each with its measured ratio."""
     adamw = result.fsdp[0]
     lines = ["Targets:", ""]
+    rss = all(arm.rss_step_peak for arm in result.fsdp)
     for arm in result.fsdp[1:]:
-        share = max(arm.step_peak) / max(adamw.step_peak)
+        share = max(arm.rss_step_peak) / max(adamw.rss_step_peak) if rss else max(arm.step_peak) / max(adamw.step_peak)
         lines.append(
-            f"- FSDP2 peak memory per rank ≤ AdamW's: {arm.arm} {share:.2f}× "
+            f"- FSDP2 peak memory per rank ≤ AdamW's{' (peak RSS)' if rss else ''}: {arm.arm} {share:.2f}× "
             f"({'met' if share <= 1.0 else 'not met'}); bytes per step {comm_bytes(arm) / comm_bytes(adamw):.2f}× "
             "AdamW's."
         )

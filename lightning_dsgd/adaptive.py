@@ -161,10 +161,13 @@ class AdaptiveConstants:
     def curvatures(self, grads: list[BlockGrad | None]) -> dict[int, Tensor]:
         """The curvature met along each pending step, for the layers whose new gradient is in
         ``grads`` (see [curvature][lightning_dsgd.adaptive.AdaptiveConstants.curvature]). Measured
-        once: the steps are released (a stand-in each), the multipliers read only the curvatures."""
-        measured = {i: self.curvature(i, augment(*grad)) for i in self.pending if (grad := grads[i]) is not None}
-        for pending in self.pending.values():
-            pending.step = pending.step.new_empty(0)
+        once: each measured step is released (a stand-in), the multipliers read only the curvatures
+        (shared work measures its layers one at a time, [lightning_dsgd.plan][])."""
+        measured = {}
+        for i, pending in self.pending.items():
+            if (grad := grads[i]) is not None:
+                measured[i] = self.curvature(i, augment(*grad))
+                pending.step = pending.step.new_empty(0)
         return measured
 
     def adjust(self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:

@@ -99,6 +99,7 @@ class _Scored:
     planned: int | None = None  # random / cyclic choice, agreed over ranks
     precision_reason: str | None = None
     order: list[int] | None = None  # layers by decreasing score (only when several move per step)
+    prepared: dict[int, tuple[Tensor, Tensor | None]] | None = None  # shared work: (ρ_i, ⟨g_i, ρ_i⟩) from scoring
 
 
 class DSGD(torch.optim.Optimizer):
@@ -430,9 +431,13 @@ class DSGD(torch.optim.Optimizer):
         due = [(bounds, bounds.due(indices, keys)) for bounds, indices, keys in followed]
         exact = work.exact_norms(due) if work.shared else None
         base = None if work.shared else self.constant_model.base_constants(batch, *self._score_dtype_device())
-        grads = work.gradients(self.layers)  # gradients: full, of the layers this rank scores
-        curvatures = self.constant_model.curvatures(grads)  # first: the last steps are then released
-        dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores: this rank's layers
+        prepared = None
+        if work.shared:  # gradients and scores of this rank's layers, one full gradient at a time
+            grads, curvatures, dual_norms, bases, prepared = self._score_owned(work, batch.rank_bounds, plan)
+        else:
+            grads = work.gradients(self.layers)  # gradients: full, of every layer
+            curvatures = self.constant_model.curvatures(grads)  # first: the last steps are then released
+            dual_norms, bases = self._dual_norms(grads, batch.rank_bounds)  # scores
         planned = torch.full((), float(self._plan() if plan else -1), device=dual_norms.device)
         checks = None
         if work.shared:  # agreement: the step's one collective, each layer's values from its owner
@@ -472,7 +477,40 @@ class DSGD(torch.optim.Optimizer):
             int(agreed) if agreed >= 0 else None,
             precision_reason,
             [int(i) for i in values[4 + len(self.layers) :]] if self.layers_per_step > 1 else None,
+            prepared,
         )
+
+    def _score_owned(self, work: WorkPlan, rank_bounds: list[int | None], stepping: bool) -> tuple:
+        """Shared work: this rank's layers in turn, each full gradient dropped before the next is
+        obtained: its curvature along the pending step (which is then released), its dual norm and,
+        when ``stepping`` with several layers per step, its direction ``ρ_i`` and ``⟨g_i, ρ_i⟩`` (so
+        the gradient is not obtained again; ``None`` otherwise, the same on every rank). Returns what
+        ``_score`` takes from the replicated stages."""
+        n = len(self.layers)
+        grads: list[BlockGrad] = [None] * n
+        curvatures: dict[int, Tensor] = {}
+        values: list[Tensor | None] = [None] * n
+        bases: list[Tensor | None] = [None] * n
+        prepared: dict[int, tuple[Tensor, Tensor | None]] | None = {} if stepping and self.layers_per_step > 1 else None
+        for i, grad in work.each_gradient(self.layers):
+            grads[i] = grad
+            curvatures.update(self.constant_model.curvatures(grads))
+            norms, found = self._dual_norms(grads, rank_bounds)
+            values[i], bases[i] = norms[i], found[i]
+            del found
+            if prepared is not None:  # the basis (U Vᵀ) is released once ρ is formed, before ⟨g, ρ⟩
+                block = augment(*grad)
+                direction = self.geometry_of(self.layers[i]).duality_map(block, bases[i])
+                bases[i] = None
+                prepared[i] = direction, _inner(block, direction) if self.constant_model.measures_curvature else None
+                del block, direction
+            grads[i] = None
+            del grad
+        present = [v.dtype for v in values if v is not None]
+        dtype = max(present, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+        zero = torch.zeros((), dtype=dtype, device=self.layers[0].weight.device)
+        dual_norms = torch.stack([zero if v is None else v.to(dtype) for v in values])
+        return grads, curvatures, dual_norms, bases, prepared
 
     def _score_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The dtype and device of this step's scores, known before any gradient is gathered: the
@@ -539,19 +577,26 @@ class DSGD(torch.optim.Optimizer):
         scale = scored.etas[index] / scored.constants[index]
         step_norm = scale * scored.dual_norms[index]
         step = grad_dot_step = None
+        prepared = scored.prepared.pop(index, None) if scored.prepared is not None else None
+        if work.shared and scored.prepared is None:  # dropped after scoring: obtained again (FSDP2: a collective)
+            scored.grads[index] = work.gradient(layer, index)
         if work.owns(index):
-            # Each full buffer is dropped as soon as it is used: only the layers still to move hold theirs.
-            block_grad = augment(*scored.grads[index])  # type: ignore[misc]
-            scored.grads[index] = None
-            direction = geometry.duality_map(block_grad, scored.bases[index])
-            scored.bases[index] = None
-            if self.momentum > 0.0:
-                direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
+            if prepared is not None:
+                direction, grad_dot = prepared
+            else:  # each full buffer is dropped as soon as it is used
+                block_grad = augment(*scored.grads[index])  # type: ignore[misc]
+                scored.grads[index] = None
+                direction = geometry.duality_map(block_grad, scored.bases[index])
+                scored.bases[index] = None
+                if self.momentum > 0.0:
+                    direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
+                grad_dot = _inner(block_grad, direction) if self.constant_model.measures_curvature else None
+                del block_grad
+            del prepared
             step = direction * (-scale)
             del direction
-            if self.constant_model.measures_curvature:
-                grad_dot_step = (block_grad.to(step.dtype) * step).sum()
-            del block_grad
+            if grad_dot is not None:  # ⟨g, Δ⟩ = −(η/L)·⟨g, ρ⟩
+                grad_dot_step = (grad_dot * -scale).to(step.dtype)
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
@@ -793,6 +838,11 @@ def _decide(dual_norms: Tensor, constants: Tensor, planned: Tensor, ordered: boo
     if ordered:
         parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
     return scores, masked, torch.cat(parts)
+
+
+def _inner(block_grad: Tensor, direction: Tensor) -> Tensor:
+    """``⟨g, ρ⟩`` in the direction's dtype."""
+    return (block_grad.to(direction.dtype) * direction).sum()
 
 
 def _check_layers_attached(model: nn.Module, layers: list[Layer]) -> None:

@@ -9,16 +9,23 @@ is computed and how it travels.
 * **Shared** (several ranks): layer ``i`` has one owner, from a greedy longest-processing-time
   split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
   same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
-  ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), scores it and
-  measures its adaptive curvature; it alone computes the layer's exact weight norms when they are
-  due (which are due follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`;
-  under FSDP2 from the weight gathered to it only). Those per-layer values travel in the step's ONE
-  all-gather, every rank reads each layer's entries from its owner's row, computes the same
-  constants and the same argmax. The step of a layer that moves is computed by its owner. Under DDP it is
-  broadcast (with ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the
-  same state. Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner
-  alone keeps the whole step for the adaptive curvature at the next step (which then travels in
-  the all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
+  ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), one layer at a
+  time (`each_gradient`): it measures the adaptive curvature along the layer's pending step
+  (which is then released), scores it and, when several layers move per step, computes its
+  direction ``ρ`` and ``⟨g, ρ⟩``, then drops the gradient, so that at most one gathered full
+  gradient is alive on a rank and each owned layer holds at most one full block at a time (its
+  pending step, then its direction, then its new step). With one layer per step the moving
+  layer's gradient is obtained again for its step. The exact weight norms that fall due (which
+  do follows from bounds every rank holds alike, `lightning_dsgd.norm_bounds`) are spread over
+  the ranks, the costliest first to the least loaded (`norm_owners`: scoring work and earlier
+  norms counted), each computed by one rank (under FSDP2 from the weight gathered to it only).
+  Those per-layer values travel in the step's ONE all-gather, every rank reads each value from
+  the row of the rank that computed it, computes the same constants and the same argmax. The
+  step of a layer that moves is computed by its owner. Under DDP it is broadcast (with
+  ``⟨g, Δ⟩`` for the adaptive constants), so every rank applies it and keeps the same state.
+  Under FSDP2 each rank receives only its own dim-0 shard (a ``scatter``); the owner alone keeps
+  the whole step for the adaptive curvature at the next step (which then travels in the
+  all-gather), and saving the state broadcasts the kept steps, so that every rank's state, and
   the checkpoint rank 0 writes, is complete.
 """
 
@@ -26,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +64,19 @@ def balanced_owners(costs: Sequence[int], world: int) -> tuple[int, ...]:
     return tuple(owners)
 
 
+def norm_owners(due_costs: Sequence[int], loads: Sequence[int]) -> tuple[int, ...]:
+    """The rank that computes each due exact norm this step: the costliest first, each to the rank
+    least loaded so far (``loads``: each rank's scoring work; ties to the lower index and rank), so
+    that every rank, holding the same ``due`` list, makes the same assignment."""
+    loads = list(loads)
+    owners = [0] * len(due_costs)
+    for k in sorted(range(len(due_costs)), key=lambda k: (-due_costs[k], k)):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owners[k] = rank
+        loads[rank] += due_costs[k]
+    return tuple(owners)
+
+
 def process_group_size() -> tuple[int, int]:
     """``(rank, world size)`` of the default process group (``(0, 1)`` without one)."""
     if dist.is_available() and dist.is_initialized():
@@ -74,14 +95,21 @@ class WorkPlan:
     world: int = 1
     shared: bool = False
     device: torch.device | None = None  # where steps are received
+    #: Work of each layer's scoring or exact norm (`layer_cost`); empty when replicated.
+    costs: tuple[int, ...] = ()
     #: Layers this rank scored (dual norm, and its SVD where spectral) in the last step.
     layers_scored: int = 0
     #: Full gradients this rank assembled from shards in the last step, and their bytes.
     gradients_gathered: int = 0
     gathered_bytes: int = 0
-    #: Shared work: the layers whose exact weight norms this rank computed in the last step (its own).
+    #: The most full gradients assembled from shards alive at once on this rank in the last step.
+    most_gradients_alive: int = 0
+    #: Shared work: the layers whose exact weight norms this rank computed in the last step.
     norms_computed: list[int] = field(default_factory=list)
     _owner_index: Tensor | None = field(default=None, repr=False)
+    _alive: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    #: Exact-norm work each rank did beyond the least busy one, over the steps so far (the same on every rank).
+    _norm_work: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def replicated(cls, n: int) -> WorkPlan:
@@ -95,7 +123,7 @@ class WorkPlan:
         for layer in layers:
             _check_shardable(layer, world)
         device = layers[0].weight.device
-        return cls(balanced_owners(costs, world), rank, world, shared=world > 1, device=device)
+        return cls(balanced_owners(costs, world), rank, world, shared=world > 1, device=device, costs=tuple(costs))
 
     def owns(self, index: int) -> bool:
         """Whether this rank scores layer ``index`` (and computes its direction)."""
@@ -103,14 +131,33 @@ class WorkPlan:
 
     # ------------------------------------------------------------------ gradients
     def gradients(self, layers: Sequence[Layer]) -> list[BlockGrad]:
-        """Every layer's gradient as a ``(W, b)`` pair of full matrices on the rank that scores it
-        (``None`` elsewhere, and for a layer without a gradient)."""
-        self.gradients_gathered, self.gathered_bytes = 0, 0
-        grads = [self._gradient(layer, i) for i, layer in enumerate(layers)]
-        self.layers_scored = sum(1 for i, g in enumerate(grads) if g is not None and self.owns(i))
+        """Replicated: every layer's gradient as a ``(W, b)`` pair of full matrices (``None`` for a
+        layer without a gradient)."""
+        self._start_step()
+        grads = [self.gradient(layer, i) for i, layer in enumerate(layers)]
+        self.layers_scored = sum(1 for g in grads if g is not None)
         return grads
 
-    def _gradient(self, layer: Layer, index: int) -> BlockGrad:
+    def each_gradient(self, layers: Sequence[Layer]) -> Iterator[tuple[int, tuple[Tensor, Tensor | None]]]:
+        """Shared: ``(i, (W, b))`` for each layer this rank scores, one at a time, its full gradient
+        obtained only when its turn comes (under FSDP2 every rank takes part in every layer's
+        ``gather``, in layer order). The caller drops each before asking for the next, so at most one
+        gathered gradient is alive on a rank (``most_gradients_alive`` counts them)."""
+        self._start_step()
+        for i, layer in enumerate(layers):
+            grad = self.gradient(layer, i)
+            if grad is not None:
+                self.layers_scored += 1
+                yield i, grad
+            del grad
+
+    def _start_step(self) -> None:
+        self.layers_scored = self.gradients_gathered = self.gathered_bytes = 0
+        self.most_gradients_alive = len(self._alive)
+
+    def gradient(self, layer: Layer, index: int) -> BlockGrad:
+        """Layer ``index``'s gradient as a ``(W, b)`` pair of full matrices on the rank that scores
+        it (``None`` elsewhere, and without a gradient); a collective under FSDP2 with shared work."""
         if layer.weight.grad is None:
             return None
         bias = layer.bias
@@ -130,6 +177,8 @@ class WorkPlan:
         if any(is_sharded(p) for p in parts):
             self.gradients_gathered += 1
             self.gathered_bytes += sum(g.numel() * g.element_size() for g in gathered)
+            self._alive.add(gathered[0]._base if gathered[0]._base is not None else gathered[0])
+            self.most_gradients_alive = max(self.most_gradients_alive, len(self._alive))
         weight = layer.weight_matrix(gathered[0])
         return weight, None if bias is None else layer.bias_vector(gathered[1])
 
@@ -151,35 +200,48 @@ class WorkPlan:
     def exact_norms(self, due: Sequence[tuple[NormBounds, list[int]]]) -> Tensor | None:
         """Shared: the exact values of the ``due`` layers of each bounds (see
         [NormBounds.due][lightning_dsgd.norm_bounds.NormBounds.due], the same on every rank), each
-        computed by the layer's owner alone (under FSDP2 its parameters are gathered to the owner
-        only); one flat vector over ``due``, exactly zero where another rank owns the layer (so
-        that the sum over the ranks' rows is each owner's value). ``None`` when nothing is due."""
+        computed by one rank, the costliest first to the least loaded (its scoring work and the
+        norms it computed in earlier steps beyond the others' included: `norm_owners`, so an odd
+        norm alternates between ranks), under FSDP2 on its parameters gathered to that rank only; one
+        flat vector over ``due``, exactly zero where another rank computes the value (so that the
+        sum over the ranks' rows is the value). ``None`` when nothing is due."""
         self.norms_computed = []
         size = sum(len(indices) for _, indices in due)
         if not size:
             return None
+        flat = [i for _, indices in due for i in indices]
+        if not self._norm_work:
+            self._norm_work = [0] * self.world
+        scoring = [sum(c for c, o in zip(self.costs, self.owners, strict=True) if o == r) for r in range(self.world)]
+        loads = [a + b for a, b in zip(scoring, self._norm_work, strict=True)]
+        assigned = norm_owners([self.costs[i] for i in flat], loads)
+        for i, rank in zip(flat, assigned, strict=True):
+            self._norm_work[rank] += self.costs[i]
+        self._norm_work = [w - min(self._norm_work) for w in self._norm_work]
+        computers = iter(assigned)
         reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
         dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        out, offset = [zero] * size, 0
+        out: list[Tensor] = []
         for (bounds, indices), tensors in zip(due, reads, strict=True):
-            mine = [(k, whole) for k, i in enumerate(indices) if (whole := self._owned(i, tensors[k])) is not None]
-            if mine:
+            for i, layer_tensors in zip(indices, tensors, strict=True):
+                # One layer at a time: only its full weight and the workspace of its norm are alive.
+                whole = self._held(next(computers), layer_tensors)
+                if whole is None:
+                    out.append(zero)
+                    continue
                 assert bounds.exact is not None
-                values = bounds.exact([indices[k] for k, _ in mine], [whole for _, whole in mine]).to(dtype)
-                for j, (k, _) in enumerate(mine):
-                    out[offset + k] = values[j]
-                self.norms_computed += [indices[k] for k, _ in mine]
-            offset += len(indices)
+                out.append(bounds.exact([i], [whole])[0].to(dtype))
+                self.norms_computed.append(i)
+                del whole
         return torch.stack(out)
 
-    def _owned(self, index: int, tensors: list[Tensor]) -> list[Tensor] | None:
-        """Full ``tensors`` of layer ``index`` on its owner (``None`` elsewhere)."""
-        owner = self.owners[index]
+    def _held(self, rank: int, tensors: list[Tensor]) -> list[Tensor] | None:
+        """Full ``tensors`` on ``rank`` (``None`` elsewhere): sharded ones gathered to it."""
         if any(is_sharded(t) for t in tensors):
-            gathered = [self._gather(t, owner) if is_sharded(t) else t for t in tensors]
-            return None if owner != self.rank else gathered  # type: ignore[return-value]
-        return tensors if owner == self.rank else None
+            gathered = [self._gather(t, rank) if is_sharded(t) else t for t in tensors]
+            return None if rank != self.rank else gathered  # type: ignore[return-value]
+        return tensors if rank == self.rank else None
 
     # ------------------------------------------------------------------ agreement
     def share_scores(

@@ -56,6 +56,7 @@ class RecordWork(Callback):
                 "scored": plan.layers_scored,
                 "gathered": plan.gradients_gathered,
                 "bytes": plan.gathered_bytes,
+                "alive": plan.most_gradients_alive,  # the most gathered full gradients alive at once
                 "kept": sum(p.step.numel() * p.step.element_size() for p in pending),  # adaptive steps held
                 "norms": list(plan.norms_computed),  # layers whose exact weight norms this rank computed
                 # every followed weight-norm bound, as this rank holds it

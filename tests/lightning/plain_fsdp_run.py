@@ -66,6 +66,7 @@ def worker(rank: int, port: str) -> None:
         shared, shared_layers, shared_weights = train(True)
         assert shared.work_plan.shared and 0 < shared.work_plan.layers_scored < len(shared.layers)
         assert shared.work_plan.gradients_gathered == shared.work_plan.layers_scored
+        assert shared.work_plan.most_gradients_alive == 1  # one gathered full gradient at a time
         replicated, layers, weights = train(False)
         assert not replicated.work_plan.shared
         assert shared_layers == layers

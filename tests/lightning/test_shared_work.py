@@ -15,7 +15,7 @@ from test_distributed import launch, results
 from torch import nn
 
 from lightning_dsgd import DSGD, DSGDSettings
-from lightning_dsgd.plan import _shard_rows, balanced_owners, layer_cost
+from lightning_dsgd.plan import _shard_rows, balanced_owners, layer_cost, norm_owners
 
 
 def test_the_split_is_longest_processing_time_first_and_deterministic():
@@ -28,6 +28,14 @@ def test_the_split_is_longest_processing_time_first_and_deterministic():
     assert max(loads) - min(loads) <= max(costs)
     assert balanced_owners([3, 3, 3], 4) == (0, 1, 2)  # more ranks than layers: one each, some idle
     assert balanced_owners(costs, 1) == (0,) * len(costs)
+
+
+def test_due_norms_go_to_the_least_loaded_rank_costliest_first():
+    # Rank 0 scores 10, rank 1 scores 4: 6 → 1 (4 → 10), 5 → 0 (10 → 15), 3 → 1 (10 → 13), 3 → 1 (13 → 16).
+    assert norm_owners([3, 6, 5, 3], [10, 4]) == (1, 1, 0, 1)
+    assert norm_owners([3, 6, 5, 3], [10, 4]) == norm_owners([3, 6, 5, 3], (10, 4))  # the same on every rank
+    assert norm_owners([], [1, 2]) == ()
+    assert norm_owners([7, 7], [0, 0, 0]) == (0, 1)  # ties: the lower rank
 
 
 def test_spectral_blocks_cost_an_svd_others_a_pass():
@@ -108,11 +116,13 @@ def test_each_rank_scores_its_own_layers_and_all_choose_alike(tmp_path, case, co
     for rank, work in enumerate((work0, work1)):
         own = sum(1 for o in owners if o == rank)
         assert len(work["steps"]) == steps
-        for step in work["steps"]:
+        for t, step in enumerate(work["steps"]):
             assert step["scored"] == own  # only its own layers
-            # FSDP2: only its own layers' full gradients, never every one of them (DDP gathers none).
-            assert step["gathered"] == (own if sharded else 0)
-            assert step["bytes"] < work["full_gradient_bytes"]
+            # FSDP2: only its own layers' full gradients, never every one of them (DDP gathers none);
+            # one layer per step (certified): the moving layer's again for its step, by its owner.
+            again = constants == "data" and owners[rank0["layers"][t]] == rank
+            assert step["gathered"] == ((own + again) if sharded else 0)
+            assert step["alive"] == (1 if sharded else 0)  # one full gradient at a time
             assert (step["bytes"] > 0) == sharded
             # Adaptive: every layer moved; under FSDP2 each owner alone keeps its steps' blocks.
             kept = step["kept"]
@@ -186,9 +196,7 @@ def test_fused_attention_norms_and_empty_shards_share_work_under_plain_fsdp2():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "constants"), [("dsgd_ddp", "adaptive"), ("model_parallel", "data")])
-def test_each_rank_computes_exact_weight_norms_of_its_own_layers_and_all_hold_the_same_bounds(
-    tmp_path, case, constants
-):
+def test_the_due_exact_weight_norms_are_balanced_over_the_ranks_and_all_hold_the_same_bounds(tmp_path, case, constants):
     steps = 6
     run = launch(case, tmp_path, "--constants", constants, "--steps", str(steps), "--hidden", "48")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -196,11 +204,19 @@ def test_each_rank_computes_exact_weight_norms_of_its_own_layers_and_all_hold_th
     owners, followed = work0["owners"], work0["followed"]
     # Certified operator norms of the layers above the first; adaptive: the trust region's of every layer too.
     assert followed == ([[1, 2], [0, 1, 2]] if constants == "adaptive" else [[1, 2]])
+    # The first step needs every exact value: the costliest first, each to the least-loaded rank,
+    # the ranks' scoring work included.
+    shapes = [(48, 7), (48, 49), (3, 49)]
+    costs = [layer_cost(m, n, "spectral") for m, n in shapes]
+    due = [i for indices in followed for i in indices]
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(2)]
+    computers = norm_owners([costs[i] for i in due], loads)
     for rank, work in enumerate((work0, work1)):
-        own = [i for indices in followed for i in indices if owners[i] == rank]
-        assert work["steps"][0]["norms"] == own  # the first step needs every exact value: each rank its own
-        for step in work["steps"]:
-            assert all(owners[i] == rank for i in step["norms"])  # never another rank's layer
+        assert work["steps"][0]["norms"] == [i for i, r in zip(due, computers, strict=True) if r == rank]
+    assert set(computers) == {0, 1}  # both ranks compute some
+    for mine, theirs in zip(work0["steps"], work1["steps"], strict=True):
+        # Each due value is computed by one rank only.
+        assert all((mine["norms"] + theirs["norms"]).count(i) <= sum(i in f for f in followed) for i in range(3))
     assert sum(len(s["norms"]) for w in (work0, work1) for s in w["steps"]) > 0
     for mine, theirs in zip(work0["steps"], work1["steps"], strict=True):
         assert len(mine["bounds"]) == len(followed)

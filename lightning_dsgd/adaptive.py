@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_dsgd.distributed import Reducer, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, batches
+from lightning_dsgd.geometry import BlockGrad, Geometry, augment, batches, block_inner
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
@@ -162,7 +162,7 @@ class AdaptiveConstants:
         """The curvature met along each pending step, for the layers whose new gradient is in
         ``grads`` (see [curvature][lightning_dsgd.adaptive.AdaptiveConstants.curvature]). Measured
         once: the steps are released (a stand-in each), the multipliers read only the curvatures."""
-        measured = {i: self.curvature(i, augment(*grad)) for i in self.pending if (grad := grads[i]) is not None}
+        measured = {i: self.curvature(i, grad) for i in self.pending if (grad := grads[i]) is not None}
         for pending in self.pending.values():
             pending.step = pending.step.new_empty(0)
         return measured
@@ -182,10 +182,10 @@ class AdaptiveConstants:
         self.multipliers = self.multipliers.to(device=base.device, dtype=base.dtype)
         return self.multipliers * base
 
-    def curvature(self, index: int, new_grad: Tensor) -> Tensor:
-        """``κ`` met along layer ``index``'s pending step, from its new gradient (block matrix)."""
+    def curvature(self, index: int, new_grad: tuple[Tensor, Tensor | None]) -> Tensor:
+        """``κ`` met along layer ``index``'s pending step, from its new gradient ``(W, b)``."""
         pending = self.pending[index]
-        return ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / pending.step_norm_sq
+        return (block_inner(new_grad, pending.step) - pending.grad_dot_step) / pending.step_norm_sq
 
     def observe(self, curvatures: Mapping[int, Tensor], base: Tensor) -> None:
         """Correct the multiplier of every layer that moved last step from the curvature met along

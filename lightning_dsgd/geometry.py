@@ -55,6 +55,15 @@ def augment(weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 
+def block_inner(grad: tuple[Tensor, Tensor | None], block: Tensor) -> Tensor:
+    """``⟨[W, b], M⟩`` for ``grad = (W, b)`` and a block ``M`` of the same shape (``M`` without
+    its bias column when ``b`` is ``None``), without building ``[W, b]``; in ``M``'s dtype."""
+    weight, bias = grad
+    k = weight.shape[1]
+    inner = torch.linalg.vecdot(weight.to(block.dtype), block[:, :k]).sum()
+    return inner if bias is None else inner + torch.linalg.vecdot(bias.to(block.dtype), block[:, k], dim=0)
+
+
 def rounding_margin(dtype: torch.dtype, size: int) -> float:
     """Relative inflation ``1 + 16·(size + 1)·eps`` that turns a computed operator norm into an
     upper bound. A backward-stable SVD, or a sum of ``size`` positive terms, errs by a small
@@ -90,6 +99,21 @@ class Geometry:
 
     def duality_map(self, block: Tensor, basis: Basis = None) -> Tensor:
         raise NotImplementedError
+
+    def scaled_step(
+        self, grad: tuple[Tensor, Tensor | None], basis: Basis, dual_norm: Tensor, scale: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The block step ``Δ = −scale · ρ(G)`` of the gradient ``grad = (W, b)`` and ``⟨G, Δ⟩``,
+        without a second pass over ``G``: ``⟨G, Δ⟩ = −scale · ⟨G, ρ⟩`` with ``⟨G, ρ(G)⟩ = ‖G‖²_*``
+        (the duality map's defining identity, ``dual_norm`` as scored) and, for a direction handed
+        over while scoring (``ρ = c D``, ``c`` the scored dual norm), ``⟨G, ρ⟩ = c ⟨G, D⟩`` with
+        ``⟨G, D⟩`` as computed then (the exact path's ``⟨G, U Vᵀ⟩ = ‖G_r‖_*``). Equal to ``Σ G ∘ Δ``
+        up to rounding: of the dual norm's reduction or, with an SVD here, of its singular values."""
+        if isinstance(basis, PolarDirection):
+            factor = -scale * basis.inner
+            dot = basis.inner if basis.dot is None else basis.dot
+            return basis.direction * factor.to(basis.direction.dtype), factor * dot
+        return self.duality_map(augment(*grad), basis) * (-scale), -scale * dual_norm.square()
 
     def norm(self, block: Tensor) -> Tensor:
         raise NotImplementedError
@@ -257,11 +281,12 @@ class SpectralGeometry(Geometry):
         for (shape, group_dtype, k), idx in groups.items():
             if k == "polar":  # inf/NaN blocks: a NaN score, from polar_directions
                 stack = _stack_blocks([grads[i] for i in idx], shape, group_dtype, device)  # type: ignore[misc]
-                polar, inner, fell_back = polar_directions(stack)
+                computed: list[Tensor] = []  # ⟨G, D⟩ as computed, for the step's ⟨G, Δ⟩ (scaled_step)
+                polar, inner, fell_back = polar_directions(stack, computed=computed)
                 self.polar_fallbacks = self.polar_fallbacks + fell_back.sum()
-                inner = inner.to(dtype)
+                inner, dots = inner.to(dtype), computed[0].to(dtype)
                 for j, i in enumerate(idx):
-                    bases[i] = PolarDirection(polar[j], inner[j])
+                    bases[i] = PolarDirection(polar[j], inner[j], dots[j])
                     values[i] = inner[j]
                 continue
             omega = _randn((k, shape[0]), generator, device, group_dtype) if isinstance(k, int) else None

@@ -29,7 +29,15 @@ from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import make_constant_model
 from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
+from lightning_dsgd.geometry import (
+    Basis,
+    BlockGrad,
+    Geometry,
+    augment,
+    make_geometry,
+    reduction_dtype,
+    rounding_margin,
+)
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.plan import WorkPlan, process_group_size
 from lightning_dsgd.precision import full_precision, low_precision_reason
@@ -541,17 +549,15 @@ class DSGD(torch.optim.Optimizer):
         step = grad_dot_step = None
         if work.owns(index):
             # Each full buffer is dropped as soon as it is used: only the layers still to move hold theirs.
-            block_grad = augment(*scored.grads[index])  # type: ignore[misc]
-            scored.grads[index] = None
-            direction = geometry.duality_map(block_grad, scored.bases[index])
-            scored.bases[index] = None
+            grad, basis = scored.grads[index], scored.bases[index]
+            scored.grads[index] = scored.bases[index] = None
+            assert grad is not None
             if self.momentum > 0.0:
-                direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
-            step = direction * (-scale)
-            del direction
-            if self.constant_model.measures_curvature:
-                grad_dot_step = (block_grad.to(step.dtype) * step).sum()
-            del block_grad
+                step, scale, step_norm, grad_dot_step = self._momentum_step(index, grad, basis, scale)
+            else:  # ⟨g, Δ⟩ from the scores (scaled_step): no second pass over the gradient
+                step, grad_dot_step = geometry.scaled_step(grad, basis, scored.dual_norms[index], scale)
+            if not self.constant_model.measures_curvature:
+                grad_dot_step = None
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
@@ -572,9 +578,12 @@ class DSGD(torch.optim.Optimizer):
         self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
         return layer, step
 
-    def _momentum_step(self, index: int, block_grad: Tensor, direction: Tensor, scale: Tensor) -> tuple:
-        """The velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that the step stays a
-        descent direction, without a host sync), its step size (cut to the trust region) and norm."""
+    def _momentum_step(self, index: int, grad: tuple[Tensor, Tensor | None], basis: Basis, scale: Tensor) -> tuple:
+        """The step along the velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that it
+        stays a descent direction, without a host sync), its size (cut to the trust region), its
+        norm and ``⟨g, Δ⟩``."""
+        block_grad = augment(*grad)
+        direction = self.geometry_of(self.layers[index]).duality_map(block_grad, basis)
         buffer = self._momentum.get(index)
         if buffer is not None:
             downhill = ((block_grad.to(buffer.dtype) * buffer).sum() > 0).to(buffer.dtype)
@@ -583,7 +592,8 @@ class DSGD(torch.optim.Optimizer):
         velocity_norm = self.geometry_of(self.layers[index]).norm(direction)
         # A regime that bounds its steps (the adaptive trust region) bounds this one too.
         scale = self.constant_model.limit(index, scale, velocity_norm)
-        return direction, scale, scale * velocity_norm
+        step = direction * (-scale)
+        return step, scale, scale * velocity_norm, (block_grad.to(step.dtype) * step).sum()
 
     @staticmethod
     def _apply(layer: Layer, block_step: Tensor) -> None:

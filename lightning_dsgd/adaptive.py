@@ -199,19 +199,22 @@ class AdaptiveConstants:
         if idle:
             lowest = (self.anchors[idle] * self.idle_reach).clamp(min=self.floor)
             self.multipliers[idle] = torch.maximum(self.multipliers[idle] * self.idle_shrink, lowest)
-        for i in self.pending:
-            curvature = curvatures.get(i)
-            if curvature is None:
-                continue
-            target = self.safety * curvature
-            used = self.multipliers[i] * base[i]  # the model's constant, before any step cap
-            new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
-            multiplier = (new_constant / base[i]).clamp(min=self.floor)
-            multiplier = torch.where(torch.isfinite(multiplier), multiplier, self.multipliers[i])
-            self.multipliers[i] = torch.minimum(multiplier, ceiling[i])
-            self.anchors[i] = self.multipliers[i]
-            self.measured[i] = True
+        moved = [i for i in self.pending if i in curvatures]
         self.pending = {}
+        if not moved:
+            return
+        # Every measured layer at once (element-wise, as one layer at a time: the same values).
+        index = device_constant(tuple(moved), torch.int64, base.device)
+        target = self.safety * torch.stack([curvatures[i] for i in moved])
+        old, base_moved = self.multipliers[index], base[index]
+        used = old * base_moved  # the model's constant, before any step cap
+        new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
+        multiplier = (new_constant / base_moved).clamp(min=self.floor)
+        multiplier = torch.where(torch.isfinite(multiplier), multiplier, old)
+        self.multipliers[index] = torch.minimum(multiplier, ceiling[index]).to(self.multipliers.dtype)
+        self.anchors[index] = self.multipliers[index]
+        for i in moved:
+            self.measured[i] = True
 
     # ------------------------------------------------------------------ the steps taken
     def before_step(self, index: int) -> tuple:

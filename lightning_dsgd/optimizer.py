@@ -40,7 +40,7 @@ from lightning_dsgd.geometry import (
 )
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.plan import WorkPlan, process_group_size
-from lightning_dsgd.precision import full_precision, low_precision_reason
+from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 # Every option's values are defined here once; DSGDSettings and the CLI derive from these types.
@@ -368,7 +368,7 @@ class DSGD(torch.optim.Optimizer):
         chosen = [] if scored.skip_reason is not None else self._choose(scored)
         steps = [self._update(i, scored) for i in chosen]
         if chosen and self.full_batch and loss is not None:
-            promise = sum(self._promise(scored, i) for i in chosen)
+            promise = self._promise(scored, chosen)
             self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
         record = self._record(scored, chosen, loss, realized, self._take_loss_problem())
         self.skipped_steps += record.skipped
@@ -485,8 +485,8 @@ class DSGD(torch.optim.Optimizer):
     def _score_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The dtype and device of this step's scores, known before any gradient is gathered: the
         widest reduction dtype of the gradients (as ``_dual_norms`` makes them), the first layer's device."""
-        dtypes = [reduction_dtype(p.grad.dtype) for layer in self.layers for p in layer.params if p.grad is not None]
-        dtype = max(dtypes or [torch.float32], key=lambda d: torch.finfo(d).bits)
+        dtypes = {p.grad.dtype for layer in self.layers for p in layer.params if p.grad is not None}
+        dtype = max(map(reduction_dtype, dtypes), key=lambda d: torch.finfo(d).bits, default=torch.float32)
         return dtype, self.layers[0].weight.device
 
     def _plan(self) -> int:
@@ -602,9 +602,17 @@ class DSGD(torch.optim.Optimizer):
         if bias_step is not None:
             layer.bias.add_(shard_like(layer.bias, bias_step.to(layer.bias.dtype)))  # type: ignore[union-attr]
 
-    def _promise(self, scored: _Scored, index: int) -> Tensor:
-        eta = scored.etas[index]
-        return eta * (1.0 - eta / 2.0) * scored.scores[index]
+    @staticmethod
+    def _promise(scored: _Scored, chosen: list[int]) -> Tensor:
+        """``Σ_i η_i (1 − η_i/2) s_i`` over the ``chosen`` layers (one vector pass when several move)."""
+        etas = {scored.etas[i] for i in chosen}
+        if len(chosen) == 1 or len(etas) > 1:
+            return sum(scored.etas[i] * (1.0 - scored.etas[i] / 2.0) * scored.scores[i] for i in chosen)  # type: ignore[return-value]
+        eta = etas.pop()
+        scores = scored.scores
+        if len(chosen) < len(scores):
+            scores = scores[device_constant(tuple(chosen), torch.int64, scores.device)]
+        return eta * (1.0 - eta / 2.0) * scores.sum()
 
     def _check_previous(self, loss: Tensor | None) -> tuple[Tensor | None, str | None]:
         """Full batch: the realized decrease of the previous step, and whether it was undone."""
@@ -643,7 +651,7 @@ class DSGD(torch.optim.Optimizer):
         reason = None if skipped else (self.uncertified_reason or loss_problem or scored.precision_reason)
         index = chosen[0] if chosen and len(chosen) == 1 else (scored.best if chosen else None)
         eta = scored.etas[0 if index is None else index]
-        decrease = scored.scores.new_zeros(()) if skipped else sum(self._promise(scored, i) for i in chosen)
+        decrease = scored.scores.new_zeros(()) if skipped else self._promise(scored, chosen)
         return StepRecord(
             step=self.steps_taken,
             layer=index,

@@ -108,11 +108,12 @@ class Geometry:
         (the duality map's defining identity, ``dual_norm`` as scored) and, for a direction handed
         over while scoring (``ρ = c D``, ``c`` the scored dual norm), ``⟨G, ρ⟩ = c ⟨G, D⟩`` with
         ``⟨G, D⟩`` as computed then (the exact path's ``⟨G, U Vᵀ⟩ = ‖G_r‖_*``). Equal to ``Σ G ∘ Δ``
-        up to rounding: of the dual norm's reduction or, with an SVD here, of its singular values."""
+        up to rounding: of the dual norm's reduction or, with an SVD here, of its singular values.
+        Consumes such a direction: ``D`` is scaled into ``Δ`` in place (no second block allocated)."""
         if isinstance(basis, PolarDirection):
             factor = -scale * basis.inner
             dot = basis.inner if basis.dot is None else basis.dot
-            return basis.direction * factor.to(basis.direction.dtype), factor * dot
+            return basis.direction.mul_(factor.to(basis.direction.dtype)), factor * dot
         return self.duality_map(augment(*grad), basis) * (-scale), -scale * dual_norm.square()
 
     def norm(self, block: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ ActivationNorm = Literal["l2", "linf"]
 BlockGrad = tuple[Tensor, Tensor | None] | None
 #: What scoring hands a block's duality map: a sketch basis, a certified direction, or nothing.
 Basis = Tensor | PolarDirection | None
+#: A step on a block: the matrix ``[ΔW, Δb]``, or (``split``) its weight part ``ΔW`` and bias column
+#: ``Δb`` (``None`` without a bias), each contiguous — added to the parameters and multiplied with
+#: the next gradient without strided reads.
+BlockStep = Tensor | tuple[Tensor, Tensor | None]
 
 
 def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,13 +59,35 @@ def augment(weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 
-def block_inner(grad: tuple[Tensor, Tensor | None], block: Tensor) -> Tensor:
-    """``⟨[W, b], M⟩`` for ``grad = (W, b)`` and a block ``M`` of the same shape (``M`` without
-    its bias column when ``b`` is ``None``), without building ``[W, b]``; in ``M``'s dtype."""
+def block_inner(grad: tuple[Tensor, Tensor | None], step: BlockStep) -> Tensor:
+    """``⟨[W, b], Δ⟩`` for ``grad = (W, b)`` and a block step ``Δ`` of the same shape (without its
+    bias column when ``b`` is ``None``), without building ``[W, b]``; in ``Δ``'s dtype."""
     weight, bias = grad
-    k = weight.shape[1]
-    inner = torch.linalg.vecdot(weight.to(block.dtype), block[:, :k]).sum()
-    return inner if bias is None else inner + torch.linalg.vecdot(bias.to(block.dtype), block[:, k], dim=0)
+    if isinstance(step, Tensor):
+        k = weight.shape[1]
+        step = (step[:, :k], None if bias is None else step[:, k])
+    inner = _dot(weight, step[0])
+    return inner if bias is None else inner + _dot(bias, step[1])  # type: ignore[arg-type]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a ∘ b`` in ``b``'s dtype, as one BLAS dot of the flattened tensors (4× faster than row by
+    row on a contiguous 2048 × 512 block; a strided one is copied first): the same sum whatever
+    the layout, so that a step held as a block (loaded from a checkpoint) or in parts measures alike."""
+    return torch.dot(
+        a.to(b.dtype).contiguous().reshape(-1), b.contiguous().reshape(-1)
+    )  # BLAS sums a stride apart otherwise
+
+
+def scale_block(block: Tensor, factor: Tensor, bias: bool, split: bool, in_place: bool = False) -> BlockStep:
+    """``factor · M`` (one pass over ``M``): the block, scaled in place if allowed, or (``split``)
+    its weight part and bias column (``bias``: ``M``'s last column is one), each a new contiguous tensor."""
+    factor = factor.to(block.dtype)
+    if not split:
+        return block.mul_(factor) if in_place else block * factor
+    if not bias:
+        return (block.mul_(factor) if in_place else block * factor), None
+    return block[:, :-1] * factor, block[:, -1] * factor
 
 
 def rounding_margin(dtype: torch.dtype, size: int) -> float:
@@ -101,20 +127,23 @@ class Geometry:
         raise NotImplementedError
 
     def scaled_step(
-        self, grad: tuple[Tensor, Tensor | None], basis: Basis, dual_norm: Tensor, scale: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The block step ``Δ = −scale · ρ(G)`` of the gradient ``grad = (W, b)`` and ``⟨G, Δ⟩``,
+        self, grad: tuple[Tensor, Tensor | None], basis: Basis, dual_norm: Tensor, scale: Tensor, split: bool = False
+    ) -> tuple[BlockStep, Tensor]:
+        """The block step ``Δ = −scale · ρ(G)`` of the gradient ``grad = (W, b)`` (``split``: as its
+        weight part and bias column, see ``BlockStep``) and ``⟨G, Δ⟩``,
         without a second pass over ``G``: ``⟨G, Δ⟩ = −scale · ⟨G, ρ⟩`` with ``⟨G, ρ(G)⟩ = ‖G‖²_*``
         (the duality map's defining identity, ``dual_norm`` as scored) and, for a direction handed
         over while scoring (``ρ = c D``, ``c`` the scored dual norm), ``⟨G, ρ⟩ = c ⟨G, D⟩`` with
         ``⟨G, D⟩`` as computed then (the exact path's ``⟨G, U Vᵀ⟩ = ‖G_r‖_*``). Equal to ``Σ G ∘ Δ``
         up to rounding: of the dual norm's reduction or, with an SVD here, of its singular values.
         Consumes such a direction: ``D`` is scaled into ``Δ`` in place (no second block allocated)."""
+        bias = grad[1] is not None
         if isinstance(basis, PolarDirection):
             factor = -scale * basis.inner
             dot = basis.inner if basis.dot is None else basis.dot
-            return basis.direction.mul_(factor.to(basis.direction.dtype)), factor * dot
-        return self.duality_map(augment(*grad), basis) * (-scale), -scale * dual_norm.square()
+            return scale_block(basis.direction, factor, bias, split, in_place=True), factor * dot
+        # Not in place: a duality map may return the gradient itself (Frobenius).
+        return scale_block(self.duality_map(augment(*grad), basis), -scale, bias, split), -scale * dual_norm.square()
 
     def norm(self, block: Tensor) -> Tensor:
         raise NotImplementedError

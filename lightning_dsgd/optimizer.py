@@ -32,6 +32,7 @@ from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full,
 from lightning_dsgd.geometry import (
     Basis,
     BlockGrad,
+    BlockStep,
     Geometry,
     augment,
     make_geometry,
@@ -274,7 +275,7 @@ class DSGD(torch.optim.Optimizer):
         self._checks_loss = self.constant_model.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
-        self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
+        self._previous: tuple[Tensor, Tensor, list[tuple[Layer, BlockStep]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._cursor = 0
@@ -536,7 +537,7 @@ class DSGD(torch.optim.Optimizer):
         assert scored.order is not None and scored.moving is not None
         return sorted({i for i in scored.order[: self.layers_per_step] if scored.moving[i]}) or [scored.best]
 
-    def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
+    def _update(self, index: int, scored: _Scored) -> tuple[Layer, BlockStep] | None:
         """Direction and update: ``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the
         block, computed by the layer's owner and applied in place on every rank (to its shard);
         returns the step taken as ``(layer, block step)``."""
@@ -555,7 +556,9 @@ class DSGD(torch.optim.Optimizer):
             if self.momentum > 0.0:
                 step, scale, step_norm, grad_dot_step = self._momentum_step(index, grad, basis, scale)
             else:  # ⟨g, Δ⟩ from the scores (scaled_step): no second pass over the gradient
-                step, grad_dot_step = geometry.scaled_step(grad, basis, scored.dual_norms[index], scale)
+                # Split in contiguous parts where no rank needs the block (faster to add and to measure).
+                dual_norm, split = scored.dual_norms[index], not work.shared
+                step, grad_dot_step = geometry.scaled_step(grad, basis, dual_norm, scale, split)
             if not self.constant_model.measures_curvature:
                 grad_dot_step = None
         before = self.constant_model.before_step(index)
@@ -574,8 +577,10 @@ class DSGD(torch.optim.Optimizer):
         assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
-        bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
-        self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
+        shape, dtype = self._block_shapes[index], (step if isinstance(step, Tensor) else step[0]).dtype
+        bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
+        constant = scored.constants[index]
+        self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, constant, shape)
         return layer, step
 
     def _momentum_step(self, index: int, grad: tuple[Tensor, Tensor | None], basis: Basis, scale: Tensor) -> tuple:
@@ -596,11 +601,13 @@ class DSGD(torch.optim.Optimizer):
         return step, scale, scale * velocity_norm, (block_grad.to(step.dtype) * step).sum()
 
     @staticmethod
-    def _apply(layer: Layer, block_step: Tensor) -> None:
-        weight_step, bias_step = layer.split(block_step)
-        layer.weight.add_(shard_like(layer.weight, weight_step.to(layer.weight.dtype)))
-        if bias_step is not None:
-            layer.bias.add_(shard_like(layer.bias, bias_step.to(layer.bias.dtype)))  # type: ignore[union-attr]
+    def _apply(layer: Layer, step: BlockStep, undo: bool = False) -> None:
+        """``[W, b] ← [W, b] + Δ`` (``undo``: ``− Δ``), each rank on its own shard."""
+        parts = layer.split(step) if isinstance(step, Tensor) else layer.embed(*step)
+        for param, part in zip(layer.params, parts, strict=False):
+            if part is not None:
+                part = shard_like(param, part.to(param.dtype))
+                param.sub_(part) if undo else param.add_(part)
 
     @staticmethod
     def _promise(scored: _Scored, chosen: list[int]) -> Tensor:
@@ -630,7 +637,7 @@ class DSGD(torch.optim.Optimizer):
         if not short:
             return realized, None
         for layer, step in steps:
-            self._apply(layer, -step)
+            self._apply(layer, step, undo=True)
             index = self.layers.index(layer)
             self.constant_model.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]

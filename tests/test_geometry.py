@@ -599,3 +599,17 @@ def test_the_matmul_path_slope_uses_the_computed_inner_product_not_the_certified
         taken = (augment(*block).double() * step.double()).sum()
         torch.testing.assert_close(slope.double(), taken, rtol=2e-6, atol=0.0)
         assert abs(-scale * dual_norms[k] ** 2 - taken) > 1e-5 * abs(taken)  # what c² would have given
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_block_inner_is_the_same_sum_for_a_block_and_its_parts(dtype: torch.dtype) -> None:
+    """A step held as ``[ΔW, Δb]`` (shared work, a loaded checkpoint) or as contiguous parts gives
+    the same bits: a resumed run measures the curvature exactly as the uninterrupted one."""
+    rng = np.random.default_rng(5)
+    grad = split(rng_matrix(rng, (33, 65)), True, dtype)
+    block = t(rng_matrix(rng, (33, 65)), dtype)
+    parts = (block[:, :-1].contiguous(), block[:, -1].contiguous())
+    assert torch.equal(geometry_module.block_inner(grad, block), geometry_module.block_inner(grad, parts))
+    scaled = geometry_module.scale_block(block, torch.tensor(-0.5, dtype=dtype), bias=True, split=True)
+    assert isinstance(scaled, tuple) and all(p.is_contiguous() for p in scaled if p is not None)
+    assert torch.equal(augment(*scaled), block * -0.5)  # type: ignore[arg-type]

@@ -11,6 +11,9 @@ in as the last column, matching the augmented input ``[x; 1]``. Every geometry p
   spectral geometry's randomized range finder for low-rank gradients, or its certified
   matmul-path direction ([SpectralGeometry][lightning_dsgd.geometry.SpectralGeometry],
   [lightning_dsgd.polar][lightning_dsgd.polar]);
+* ``scaled_step(G, basis, ‖G‖_*, s, split)``: the step ``Δ = −s·ρ(G)`` (as a block, or ``split``
+  in contiguous weight and bias parts) and ``⟨G, Δ⟩`` from what scoring computed, without a second
+  pass over ``G`` (the adaptive curvature's slope);
 * ``norm(M)``: the primal layer norm ``‖M‖_(i)``;
 * ``operator_norms(weights)``: the operator norm ``a(W)`` of the non-bias part of each weight,
   as a certified upper bound (never an under-estimate), used by the smoothness constants;

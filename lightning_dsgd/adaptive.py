@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_dsgd.distributed import Reducer, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, batches
+from lightning_dsgd.geometry import BlockGrad, BlockStep, Geometry, augment, batches, block_inner
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
@@ -44,10 +44,20 @@ if TYPE_CHECKING:  # constants.py builds this regime around its own
 class PendingStep:
     """A step awaiting its curvature measurement (at the layer's next gradient)."""
 
-    step: Tensor  # Δ, as the block matrix (a stand-in on a rank that did not compute it, and once measured)
+    # Δ, as the block matrix or its (weight part, bias column) (a stand-in on a rank that did not
+    # compute it, and once measured)
+    step: BlockStep
     grad_dot_step: Tensor  # ⟨g_i(w), Δ⟩
     step_norm_sq: Tensor  # ‖Δ‖²_(i)
     constant: Tensor  # the L used for the step
+
+    def block(self) -> Tensor:
+        """Δ as the block matrix ``[ΔW, Δb]`` (how a checkpoint holds it)."""
+        return self.step if isinstance(self.step, Tensor) else augment(*self.step)
+
+    def release(self) -> None:
+        """Drop Δ once measured (an empty stand-in stays)."""
+        self.step = self.block().new_empty(0) if isinstance(self.step, Tensor) else self.step[0].new_empty(0)
 
 
 #: Each tuning option of the adaptive constants and the open/closed range it must lie in.
@@ -166,8 +176,8 @@ class AdaptiveConstants:
         measured = {}
         for i, pending in self.pending.items():
             if (grad := grads[i]) is not None:
-                measured[i] = self.curvature(i, augment(*grad))
-                pending.step = pending.step.new_empty(0)
+                measured[i] = self.curvature(i, grad)
+                pending.release()
         return measured
 
     def adjust(self, base: Tensor, curvatures: Mapping[int, Tensor], dual_norms: Tensor, etas: list[float]) -> Tensor:
@@ -185,10 +195,10 @@ class AdaptiveConstants:
         self.multipliers = self.multipliers.to(device=base.device, dtype=base.dtype)
         return self.multipliers * base
 
-    def curvature(self, index: int, new_grad: Tensor) -> Tensor:
-        """``κ`` met along layer ``index``'s pending step, from its new gradient (block matrix)."""
+    def curvature(self, index: int, new_grad: tuple[Tensor, Tensor | None]) -> Tensor:
+        """``κ`` met along layer ``index``'s pending step, from its new gradient ``(W, b)``."""
         pending = self.pending[index]
-        return ((new_grad.to(pending.step.dtype) * pending.step).sum() - pending.grad_dot_step) / pending.step_norm_sq
+        return (block_inner(new_grad, pending.step) - pending.grad_dot_step) / pending.step_norm_sq
 
     def observe(self, curvatures: Mapping[int, Tensor], base: Tensor) -> None:
         """Correct the multiplier of every layer that moved last step from the curvature met along
@@ -202,19 +212,22 @@ class AdaptiveConstants:
         if idle:
             lowest = (self.anchors[idle] * self.idle_reach).clamp(min=self.floor)
             self.multipliers[idle] = torch.maximum(self.multipliers[idle] * self.idle_shrink, lowest)
-        for i in self.pending:
-            curvature = curvatures.get(i)
-            if curvature is None:
-                continue
-            target = self.safety * curvature
-            used = self.multipliers[i] * base[i]  # the model's constant, before any step cap
-            new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
-            multiplier = (new_constant / base[i]).clamp(min=self.floor)
-            multiplier = torch.where(torch.isfinite(multiplier), multiplier, self.multipliers[i])
-            self.multipliers[i] = torch.minimum(multiplier, ceiling[i])
-            self.anchors[i] = self.multipliers[i]
-            self.measured[i] = True
+        moved = [i for i in self.pending if i in curvatures]
         self.pending = {}
+        if not moved:
+            return
+        # Every measured layer at once (element-wise, as one layer at a time: the same values).
+        index = device_constant(tuple(moved), torch.int64, base.device)
+        target = self.safety * torch.stack([curvatures[i] for i in moved])
+        old, base_moved = self.multipliers[index], base[index]
+        used = old * base_moved  # the model's constant, before any step cap
+        new_constant = torch.where(target > used, target, torch.maximum(target, self.shrink * used))
+        multiplier = (new_constant / base_moved).clamp(min=self.floor)
+        multiplier = torch.where(torch.isfinite(multiplier), multiplier, old)
+        self.multipliers[index] = torch.minimum(multiplier, ceiling[index]).to(self.multipliers.dtype)
+        self.anchors[index] = self.multipliers[index]
+        for i in moved:
+            self.measured[i] = True
 
     # ------------------------------------------------------------------ the steps taken
     def before_step(self, index: int) -> tuple:
@@ -227,7 +240,7 @@ class AdaptiveConstants:
         index: int,
         before: tuple,
         bound: Tensor,
-        step: Tensor,
+        step: BlockStep,
         grad_dot_step: Tensor | None,
         step_norm: Tensor,
         constant: Tensor,
@@ -237,18 +250,21 @@ class AdaptiveConstants:
         computed) under ``constant``, with ``⟨g, step⟩ = grad_dot_step`` at the gradient before it:
         the base regime and the trust region follow their norms, and the curvature along the step
         is measured at the next gradient. ``shape``: the block's, where ``step`` is a stand-in (the
-        rank that computed the step keeps it, see [lightning_dsgd.plan][])."""
+        rank that computed the step keeps it, see [lightning_dsgd.plan][]) or split in parts."""
         base_before, block_before = before
         self.base.after_step(index, base_before, bound, step, grad_dot_step, step_norm, constant, shape)
-        self.trust_region.after_step(index, block_before, bound, step.shape if shape is None else shape)
+        if shape is None:
+            assert isinstance(step, Tensor), "a step split in parts comes with its block's shape"
+            shape = step.shape
+        self.trust_region.after_step(index, block_before, bound, shape)
         assert grad_dot_step is not None, "adaptive constants need ⟨g, step⟩ (measures_curvature)"
         self.remember(index, step, grad_dot_step, step_norm, constant)
 
-    def remember(self, index: int, step: Tensor, grad_dot_step: Tensor, step_norm: Tensor, constant: Tensor) -> None:
-        """Layer ``index`` moved by ``step`` (block matrix) under ``constant``; ``grad_dot_step`` is
+    def remember(self, index: int, step: BlockStep, grad_dot_step: Tensor, step_norm: Tensor, constant: Tensor) -> None:
+        """Layer ``index`` moved by ``step`` (block step) under ``constant``; ``grad_dot_step`` is
         ``⟨g_i(w), step⟩`` at its gradient before the move and ``step_norm`` is ``‖step‖_(i)``."""
         self.pending[index] = PendingStep(
-            step=step.detach(),
+            step=step.detach() if isinstance(step, Tensor) else step,
             grad_dot_step=grad_dot_step,
             step_norm_sq=step_norm.square(),
             constant=constant.detach(),
@@ -275,7 +291,7 @@ class AdaptiveConstants:
                 "multipliers": self.multipliers,
                 "measured": list(self.measured),
                 "anchors": self.anchors,
-                "pending": {i: vars(p) for i, p in self.pending.items()},
+                "pending": {i: {**vars(p), "step": p.block()} for i, p in self.pending.items()},
             },
             "weight_norms": self.trust_region.state_dict(),
         }

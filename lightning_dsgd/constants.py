@@ -32,7 +32,8 @@ chain and ``constants=``. The optimizer talks to the one object it returns throu
   ``pending`` — the steps awaiting their curvature, by layer (empty outside the adaptive regime);
 * ``before_step(index)`` / ``after_step(index, before, bound, step, grad_dot_step, step_norm,
   constant, shape)`` — around each layer's step (what moved, to follow norms and measure
-  curvature; ``step`` may be a stand-in of the block ``shape`` on a rank that did not compute it);
+  curvature; ``step`` may be a stand-in of the block ``shape`` on a rank that did not compute it,
+  or the block's weight part and bias column, with ``shape``);
 * ``limit(index, scale, direction_norm)`` — the step size along a direction other than ``ρ(g)``
   (momentum), cut where the regime bounds steps;
 * ``grow(index, factor)`` — a step of layer ``index`` broke its promise and was undone;
@@ -53,7 +54,7 @@ from torch import Tensor
 from lightning_dsgd.adaptive import AdaptiveConstants, PendingStep
 from lightning_dsgd.chain import Chain
 from lightning_dsgd.distributed import Reducer, version_key
-from lightning_dsgd.geometry import BlockGrad, Geometry, reduction_dtype
+from lightning_dsgd.geometry import BlockGrad, BlockStep, Geometry, reduction_dtype
 from lightning_dsgd.input_norms import InputNormRecorder
 from lightning_dsgd.layers import Layer
 from lightning_dsgd.norm_bounds import NormBounds
@@ -104,7 +105,7 @@ class ConstantModel(Protocol):
         index: int,
         before: tuple,
         bound: Tensor,
-        step: Tensor,
+        step: BlockStep,
         grad_dot_step: Tensor | None,
         step_norm: Tensor,
         constant: Tensor,
@@ -243,7 +244,7 @@ class _Measured:
         index: int,
         before: tuple,
         bound: Tensor,
-        step: Tensor,
+        step: BlockStep,
         grad_dot_step: Tensor | None,
         step_norm: Tensor,
         constant: Tensor,
@@ -335,7 +336,7 @@ class CertifiedConstants(_Measured):
         index: int,
         before: tuple,
         bound: Tensor,
-        step: Tensor,
+        step: BlockStep,
         grad_dot_step: Tensor | None,
         step_norm: Tensor,
         constant: Tensor,

@@ -60,8 +60,13 @@ class Layer:
     def split(self, block_step: Tensor) -> tuple[Tensor, Tensor | None]:
         """A step on the ``[W, b]`` matrix as full-size steps for ``weight`` and ``bias``."""
         k = self.in_features
-        return _embed(self.weight, self.rows, block_step[:, :k]), (
-            None if self.bias is None else _embed(self.bias, self.bias_rows, block_step[:, k])
+        return self.embed(block_step[:, :k], None if self.bias is None else block_step[:, k])
+
+    def embed(self, weight_part: Tensor, bias_part: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The weight part ``ΔW`` and bias column ``Δb`` of a block step as full-size steps for
+        ``weight`` and ``bias``."""
+        return _embed(self.weight, self.rows, weight_part), (
+            None if self.bias is None or bias_part is None else _embed(self.bias, self.bias_rows, bias_part)
         )
 
 

@@ -29,10 +29,20 @@ from lightning_dsgd.certificate import NO_LOSS, ChainOutputs
 from lightning_dsgd.chain import RIGOROUS_CLASS, Chain, find_chain
 from lightning_dsgd.constants import make_constant_model
 from lightning_dsgd.distributed import Gatherer, Reducer, all_gather_rows, full, is_sharded, shard_like
-from lightning_dsgd.geometry import BlockGrad, Geometry, augment, make_geometry, reduction_dtype, rounding_margin
+from lightning_dsgd.geometry import (
+    Basis,
+    BlockGrad,
+    BlockStep,
+    Direction,
+    Geometry,
+    augment,
+    make_geometry,
+    reduction_dtype,
+    rounding_margin,
+)
 from lightning_dsgd.layers import Layer, discover_layers
 from lightning_dsgd.plan import WorkPlan, process_group_size
-from lightning_dsgd.precision import full_precision, low_precision_reason
+from lightning_dsgd.precision import device_constant, full_precision, low_precision_reason
 from lightning_dsgd.smoothness import LOSSES, LossBounds
 
 # Every option's values are defined here once; DSGDSettings and the CLI derive from these types.
@@ -99,7 +109,7 @@ class _Scored:
     planned: int | None = None  # random / cyclic choice, agreed over ranks
     precision_reason: str | None = None
     order: list[int] | None = None  # layers by decreasing score (only when several move per step)
-    prepared: dict[int, tuple[Tensor, Tensor | None]] | None = None  # shared work: (ρ_i, ⟨g_i, ρ_i⟩) from scoring
+    prepared: dict[int, tuple[Direction, bool]] | None = None  # shared work: (ρ_i, has a bias) from scoring
 
 
 class DSGD(torch.optim.Optimizer):
@@ -267,7 +277,7 @@ class DSGD(torch.optim.Optimizer):
         self._checks_loss = self.constant_model.certified and isinstance(loss, str)
         self._outputs = ChainOutputs(self.layers[-1].module) if self._checks_loss else None
         self._momentum: dict[int, Tensor] = {}
-        self._previous: tuple[Tensor, Tensor, list[tuple[Layer, Tensor]]] | None = None  # (loss, promise, steps)
+        self._previous: tuple[Tensor, Tensor, list[tuple[Layer, BlockStep]]] | None = None  # (loss, promise, steps)
         self._seed = seed
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._cursor = 0
@@ -361,7 +371,7 @@ class DSGD(torch.optim.Optimizer):
         chosen = [] if scored.skip_reason is not None else self._choose(scored)
         steps = [self._update(i, scored) for i in chosen]
         if chosen and self.full_batch and loss is not None:
-            promise = sum(self._promise(scored, i) for i in chosen)
+            promise = self._promise(scored, chosen)
             self._previous = (loss.detach(), promise, [s for s in steps if s is not None])  # type: ignore[assignment]
         record = self._record(scored, chosen, loss, realized, self._take_loss_problem())
         self.skipped_steps += record.skipped
@@ -483,27 +493,24 @@ class DSGD(torch.optim.Optimizer):
     def _score_owned(self, work: WorkPlan, rank_bounds: list[int | None], stepping: bool) -> tuple:
         """Shared work: this rank's layers in turn, each full gradient dropped before the next is
         obtained: its curvature along the pending step (which is then released), its dual norm and,
-        when ``stepping`` with several layers per step, its direction ``ρ_i`` and ``⟨g_i, ρ_i⟩`` (so
-        the gradient is not obtained again; ``None`` otherwise, the same on every rank). Returns what
-        ``_score`` takes from the replicated stages."""
+        when ``stepping`` with several layers per step, its direction ``ρ_i`` (``Geometry.direction``;
+        the gradient is not obtained again, ``⟨g_i, ρ_i⟩`` comes from the scores; ``None`` otherwise,
+        the same on every rank). Returns what ``_score`` takes from the replicated stages."""
         n = len(self.layers)
         grads: list[BlockGrad] = [None] * n
         curvatures: dict[int, Tensor] = {}
         values: list[Tensor | None] = [None] * n
         bases: list[Tensor | None] = [None] * n
-        prepared: dict[int, tuple[Tensor, Tensor | None]] | None = {} if stepping and self.layers_per_step > 1 else None
+        prepared: dict[int, tuple[Direction, bool]] | None = {} if stepping and self.layers_per_step > 1 else None
         for i, grad in work.each_gradient(self.layers):
             grads[i] = grad
             curvatures.update(self.constant_model.curvatures(grads))
             norms, found = self._dual_norms(grads, rank_bounds)
             values[i], bases[i] = norms[i], found[i]
             del found
-            if prepared is not None:  # the basis (U Vᵀ) is released once ρ is formed, before ⟨g, ρ⟩
-                block = augment(*grad)
-                direction = self.geometry_of(self.layers[i]).duality_map(block, bases[i])
+            if prepared is not None:  # ρ formed now (the basis released with the gradient); ⟨g, ρ⟩ from the scores
+                prepared[i] = self.geometry_of(self.layers[i]).direction(grad, bases[i]), grad[1] is not None
                 bases[i] = None
-                prepared[i] = direction, _inner(block, direction) if self.constant_model.measures_curvature else None
-                del block, direction
             grads[i] = None
             del grad
         present = [v.dtype for v in values if v is not None]
@@ -515,8 +522,8 @@ class DSGD(torch.optim.Optimizer):
     def _score_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The dtype and device of this step's scores, known before any gradient is gathered: the
         widest reduction dtype of the gradients (as ``_dual_norms`` makes them), the first layer's device."""
-        dtypes = [reduction_dtype(p.grad.dtype) for layer in self.layers for p in layer.params if p.grad is not None]
-        dtype = max(dtypes or [torch.float32], key=lambda d: torch.finfo(d).bits)
+        dtypes = {p.grad.dtype for layer in self.layers for p in layer.params if p.grad is not None}
+        dtype = max(map(reduction_dtype, dtypes), key=lambda d: torch.finfo(d).bits, default=torch.float32)
         return dtype, self.layers[0].weight.device
 
     def _plan(self) -> int:
@@ -566,7 +573,7 @@ class DSGD(torch.optim.Optimizer):
         assert scored.order is not None and scored.moving is not None
         return sorted({i for i in scored.order[: self.layers_per_step] if scored.moving[i]}) or [scored.best]
 
-    def _update(self, index: int, scored: _Scored) -> tuple[Layer, Tensor] | None:
+    def _update(self, index: int, scored: _Scored) -> tuple[Layer, BlockStep] | None:
         """Direction and update: ``W ← W − (η/L_i) · ρ_i(g_i)`` (or along the momentum) on the
         block, computed by the layer's owner and applied in place on every rank (to its shard);
         returns the step taken as ``(layer, block step)``."""
@@ -581,22 +588,26 @@ class DSGD(torch.optim.Optimizer):
         if work.shared and scored.prepared is None:  # dropped after scoring: obtained again (FSDP2: a collective)
             scored.grads[index] = work.gradient(layer, index)
         if work.owns(index):
-            if prepared is not None:
-                direction, grad_dot = prepared
-            else:  # each full buffer is dropped as soon as it is used
-                block_grad = augment(*scored.grads[index])  # type: ignore[misc]
-                scored.grads[index] = None
-                direction = geometry.duality_map(block_grad, scored.bases[index])
-                scored.bases[index] = None
+            # Each full buffer is dropped as soon as it is used: only the layers still to move hold theirs.
+            # ⟨g, Δ⟩ from the scores (step_along): no second pass over the gradient. Split in contiguous
+            # parts where no rank needs the block (faster to add and to measure).
+            dual_norm, split = scored.dual_norms[index], not work.shared
+            if prepared is not None:  # shared work: ρ formed while scoring, the gradient already dropped
+                direction, bias = prepared
+                del prepared
+                step, grad_dot_step = geometry.step_along(direction, bias, dual_norm, scale, split)
+                del direction
+            else:
+                grad, basis = scored.grads[index], scored.bases[index]
+                scored.grads[index] = scored.bases[index] = None
+                assert grad is not None
                 if self.momentum > 0.0:
-                    direction, scale, step_norm = self._momentum_step(index, block_grad, direction, scale)
-                grad_dot = _inner(block_grad, direction) if self.constant_model.measures_curvature else None
-                del block_grad
-            del prepared
-            step = direction * (-scale)
-            del direction
-            if grad_dot is not None:  # ⟨g, Δ⟩ = −(η/L)·⟨g, ρ⟩
-                grad_dot_step = (grad_dot * -scale).to(step.dtype)
+                    step, scale, step_norm, grad_dot_step = self._momentum_step(index, grad, basis, scale)
+                else:
+                    step, grad_dot_step = geometry.scaled_step(grad, basis, dual_norm, scale, split)
+                del grad, basis
+            if not self.constant_model.measures_curvature:
+                grad_dot_step = None
         before = self.constant_model.before_step(index)
         if work.shared:
             shape, dtype = self._block_shapes[index], torch.promote_types(layer.weight.dtype, scored.dual_norms.dtype)
@@ -613,13 +624,18 @@ class DSGD(torch.optim.Optimizer):
         assert step is not None
         self._apply(layer, step)
         # ‖Δ‖ as computed, inflated by the rounding of the direction (‖U Vᵀ‖₂ = 1 only to rounding).
-        bound = step_norm * rounding_margin(reduction_dtype(step.dtype), max(step.shape))
-        self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, scored.constants[index])
+        shape, dtype = self._block_shapes[index], (step if isinstance(step, Tensor) else step[0]).dtype
+        bound = step_norm * rounding_margin(reduction_dtype(dtype), max(shape))
+        constant = scored.constants[index]
+        self.constant_model.after_step(index, before, bound, step, grad_dot_step, step_norm, constant, shape)
         return layer, step
 
-    def _momentum_step(self, index: int, block_grad: Tensor, direction: Tensor, scale: Tensor) -> tuple:
-        """The velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that the step stays a
-        descent direction, without a host sync), its step size (cut to the trust region) and norm."""
+    def _momentum_step(self, index: int, grad: tuple[Tensor, Tensor | None], basis: Basis, scale: Tensor) -> tuple:
+        """The step along the velocity ``v ← μ v + ρ(g)`` (restarted when ``⟨g, v⟩ ≤ 0``, so that it
+        stays a descent direction, without a host sync), its size (cut to the trust region), its
+        norm and ``⟨g, Δ⟩``."""
+        block_grad = augment(*grad)
+        direction = self.geometry_of(self.layers[index]).duality_map(block_grad, basis)
         buffer = self._momentum.get(index)
         if buffer is not None:
             downhill = ((block_grad.to(buffer.dtype) * buffer).sum() > 0).to(buffer.dtype)
@@ -628,18 +644,29 @@ class DSGD(torch.optim.Optimizer):
         velocity_norm = self.geometry_of(self.layers[index]).norm(direction)
         # A regime that bounds its steps (the adaptive trust region) bounds this one too.
         scale = self.constant_model.limit(index, scale, velocity_norm)
-        return direction, scale, scale * velocity_norm
+        step = direction * (-scale)
+        return step, scale, scale * velocity_norm, (block_grad.to(step.dtype) * step).sum()
 
     @staticmethod
-    def _apply(layer: Layer, block_step: Tensor) -> None:
-        weight_step, bias_step = layer.split(block_step)
-        layer.weight.add_(shard_like(layer.weight, weight_step.to(layer.weight.dtype)))
-        if bias_step is not None:
-            layer.bias.add_(shard_like(layer.bias, bias_step.to(layer.bias.dtype)))  # type: ignore[union-attr]
+    def _apply(layer: Layer, step: BlockStep, undo: bool = False) -> None:
+        """``[W, b] ← [W, b] + Δ`` (``undo``: ``− Δ``), each rank on its own shard."""
+        parts = layer.split(step) if isinstance(step, Tensor) else layer.embed(*step)
+        for param, part in zip(layer.params, parts, strict=False):
+            if part is not None:
+                part = shard_like(param, part.to(param.dtype))
+                param.sub_(part) if undo else param.add_(part)
 
-    def _promise(self, scored: _Scored, index: int) -> Tensor:
-        eta = scored.etas[index]
-        return eta * (1.0 - eta / 2.0) * scored.scores[index]
+    @staticmethod
+    def _promise(scored: _Scored, chosen: list[int]) -> Tensor:
+        """``Σ_i η_i (1 − η_i/2) s_i`` over the ``chosen`` layers (one vector pass when several move)."""
+        etas = {scored.etas[i] for i in chosen}
+        if len(chosen) == 1 or len(etas) > 1:
+            return sum(scored.etas[i] * (1.0 - scored.etas[i] / 2.0) * scored.scores[i] for i in chosen)  # type: ignore[return-value]
+        eta = etas.pop()
+        scores = scored.scores
+        if len(chosen) < len(scores):
+            scores = scores[device_constant(tuple(chosen), torch.int64, scores.device)]
+        return eta * (1.0 - eta / 2.0) * scores.sum()
 
     def _check_previous(self, loss: Tensor | None) -> tuple[Tensor | None, str | None]:
         """Full batch: the realized decrease of the previous step, and whether it was undone."""
@@ -657,7 +684,7 @@ class DSGD(torch.optim.Optimizer):
         if not short:
             return realized, None
         for layer, step in steps:
-            self._apply(layer, -step)
+            self._apply(layer, step, undo=True)
             index = self.layers.index(layer)
             self.constant_model.grow(index, 2.0)
         names = [layer.name for layer, _ in steps]
@@ -678,7 +705,7 @@ class DSGD(torch.optim.Optimizer):
         reason = None if skipped else (self.uncertified_reason or loss_problem or scored.precision_reason)
         index = chosen[0] if chosen and len(chosen) == 1 else (scored.best if chosen else None)
         eta = scored.etas[0 if index is None else index]
-        decrease = scored.scores.new_zeros(()) if skipped else sum(self._promise(scored, i) for i in chosen)
+        decrease = scored.scores.new_zeros(()) if skipped else self._promise(scored, chosen)
         return StepRecord(
             step=self.steps_taken,
             layer=index,
@@ -838,11 +865,6 @@ def _decide(dual_norms: Tensor, constants: Tensor, planned: Tensor, ordered: boo
     if ordered:
         parts.append(torch.argsort(masked, descending=True, stable=True).to(scores.dtype))
     return scores, masked, torch.cat(parts)
-
-
-def _inner(block_grad: Tensor, direction: Tensor) -> Tensor:
-    """``⟨g, ρ⟩`` in the direction's dtype."""
-    return (block_grad.to(direction.dtype) * direction).sum()
 
 
 def _check_layers_attached(model: nn.Module, layers: list[Layer]) -> None:

@@ -99,6 +99,9 @@ class PolarDirection:
 
     direction: Tensor
     inner: Tensor
+    #: ``⟨G, D⟩`` as computed while scoring (the matmul path's, before its rounding bound is
+    #: subtracted); ``None``: ``inner`` itself (``⟨G, U Vᵀ⟩ = ‖G_r‖_*``).
+    dot: Tensor | None = None
 
 
 def _quintic_range(a: float, b: float, c: float, lo: float, hi: float) -> tuple[float, float]:
@@ -287,17 +290,24 @@ def _division_margin(dtype: torch.dtype, m: int) -> float:
 
 
 def certified_inner(
-    grads: Tensor, direction: Tensor, direction_trace: Tensor | None = None, grads_norm: Tensor | None = None
+    grads: Tensor,
+    direction: Tensor,
+    direction_trace: Tensor | None = None,
+    grads_norm: Tensor | None = None,
+    computed: list[Tensor] | None = None,
 ) -> Tensor:
     """``c ≤ ⟨G, D⟩`` per matrix of finite stacks: row dot products in the inputs' dtype (float32 or
     wider), summed in float64, minus the rounding bound ``(γ_n + γ_m(1 + γ_n)) Σ_i |G_i|·|D_i| ≤ …
     ‖G‖_F ‖D‖_F`` (doubled, which covers the rounding of the norms; ``direction_trace``: a bound on
     ``‖D‖²_F``, ``grads_norm``: a float64 bound ``≥ ‖G‖_F``, if known) and ``2 m n`` underflows; clamped at 0.
-    A row sum overflows (giving NaN) only where ``‖G‖_F ‖D‖_F`` exceeds the dtype's range."""
+    A row sum overflows (giving NaN) only where ``‖G‖_F ‖D‖_F`` exceeds the dtype's range.
+    ``computed``: a list that receives ``⟨G, D⟩`` as computed (float64 row sums, the bound not subtracted)."""
     dtype = torch.promote_types(torch.promote_types(grads.dtype, direction.dtype), torch.float32)
     g, d = grads.to(dtype), direction.to(dtype)
     m, n = g.shape[-2], g.shape[-1]
     rows = (g * d).sum(-1, dtype=dtype).to(torch.float64).sum(-1)  # products, then sums: γ_{n+1}; faster than vecdot
+    if computed is not None:
+        computed.append(rows)
     if direction_trace is None:
         direction_trace = torch.linalg.vector_norm(d, dim=(-2, -1), dtype=torch.float64).square()
     if grads_norm is None:
@@ -309,11 +319,14 @@ def certified_inner(
     return (rows - error).clamp(min=0.0)
 
 
-def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> tuple[Tensor, Tensor, Tensor]:
+def polar_directions(
+    stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS, computed: list[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """For a ``(batch, m, n)`` stack of float32/float64 blocks: directions ``D`` with ``‖D_j‖₂ ≤ 1``
     proved, and ``c_j ≤ ⟨G_j, D_j⟩`` (hence ``c_j ≤ ‖G_j‖_*``), both in the stack's dtype; and where
     the Gershgorin fallback was needed (bool: a looser, still certified ``c_j``). A block holding
-    inf/NaN gets ``c_j = NaN`` (and a meaningless ``D_j``; the other blocks are unaffected)."""
+    inf/NaN gets ``c_j = NaN`` (and a meaningless ``D_j``; the other blocks are unaffected).
+    ``computed``: a list that receives ``⟨G_j, D_j⟩`` as computed (see ``certified_inner``)."""
     dtype = stack.dtype
     with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (the bounds assume them)
         wide = stack.shape[-2] <= stack.shape[-1]
@@ -337,7 +350,7 @@ def polar_directions(stack: Tensor, coefficients: Coefficients = POLAR_EXPRESS) 
         direction = x / scale.to(dtype)[:, None, None]  # the bfloat16 values divided in the stack's dtype
         # ‖D‖²_F ≤ ‖X‖²_F / s² (1 + u)², ‖X‖²_F ≤ tr Ŝ + e.
         trace = (gram[1] + gram[2]) / scale.square() * (1 + 4 * torch.finfo(dtype).eps)
-        inner = torch.where(finite, certified_inner(stack, direction, trace, norm), math.nan)
+        inner = torch.where(finite, certified_inner(stack, direction, trace, norm, computed), math.nan)
         rounded = inner.to(dtype)  # rounded toward zero, so that it stays ≤ ⟨G, D⟩
         above = rounded.to(torch.float64) > inner
         rounded = torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)

@@ -3,6 +3,8 @@ certified algorithm's records, unchanged by the adaptive work (issue 13)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers.models import classification_data, full_batch_loss, make_closure, mlp
@@ -196,3 +198,42 @@ def test_trust_region_exact_weight_norms_are_each_blocks_norm(norm, max_batch, m
         blocks = [augment(opt.layers[i].weight.detach(), opt.layers[i].bias.detach()).double() for i in indices]
         expected = torch.stack([torch.linalg.svdvals(b)[0] for b in blocks])
         torch.testing.assert_close(batched.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_every_layer_matmul_path_resumes_bit_identically():
+    """Every layer moves along its matmul-path direction, its step held in contiguous parts; the
+    checkpoint holds each pending step as its block, and the resumed run continues with the same bits."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3))
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def train(model: nn.Module, opt: DSGD, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def optimizer(model: nn.Module) -> DSGD:
+        opt = DSGD(model)
+        opt.geometries["spectral"].polar = "always"  # type: ignore[attr-defined]
+        return opt
+
+    model, resumed_model = build(), build()
+    opt = optimizer(model)
+    train(model, opt, 3)
+    pending = opt.constant_model.pending
+    assert pending and all(isinstance(p.step, tuple) for p in pending.values())
+    state = copy.deepcopy(opt.state_dict())
+    saved = state["dsgd"]["constant_model"]["adaptive"]["pending"]
+    assert {i: list(p["step"].shape) for i, p in saved.items()} == dict(enumerate(opt._layer_shapes()))
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = optimizer(resumed_model)
+    resumed.load_state_dict(state)
+    train(model, opt, 3)
+    train(resumed_model, resumed, 3)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -191,7 +191,7 @@ def test_the_adaptive_curvature_is_the_exact_second_difference_of_a_quadratic_lo
         return loss
 
     opt.step(closure)
-    step = regime.pending[0].step  # the block [ΔW, Δb] just taken
+    step = regime.pending[0].block()  # the block [ΔW, Δb] just taken
     closure()  # the gradient at w + Δ
     (grad,) = [(layer.weight.grad, layer.bias.grad) for layer in opt.layers]
     (curvature,) = regime.curvatures([grad]).values()

@@ -526,3 +526,90 @@ def test_batched_norms_equal_per_block_values_and_the_true_norm(
                 continue
             true = torch.linalg.svdvals(block.double())[0]
             torch.testing.assert_close(batched[k].double(), true, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------ the step and its slope ⟨G, Δ⟩
+def _paths() -> dict[str, tuple[Geometry, dict]]:
+    """Every way a block's step is made: a duality map at the step (one layer moves), the exact
+    path's ``U Vᵀ``, the sketch's ``U (QV)ᵀ`` and the matmul path's ``D`` handed over while scoring."""
+    return {
+        "frobenius": (make_geometry("frobenius"), {}),
+        "linf": (make_geometry("linf"), {}),
+        "rows": (make_geometry("rows"), {}),
+        "spectral one layer": (geometry_module.SpectralGeometry(polar="never"), {}),
+        "spectral exact directions": (geometry_module.SpectralGeometry(polar="never"), {"directions": True}),
+        "spectral sketch directions": (
+            geometry_module.SpectralGeometry(polar="never"),
+            {"directions": True, "rank_bounds": [3, 3]},
+        ),
+        "spectral matmul": (geometry_module.SpectralGeometry(polar="always"), {"directions": True}),
+    }
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("path", sorted(_paths()))
+def test_the_slope_of_the_step_is_the_inner_product_actually_taken(path: str, bias: bool) -> None:
+    """``scaled_step`` gives ``Δ = −s ρ`` and ``⟨G, Δ⟩`` from the scores, without a second pass over
+    ``G`` (the adaptive curvature's ``⟨g, Δ⟩``): it must equal ``Σ G ∘ Δ`` summed here, for every
+    path (a ``c²`` where the matmul path has ``c ⟨G, D⟩``, or a missing sign, fails by far more)."""
+    geometry, options = _paths()[path]
+    rng = np.random.default_rng(7)
+    # Rank 3 (the sketch needs a rank bound), with a large spread of singular values.
+    ms = [rng_matrix(rng, (40, 3)) @ rng_matrix(rng, (3, 70)) + 1e-3 * rng_matrix(rng, (40, 70)) for _ in range(2)]
+    if path == "spectral sketch directions":
+        ms = [rng_matrix(rng, (40, 3)) @ rng_matrix(rng, (3, 70)) for _ in range(2)]
+    blocks = [split(m, bias) for m in ms]
+    dual_norms, bases = geometry.dual_norms_and_bases(
+        blocks, options.get("rank_bounds"), 0, options.get("directions", False)
+    )
+    for k, block in enumerate(blocks):
+        scale = torch.tensor(0.37, dtype=torch.float64)
+        step, slope = geometry.scaled_step(block, bases[k], dual_norms[k], scale)
+        taken = (augment(*block) * step).sum()
+        assert slope.item() < 0
+        torch.testing.assert_close(slope, taken, rtol=1e-10, atol=0.0)
+        if bases[k] is None or isinstance(bases[k], torch.Tensor):  # ρ made at the step: Δ = −s ρ(G)
+            torch.testing.assert_close(
+                step, -scale * geometry.duality_map(augment(*block), bases[k]), rtol=1e-14, atol=0
+            )
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_block_inner_is_the_inner_product_with_the_augmented_block(bias: bool) -> None:
+    rng = np.random.default_rng(3)
+    weight, b = split(rng_matrix(rng, (5, 8)), bias)
+    other = t(rng_matrix(rng, (5, 8)))
+    got = geometry_module.block_inner((weight, b), other)
+    assert got.dtype == other.dtype
+    torch.testing.assert_close(got, (augment(weight, b) * other).sum(), rtol=1e-14, atol=0.0)
+    # A float32 block: the product is taken in the block's dtype.
+    assert geometry_module.block_inner((weight, b), other.float()).dtype == torch.float32
+
+
+def test_the_matmul_path_slope_uses_the_computed_inner_product_not_the_certified_score() -> None:
+    """float32: ``c`` is below ``⟨G, D⟩`` by its rounding bound (~10⁻⁴ relative here), so a slope
+    ``−s c²`` would be off by that much; ``−s c ⟨G, D⟩`` matches the float64 sum to float32 rounding."""
+    geometry = geometry_module.SpectralGeometry(polar="always")
+    rng = np.random.default_rng(11)
+    blocks = [split(rng_matrix(rng, (64, 200)), True, torch.float32) for _ in range(3)]
+    dual_norms, bases = geometry.dual_norms_and_bases(blocks, None, 0, True)
+    scale = torch.tensor(0.5)
+    for k, block in enumerate(blocks):
+        step, slope = geometry.scaled_step(block, bases[k], dual_norms[k], scale)
+        taken = (augment(*block).double() * step.double()).sum()
+        torch.testing.assert_close(slope.double(), taken, rtol=2e-6, atol=0.0)
+        assert abs(-scale * dual_norms[k] ** 2 - taken) > 1e-5 * abs(taken)  # what c² would have given
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_block_inner_is_the_same_sum_for_a_block_and_its_parts(dtype: torch.dtype) -> None:
+    """A step held as ``[ΔW, Δb]`` (shared work, a loaded checkpoint) or as contiguous parts gives
+    the same bits: a resumed run measures the curvature exactly as the uninterrupted one."""
+    rng = np.random.default_rng(5)
+    grad = split(rng_matrix(rng, (33, 65)), True, dtype)
+    block = t(rng_matrix(rng, (33, 65)), dtype)
+    parts = (block[:, :-1].contiguous(), block[:, -1].contiguous())
+    assert torch.equal(geometry_module.block_inner(grad, block), geometry_module.block_inner(grad, parts))
+    scaled = geometry_module.scale_block(block, torch.tensor(-0.5, dtype=dtype), bias=True, split=True)
+    assert isinstance(scaled, tuple) and all(p.is_contiguous() for p in scaled if p is not None)
+    assert torch.equal(augment(*scaled), block * -0.5)  # type: ignore[arg-type]

@@ -229,81 +229,84 @@ def rss_meter_available() -> bool:
         return False
 
 
-class RssMemory:
-    """The process's peak resident set size per marked phase, above its RSS when the meter was entered
-    (phases may nest, as for ``CudaMemory``): the kernel's high-water mark ``VmHWM``, reset at each
-    mark through ``/proc/self/clear_refs``. Every allocation of ``MMAP_THRESHOLD`` bytes or more is its
-    own mapping in the ranks (``MALLOC_MMAP_THRESHOLD_``), so a tensor counts from its first write to its
-    free, whichever thread frees it (gloo's included), at page granularity; small allocations reuse
-    the heap (a few KiB of noise)."""
+class _PhaseMeter:
+    """Peak and current memory per marked phase (phases may nest: what is seen before an inner phase
+    counts for every open one); a subclass reads ``_reading()`` (peak since the last reset, now) and
+    resets its peak in ``_reset()``, both at every mark."""
 
     def __init__(self) -> None:
-        self.base = 0
         self.found: dict[str, tuple[int, int]] = {}
         self._open: list[str] = []
+
+    def __enter__(self) -> _PhaseMeter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _reading(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _fold(self) -> None:
+        peak, now = self._reading()
+        for prefix in self._open:
+            self.found[prefix] = (max(self.found.get(prefix, (0, 0))[0], peak), now)
+        self._reset()
+
+    @contextmanager
+    def mark(self, name: str) -> Iterator[None]:
+        self._fold()
+        self._open.append(name.rsplit("/", 1)[0])
+        try:
+            yield
+        finally:
+            self._fold()
+            self._open.pop()
+
+    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
+        return {p: (*self.found.get(p, (0, 0)), 0) for p in prefixes}
+
+
+class RssMemory(_PhaseMeter):
+    """The process's peak resident set size per marked phase, above its RSS when the meter was entered:
+    the kernel's high-water mark ``VmHWM``, reset at each mark through ``/proc/self/clear_refs``. Every
+    allocation of ``MMAP_THRESHOLD`` bytes or more is its own mapping in the ranks
+    (``MALLOC_MMAP_THRESHOLD_``), so a tensor counts from its first write to its free, whichever
+    thread frees it (gloo's included), at page granularity; small allocations reuse the heap (a few
+    KiB of noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = 0
 
     def __enter__(self) -> RssMemory:
         self.base = _status_kib("VmRSS")
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        pass
+    def _reading(self) -> tuple[int, int]:
+        return _status_kib("VmHWM") - self.base, _status_kib("VmRSS") - self.base
 
-    def _fold(self) -> None:
-        peak, now = _status_kib("VmHWM") - self.base, _status_kib("VmRSS") - self.base
-        for prefix in self._open:
-            self.found[prefix] = (max(self.found.get(prefix, (0, 0))[0], peak), now)
+    def _reset(self) -> None:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
             clear.write("5")
 
-    @contextmanager
-    def mark(self, name: str) -> Iterator[None]:
-        self._fold()
-        self._open.append(name.rsplit("/", 1)[0])
-        try:
-            yield
-        finally:
-            self._fold()
-            self._open.pop()
 
-    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
-        return {p: (*self.found.get(p, (0, 0)), 0) for p in prefixes}
-
-
-class CudaMemory:
-    """``torch.cuda``'s allocator statistics per marked phase (phases may nest: the peak seen before an
-    inner phase resets the statistics counts for every open one); exact, so no uncertainty."""
+class CudaMemory(_PhaseMeter):
+    """``torch.cuda``'s allocator statistics per marked phase; exact, so no uncertainty."""
 
     def __init__(self, device: torch.device) -> None:
+        super().__init__()
         self.device = device
-        self.found: dict[str, tuple[int, int]] = {}
-        self._open: list[str] = []
 
-    def __enter__(self) -> CudaMemory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def _fold(self) -> None:
+    def _reading(self) -> tuple[int, int]:
         torch.cuda.synchronize(self.device)
-        peak, now = torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
-        for prefix in self._open:
-            self.found[prefix] = (max(self.found.get(prefix, (0, 0))[0], peak), now)
+        return torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
 
-    @contextmanager
-    def mark(self, name: str) -> Iterator[None]:
-        self._fold()
+    def _reset(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._open.append(name.rsplit("/", 1)[0])
-        try:
-            yield
-        finally:
-            self._fold()
-            self._open.pop()
-
-    def peaks(self, prefixes: tuple[str, ...]) -> dict[str, Memory]:
-        return {p: (*self.found.get(p, (0, 0)), 0) for p in prefixes}
 
 
 # ---------------------------------------------------------------------------------------------- configuration

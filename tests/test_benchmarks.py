@@ -260,3 +260,24 @@ def test_distributed_arms_follow_the_optimizer_and_cuda_needs_a_gpu_per_rank(mon
     if torch.cuda.device_count() < 2:
         with pytest.raises(SystemExit, match="needs 2 GPUs"):
             bench_distributed.check_devices(bench_distributed.DistConfig(), "cuda")
+
+
+def test_rss_meter_reads_a_known_temporary_and_nested_phases():
+    """The peak-RSS meter of the distributed section: a phase that writes and frees a 32 MiB tensor
+    reads 32 MiB (page granularity, a little heap noise), and an outer phase sees its inner peak."""
+    from benchmarks.bench_distributed import RSS_CHECK_BYTES, RssMemory, rss_check, rss_meter_available
+
+    if not rss_meter_available():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    assert abs(rss_check() - RSS_CHECK_BYTES) < RSS_CHECK_BYTES // 8
+    meter = RssMemory()
+    with meter, meter.mark("outer/0"):
+        with meter.mark("inner/0"):
+            temporary = torch.ones(RSS_CHECK_BYTES // 4)
+            del temporary
+        small = torch.ones(1024)
+        del small
+    peaks = meter.peaks(("outer", "inner", "never"))
+    assert peaks["inner"][0] > RSS_CHECK_BYTES * 7 // 8
+    assert peaks["outer"][0] >= peaks["inner"][0]
+    assert peaks["never"] == (0, 0, 0)

@@ -77,6 +77,16 @@ def norm_owners(due_costs: Sequence[int], loads: Sequence[int]) -> tuple[int, ..
     return tuple(owners)
 
 
+def rounds(owners: Sequence[int], world: int) -> Iterator[list[int]]:
+    """The items in rounds: round ``r`` holds each rank's ``r``-th item (``owners[k]``: item ``k``'s
+    rank; ranks in order, each rank's items in index order). Collectives issued round by round let
+    every rank work on its own item while the others work on theirs; in index order a rank would
+    wait at the next item's collective for every earlier item's owner to finish its work."""
+    queues = [[k for k, owner in enumerate(owners) if owner == rank] for rank in range(world)]
+    for r in range(max(map(len, queues), default=0)):
+        yield [queue[r] for queue in queues if r < len(queue)]
+
+
 def process_group_size() -> tuple[int, int]:
     """``(rank, world size)`` of the default process group (``(0, 1)`` without one)."""
     if dist.is_available() and dist.is_initialized():
@@ -140,16 +150,23 @@ class WorkPlan:
 
     def each_gradient(self, layers: Sequence[Layer]) -> Iterator[tuple[int, tuple[Tensor, Tensor | None]]]:
         """Shared: ``(i, (W, b))`` for each layer this rank scores, one at a time, its full gradient
-        obtained only when its turn comes (under FSDP2 every rank takes part in every layer's
-        ``gather``, in layer order). The caller drops each before asking for the next, so at most one
-        gathered gradient is alive on a rank (``most_gradients_alive`` counts them)."""
+        obtained only when its turn comes: in rounds (`rounds`), round ``r`` obtaining each rank's
+        ``r``-th layer (under FSDP2 every rank takes part in every layer's ``gather``, in the same
+        order), so that the ranks then score their layers side by side. The caller drops each before
+        asking for the next, so at most one gathered gradient is alive on a rank
+        (``most_gradients_alive`` counts them)."""
         self._start_step()
-        for i, layer in enumerate(layers):
-            grad = self.gradient(layer, i)
-            if grad is not None:
-                self.layers_scored += 1
-                yield i, grad
-            del grad
+        for batch in rounds(self.owners, self.world):
+            mine = None
+            for i in batch:
+                grad = self.gradient(layers[i], i)
+                if grad is not None:  # on the owner only
+                    self.layers_scored += 1
+                    mine = i, grad
+                del grad
+            if mine is not None:
+                yield mine
+            del mine
 
     def _start_step(self) -> None:
         self.layers_scored = self.gradients_gathered = self.gathered_bytes = 0
@@ -218,22 +235,25 @@ class WorkPlan:
         for i, rank in zip(flat, assigned, strict=True):
             self._norm_work[rank] += self.costs[i]
         self._norm_work = [w - min(self._norm_work) for w in self._norm_work]
-        computers = iter(assigned)
-        reads = [[bounds.reads(i) for i in indices] for bounds, indices in due]  # type: ignore[misc]
-        dtype = _promoted(reduction_dtype(t.dtype) for layer in reads for tensors in layer for t in tensors)
-        zero = torch.zeros((), dtype=dtype, device=self.device)
-        out: list[Tensor] = []
-        for (bounds, indices), tensors in zip(due, reads, strict=True):
-            for i, layer_tensors in zip(indices, tensors, strict=True):
-                # One layer at a time: only its full weight and the workspace of its norm are alive.
-                whole = self._held(next(computers), layer_tensors)
-                if whole is None:
-                    out.append(zero)
-                    continue
-                assert bounds.exact is not None
-                out.append(bounds.exact([i], [whole])[0].to(dtype))
-                self.norms_computed.append(i)
+        reads = [bounds.reads(i) for bounds, indices in due for i in indices]  # type: ignore[misc]
+        owned_by = [bounds for bounds, indices in due for _ in indices]
+        dtype = _promoted(reduction_dtype(t.dtype) for tensors in reads for t in tensors)
+        out = [torch.zeros((), dtype=dtype, device=self.device)] * size
+        for batch in rounds(assigned, self.world):  # each rank's k-th norm side by side, as in each_gradient
+            mine = None
+            for k in batch:
+                whole = self._held(assigned[k], reads[k])
+                if whole is not None:  # only its full weight and the workspace of its norm are alive
+                    mine = k, whole
                 del whole
+            if mine is not None:
+                k, whole = mine
+                bounds = owned_by[k]
+                assert bounds.exact is not None
+                out[k] = bounds.exact([flat[k]], [whole])[0].to(dtype)
+                self.norms_computed.append(flat[k])
+                del whole
+            del mine
         return torch.stack(out)
 
     def _held(self, rank: int, tensors: list[Tensor]) -> list[Tensor] | None:

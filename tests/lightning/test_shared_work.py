@@ -15,7 +15,7 @@ from test_distributed import launch, results
 from torch import nn
 
 from lightning_dsgd import DSGD, DSGDSettings
-from lightning_dsgd.plan import _shard_rows, balanced_owners, layer_cost, norm_owners
+from lightning_dsgd.plan import _shard_rows, balanced_owners, layer_cost, norm_owners, rounds
 
 
 def test_the_split_is_longest_processing_time_first_and_deterministic():
@@ -36,6 +36,15 @@ def test_due_norms_go_to_the_least_loaded_rank_costliest_first():
     assert norm_owners([3, 6, 5, 3], [10, 4]) == norm_owners([3, 6, 5, 3], (10, 4))  # the same on every rank
     assert norm_owners([], [1, 2]) == ()
     assert norm_owners([7, 7], [0, 0, 0]) == (0, 1)  # ties: the lower rank
+
+
+def test_rounds_put_each_ranks_kth_item_side_by_side():
+    """Gathers issued round by round: round r holds every rank's r-th item, so no rank waits at a
+    collective for another rank's earlier items (in index order rank 1 would wait for 0, 1, 2 here)."""
+    assert list(rounds([0, 0, 0, 1, 1], 2)) == [[0, 3], [1, 4], [2]]
+    assert list(rounds([1, 0, 2, 0], 3)) == [[1, 0, 2], [3]]
+    assert list(rounds([], 2)) == []
+    assert sorted(k for batch in rounds([1, 1, 0, 1, 0], 2) for k in batch) == list(range(5))  # each item once
 
 
 def test_spectral_blocks_cost_an_svd_others_a_pass():

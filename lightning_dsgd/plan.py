@@ -10,9 +10,11 @@ is computed and how it travels.
   split of the cost ``m·n·min(m, n)`` (spectral blocks, an SVD) or ``m·n`` (the others), the
   same on every rank. The owner alone obtains the layer's full gradient (under FSDP2 a
   ``gather`` of the dim-0 shards to it; under DDP every rank holds it already), one layer at a
-  time (`each_gradient`): it measures the adaptive curvature along the layer's pending step
-  (which is then released), scores it and, when several layers move per step, computes its
-  direction ``ρ`` and ``⟨g, ρ⟩``, then drops the gradient, so that at most one gathered full
+  time (`each_gradient`, in `rounds`: every rank's first layer, then every rank's second, …, so
+  that the ranks work side by side between the collectives): it measures the adaptive
+  curvature along the layer's pending step (which is then released), scores it and, when several
+  layers move per step, computes its direction ``ρ`` (``⟨g, ρ⟩`` comes from the scores), then
+  drops the gradient, so that at most one gathered full
   gradient is alive on a rank and each owned layer holds at most one full block at a time (its
   pending step, then its direction, then its new step). With one layer per step the moving
   layer's gradient is obtained again for its step. The exact weight norms that fall due (which

@@ -254,7 +254,14 @@ def certify_unit_norm(
 
 
 def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: float, dtype: torch.dtype) -> Tensor:
-    """The test of ``certify_unit_norm``, with the factorisation in ``dtype``."""
+    """The test of ``certify_unit_norm``, with the factorisation in ``dtype``. On the CPU a side that
+    is a multiple of 128 gets a zero row and column (``diag(Ŝ, 0)`` is the Gram of ``D`` with a zero
+    row appended: the same ``‖D‖₂``, trace and error; LAPACK factorises such sides 2–3× slower:
+    1024: 17 ms, 1025: 6 ms), and blocks whose ``t`` does not exceed ``max Ŝ_ii`` (``M`` has a
+    diagonal entry ≤ 0, so it cannot be positive definite) fail without a factorisation."""
+    cpu = gram.device.type == "cpu"
+    if cpu and gram.shape[-1] % 128 == 0:
+        gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
     m = gram.shape[-1]
     u = torch.finfo(dtype).eps / 2
     gram = gram.to(dtype)
@@ -263,6 +270,8 @@ def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: 
     t = bound - 2.0 * (gram_error + subtraction)
     trace_m = m * t - trace * (1 - 3 * _gamma(m)) + m * subtraction  # ≥ tr M as stored
     t = t - 2.0 * _gamma(m + 1, u) * trace_m.clamp(min=0.0) / (1 - _gamma(m + 1, u))
+    if cpu and not bool((t > diag_max).any()):  # a host read is free on the CPU
+        return torch.zeros_like(t, dtype=torch.bool)
     eye = torch.eye(m, dtype=dtype, device=gram.device)
     _, info = torch.linalg.cholesky_ex(t.to(dtype)[:, None, None] * eye - gram)
     return (info == 0) & (t > 0)

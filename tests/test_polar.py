@@ -112,6 +112,25 @@ def test_large_blocks_are_refactorised_in_float64_only_where_float32_did_not_cer
     assert dtypes == [(torch.float32, 3), (torch.float64, 2)]
 
 
+@pytest.mark.parametrize("side", [128, 256])
+def test_a_side_multiple_of_128_is_padded_and_keeps_the_verdict(monkeypatch, side):
+    """On the CPU the Gram gets a zero row and column (a side LAPACK factorises 2–3× faster): the
+    factorised matrix has side ``m + 1``, and norms just below / just above 1 keep their verdict; a
+    ``D`` whose ``t`` cannot exceed its largest Gram diagonal (norm 1.5) fails without a factorisation."""
+    sides = []
+    original = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a, **k: sides.append(a.shape[-1]) or original(a, **k))
+    s_below = torch.linspace(1 - 1e-3, 0.5, side, dtype=torch.float64)
+    s_above = torch.linspace(1 + 1e-5, 0.5, side, dtype=torch.float64)
+    d = torch.stack([with_spectrum(s_below, side, side + 40, seed=4), with_spectrum(s_above, side, side + 40, seed=5)])
+    assert P.certify_unit_norm(d).tolist() == [True, False]
+    assert set(sides) == {side + 1}
+    sides.clear()
+    far = with_spectrum(torch.linspace(1.5, 0.5, side, dtype=torch.float64), side, side + 40, seed=6)
+    assert P.certify_unit_norm(far[None]).tolist() == [False]
+    assert sides == []
+
+
 @pytest.mark.parametrize("shape", [(1, 50), (30, 30), (17, 300)])
 def test_gershgorin_scale_is_an_upper_bound_even_where_it_is_tight(shape):
     m, n = shape

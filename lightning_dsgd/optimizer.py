@@ -505,8 +505,9 @@ class DSGD(torch.optim.Optimizer):
         for i, grad in work.each_gradient(self.layers):
             grads[i] = grad
             curvatures.update(self.constant_model.curvatures(grads))
-            norms, found = self._dual_norms(grads, rank_bounds)
-            values[i], bases[i] = norms[i], found[i]
+            geometry, every = self.geometry_of(self.layers[i]), self.layers_per_step > 1
+            norm, found = geometry.dual_norms_and_bases([grad], [rank_bounds[i]], self._sketch_seed(), every)
+            values[i], bases[i] = norm[0], found[0]
             del found
             if prepared is not None:  # ρ formed now (the basis released with the gradient); ⟨g, ρ⟩ from the scores
                 prepared[i] = self.geometry_of(self.layers[i]).direction(grad, bases[i]), grad[1] is not None
@@ -537,9 +538,8 @@ class DSGD(torch.optim.Optimizer):
         return self._cursor if self.selection == "cyclic" else -1
 
     def _dual_norms(self, grads: list[BlockGrad], rank_bounds: list[int | None]) -> tuple[Tensor, list[Tensor | None]]:
-        """Batched per geometry: layers sharing a norm are reduced together. The sketch seed
-        depends only on the seed and the step count, so every rank and a resumed run draw alike."""
-        seed = (self._seed * 1_000_003 + self.steps_taken) % 2**63
+        """Batched per geometry: layers sharing a norm are reduced together."""
+        seed = self._sketch_seed()
         out: list[Tensor | None] = [None] * len(grads)
         bases: list[Tensor | None] = [None] * len(grads)
         for name, geometry in self.geometries.items():
@@ -555,6 +555,11 @@ class DSGD(torch.optim.Optimizer):
                 out[i], bases[i] = values[k], found[k]
         dtype = max((t.dtype for t in out if t is not None), key=lambda d: torch.finfo(d).bits)
         return torch.stack([t.to(dtype) for t in out]), bases  # type: ignore[union-attr]
+
+    def _sketch_seed(self) -> int:
+        """The seed of this step's sketches: it depends only on the seed and the step count, so
+        every rank and a resumed run draw alike."""
+        return (self._seed * 1_000_003 + self.steps_taken) % 2**63
 
     def geometry_of(self, layer: Layer) -> Geometry:
         return self.geometries[layer.norm]

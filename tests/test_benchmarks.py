@@ -204,7 +204,10 @@ def test_distributed_section_runs_at_a_tiny_size():
         for rank in range(config.world):  # up to the buffers of one collective (see ProfiledMemory)
             assert 0 < arm.resident[rank] <= arm.step_peak[rank] + arm.uncertainty[rank], arm
             assert arm.optimizer_peak[rank] <= arm.step_peak[rank] + arm.uncertainty[rank], arm
-            assert arm.uncertainty[rank] < params, arm  # a few collective buffers, not a model's worth
+            # The blur is made of collective buffers (frees on gloo's threads, a pending collective's
+            # tensors): below what the step's collectives carried, not an unbounded drift. A bound of one
+            # model's worth failed once in CI on this 9.5 KiB model (11 KiB: shared work's per-layer gathers).
+            assert arm.uncertainty[rank] <= comm_bytes(arm), arm
     adamw = result.fsdp[0]
     assert comm_bytes(adamw, "optimizer") == 0
     # Shards of parameters, gradients and the two moments: 4 × params / 2 per rank, plus the data.

@@ -57,7 +57,7 @@ class PendingStep:
 
     def release(self) -> None:
         """Drop Δ once measured (an empty stand-in stays)."""
-        self.step = self.block().new_empty(0) if isinstance(self.step, Tensor) else self.step[0].new_empty(0)
+        self.step = (self.step if isinstance(self.step, Tensor) else self.step[0]).new_empty(0)
 
 
 #: Each tuning option of the adaptive constants and the open/closed range it must lie in.

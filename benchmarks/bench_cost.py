@@ -18,11 +18,13 @@ alike; the median of the repeats is reported, and ratios are taken within one ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +42,9 @@ from benchmarks.bench_common import (
 )
 from examples.models import tanh_mlp
 from lightning_dsgd import DSGD
+from lightning_dsgd import geometry as geometry_module
+from lightning_dsgd.polar import certified_bound, certify_unit_norm, polar_iteration
+from lightning_dsgd.precision import full_precision
 
 NORMS = ("spectral", "frobenius", "linf")
 CONSTANTS = ("data", "architecture", "adaptive")
@@ -168,6 +173,10 @@ def measure(
 #: Spectral DSGD with its automatic choice of path per block, and forced onto each path.
 GPT_PATHS = {"DSGD spectral": "auto", "DSGD spectral exact": "never", "DSGD spectral matmul": "always"}
 GPT_ARMS = ["Muon", *GPT_PATHS]
+#: Parts of a step timed on their own beside the whole steps (``measure_gpt``): Muon's Newton–Schulz
+#: steps on the hidden matrices' gradients, and the two halves of the matmul path on the blocks that
+#: spectral DSGD hands to ``polar_directions`` (the iteration, then the certificate of ``‖X‖₂``).
+GPT_PARTS = ("Muon Newton–Schulz", "DSGD iteration", "DSGD certificate")
 
 
 @dataclass(frozen=True)
@@ -201,10 +210,19 @@ def build_gpt_arm(arm: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def measure_gpt(
-    config: GPTConfig, arms: list[str], device: Device, warmup: int, repeats: int, budget_s: float = 0.0, seed: int = 0
+    config: GPTConfig,
+    arms: list[str],
+    device: Device,
+    warmup: int,
+    repeats: int,
+    budget_s: float = 0.0,
+    seed: int = 0,
+    parts_too: bool = True,
 ) -> Timing:
     """Median seconds of ``optimizer.step()`` alone on one fixed batch's gradients (each arm's
-    forward, which DSGD's data constants need, runs untimed before each step), arms interleaved."""
+    forward, which DSGD's data constants need, runs untimed before each step), arms interleaved; with
+    ``parts_too`` (and the ``Muon`` and ``DSGD spectral matmul`` arms), the ``GPT_PARTS`` interleaved
+    with them."""
     torch.manual_seed(seed)
     dev = device.torch_device
     tokens = torch.randint(config.vocab, (config.batch, config.length), device=dev)
@@ -223,21 +241,77 @@ def measure_gpt(
 
         return run
 
+    stacks: list[torch.Tensor] = []  # the blocks the matmul path gets, as its arm's first step handed them over
     for arm in arms:  # gradients once; one untimed step (first exact σ_max, Muon's buffers)
         optimizers[arm].zero_grad()
         loss(arm).backward()
-        optimizers[arm].step()
-    steps = interleaved(
-        [optimizers[a].step for a in arms], [forward(a) for a in arms], device, warmup, repeats, budget_s=budget_s
-    )
+        with _recording_polar_inputs(stacks if arm == "DSGD spectral matmul" else []):
+            optimizers[arm].step()
+    parts = _gpt_parts(optimizers.get("Muon"), stacks) if parts_too else {}
+    calls = [optimizers[a].step for a in arms] + list(parts.values())
+    setups = [forward(a) for a in arms] + [_nothing] * len(parts)
+    steps = interleaved(calls, setups, device, warmup, repeats, budget_s=budget_s)
     timing = Timing()
-    for arm, samples in zip(arms, steps, strict=True):
+    for arm, samples in zip([*arms, *parts], steps, strict=True):
         timing.step[arm] = median(samples)
         timing.samples[arm] = len(samples)
-        optimizer = optimizers[arm]
+        optimizer = optimizers.get(arm)
         if isinstance(optimizer, DSGD):
             timing.picks[arm] = list(optimizer.selection_counts)
     return timing
+
+
+def _nothing() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _recording_polar_inputs(into: list[torch.Tensor]) -> Iterator[None]:
+    """Within: copies of the stacks ``SpectralGeometry`` hands to ``polar_directions`` go to ``into``."""
+    original = geometry_module.polar_directions
+
+    def recording(stack: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        into.append(stack.clone())
+        return original(stack, *args, **kwargs)
+
+    geometry_module.polar_directions = recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        geometry_module.polar_directions = original  # type: ignore[assignment]
+
+
+def _gpt_parts(muon: torch.optim.Optimizer | None, stacks: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """``GPT_PARTS`` as calls: Muon's ``_zeropower_via_newtonschulz`` on every hidden matrix's
+    gradient with its group's settings (what ``torch.optim.Muon`` runs on the momentum), and
+    ``polar_iteration`` / ``certify_unit_norm`` (bound ``certified_bound()²``, normalized: as
+    ``polar_directions`` certifies) on the recorded stacks and their iterates; none if either input is missing."""
+    if muon is None or not stacks:
+        return {}
+    from torch.optim._muon import _zeropower_via_newtonschulz  # what torch.optim.Muon calls
+
+    groups = [g for o in getattr(muon, "optimizers", [muon]) if isinstance(o, torch.optim.Muon) for g in o.param_groups]
+    hidden = [(p.grad, g) for g in groups for p in g["params"] if p.grad is not None]
+    factors = [1.0 / torch.linalg.vector_norm(s, dim=(-2, -1)) for s in stacks]
+    with full_precision([stacks[0].device.type]):
+        iterates = [polar_iteration(s, f) for s, f in zip(stacks, factors, strict=True)]
+    bound = certified_bound() ** 2
+
+    def newton_schulz() -> None:
+        for grad, g in hidden:
+            _zeropower_via_newtonschulz(grad, g["ns_coefficients"], g["ns_steps"], g["eps"])
+
+    def iteration() -> None:
+        with full_precision([stacks[0].device.type]):
+            for s, f in zip(stacks, factors, strict=True):
+                polar_iteration(s, f)
+
+    def certificate() -> None:
+        with full_precision([stacks[0].device.type]):
+            for x in iterates:
+                certify_unit_norm(x, bound=bound, normalized=True)
+
+    return dict(zip(GPT_PARTS, (newton_schulz, iteration, certificate), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- scaling

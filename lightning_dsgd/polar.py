@@ -133,6 +133,12 @@ def polynomial_bound(coefficients: Coefficients = POLAR_EXPRESS) -> float:
     return max(abs(lo), abs(hi))
 
 
+def certified_bound(coefficients: Coefficients = POLAR_EXPRESS) -> float:
+    """``b (1 + ROUNDING_MARGIN)`` with ``b = polynomial_bound(coefficients)``: the bound on ``‖X‖₂``
+    that ``polar_directions`` asks ``certify_unit_norm`` to prove before dividing ``X`` by it."""
+    return polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN)
+
+
 def _gamma(n: int, u: float = _U64) -> float:
     """``γ_n = n u / (1 − n u)``: the relative rounding bound of an ``n``-term dot product."""
     return n * u / (1 - n * u)
@@ -225,7 +231,7 @@ def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, 
 
 
 def certify_unit_norm(
-    direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None, bound: float = 1.0
+    direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None, bound: float = 1.0, normalized: bool = False
 ) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: True where ``‖D‖₂² = λ_max(D Dᵀ) ≤ bound`` is proved.
 
@@ -236,8 +242,10 @@ def certify_unit_norm(
     twice the sum of these and of ``e``, ``λ_max(D Dᵀ) ≤ bound``. The factorisation runs in float32
     where ``Ŝ`` is float32. Where ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 365``) even a rank-deficient
     ``Ŝ`` (``tr M ≈ m``) passes in float32; larger blocks are refactorised in float64 where float32
-    did not certify them (on the CPU, where the host read is free; elsewhere they run in float64)."""
-    gram, trace, gram_error = _gram(direction) if gram is None else gram
+    did not certify them (on the CPU, where the host read is free; elsewhere they run in float64).
+    ``normalized``: the Gram skips its power-of-two scaling (``_gram``), for entries of order one such
+    as the iterates of ``polar_iteration`` (as in ``polar_directions``)."""
+    gram, trace, gram_error = _gram(direction, normalized) if gram is None else gram
     m = gram.shape[-1]
     if gram.dtype != torch.float32:
         return _cholesky_certifies(gram, trace, gram_error, bound, torch.float64)
@@ -272,8 +280,9 @@ def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: 
     t = t - 2.0 * _gamma(m + 1, u) * trace_m.clamp(min=0.0) / (1 - _gamma(m + 1, u))
     if cpu and not bool((t > diag_max).any()):  # a host read is free on the CPU
         return torch.zeros_like(t, dtype=torch.bool)
-    eye = torch.eye(m, dtype=dtype, device=gram.device)
-    _, info = torch.linalg.cholesky_ex(t.to(dtype)[:, None, None] * eye - gram)
+    shifted = gram.neg()  # M = t I − Ŝ: −Ŝ_ij exact, fl(t − Ŝ_ii) on the diagonal
+    shifted.diagonal(dim1=-2, dim2=-1).add_(t.to(dtype)[:, None])
+    _, info = torch.linalg.cholesky_ex(shifted)
     return (info == 0) & (t > 0)
 
 
@@ -338,18 +347,11 @@ def polar_directions(
     ``computed``: a list that receives ``⟨G_j, D_j⟩`` as computed (see ``certified_inner``)."""
     dtype = stack.dtype
     with full_precision([stack.device.type]):  # no autocast, IEEE float32 products (the bounds assume them)
-        wide = stack.shape[-2] <= stack.shape[-1]
         norm = _frobenius_norms(stack)  # ≥ ‖G‖_F; inf/NaN exactly where a block is not finite
         finite = torch.isfinite(norm)
-        factor = torch.where(finite & (norm > 0), 1.0 / norm, 0.0).to(dtype)
-        # One pass: scale and round to bfloat16, into a buffer padded with zeros to aligned sides.
-        x = _padded(stack)
-        torch.mul(stack, factor[:, None, None], out=x[:, : stack.shape[-2], : stack.shape[-1]])
-        for a, b, c in coefficients:
-            x = _stage(x, a, b, c, wide)
-        x = x[:, : stack.shape[-2], : stack.shape[-1]]  # the padding stays exactly zero
+        x = polar_iteration(stack, torch.where(finite & (norm > 0), 1.0 / norm, 0.0), coefficients)
         gram = _gram(x, normalized=True)
-        bound = polynomial_bound(coefficients) * (1 + ROUNDING_MARGIN)
+        bound = certified_bound(coefficients)
         ok = certify_unit_norm(x, gram, bound**2)
         side = min(stack.shape[-2:])
         if stack.device.type == "cpu" and bool(ok.all()):  # a host read is free on the CPU: skip Gershgorin
@@ -364,6 +366,20 @@ def polar_directions(
         above = rounded.to(torch.float64) > inner
         rounded = torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
         return direction, rounded, ~ok & finite
+
+
+def polar_iteration(stack: Tensor, factor: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> Tensor:
+    """The uncertified part of ``polar_directions``: ``X = p_k(… p_1(fl(G_j · factor_j)))`` per block,
+    in bfloat16, of the stack's shape (``factor_j = 1/‖G_j‖_F`` there; ``p_i(X) = a X + (b A + c A²) X``,
+    ``_stage``), computed in a zero-padded buffer (``_padded``). Nothing about ``‖X‖₂`` is proved here:
+    ``certify_unit_norm`` does that."""
+    # One pass: scale and round to bfloat16, into a buffer padded with zeros to aligned sides.
+    x = _padded(stack)
+    torch.mul(stack, factor.to(stack.dtype)[:, None, None], out=x[:, : stack.shape[-2], : stack.shape[-1]])
+    wide = stack.shape[-2] <= stack.shape[-1]
+    for a, b, c in coefficients:
+        x = _stage(x, a, b, c, wide)
+    return x[:, : stack.shape[-2], : stack.shape[-1]]  # the padding stays exactly zero
 
 
 def _padded(stack: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ def test_quick_mode_writes_the_page_and_plots_within_a_minute(tmp_path):
     ):
         assert f"| {arm} |" in text
     assert "Spectral DSGD's optimizer step costs" in text
+    assert "Where the matmul path's step goes" in text  # the GPT step in parts
     images = tmp_path / "images" / "benchmarks"
     for name in ("scaling.png", "quality_steps.png", "quality_time.png", "selection.png"):
         path = images / name
@@ -284,3 +285,18 @@ def test_rss_meter_reads_a_known_temporary_and_nested_phases():
     assert peaks["inner"][0] > RSS_CHECK_BYTES * 7 // 8
     assert peaks["outer"][0] >= peaks["inner"][0]
     assert peaks["never"] == (0, 0, 0)
+
+
+def test_gpt_parts_time_the_matmul_path_in_pieces_and_leave_the_geometry_as_it_was():
+    from benchmarks.bench_cost import GPT_ARMS, GPT_PARTS, GPTConfig, measure_gpt
+    from benchmarks.bench_report import gpt_parts_table
+    from lightning_dsgd import geometry, polar
+
+    config = GPTConfig(width=32, depth=1, vocab=64, length=16, batch=2, head_width=16)
+    timing = measure_gpt(config, GPT_ARMS, make_device("cpu"), 0, 1)
+    assert all(timing.step[part] > 0 for part in GPT_PARTS)
+    assert geometry.polar_directions is polar.polar_directions  # the recording wrapper is gone
+    header, _, row = gpt_parts_table({32: timing})
+    assert "certificate (ms)" in header and row.startswith("| 32 | ") and row.count("|") == header.count("|")
+    without = measure_gpt(config, GPT_ARMS, make_device("cpu"), 0, 1, parts_too=False)
+    assert not set(GPT_PARTS) & set(without.step) and gpt_parts_table({32: without}) == []

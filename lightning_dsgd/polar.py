@@ -78,6 +78,12 @@ ROUNDING_MARGIN = 1.0 / 64
 #: Largest relative rounding bound ``ε`` (of ``tr D Dᵀ``) allowed for a float32 Gram; shapes where no
 #: chunking reaches it use a float64 product (``_gram_chunks``).
 GRAM_TOLERANCE = 4e-3
+#: Looser ``ε`` for a first try with bfloat16 products on the CPU where no chunking reaches
+#: ``GRAM_TOLERANCE`` (long sides of about 4096 next to a side of 1024): ``2ε ≤ 0.02`` still fits the
+#: room ``ROUNDING_MARGIN`` leaves when the iterate is within ``1.003 B``; the blocks whose Cholesky
+#: test fails with that Gram are redone with a float64 one (``polar_directions``). Each test uses the
+#: bound of the Gram it was given, so either way what passes is proved.
+FIRST_TRY_GRAM_TOLERANCE = 1e-2
 #: Most column chunks of a float32 Gram: beyond, thin products and ``C`` additions of ``m × m``
 #: partials cost more than one float64 product (measured on 1024 × 1025 blocks, 27 chunks).
 MAX_GRAM_CHUNKS = 8
@@ -133,6 +139,17 @@ def polynomial_bound(coefficients: Coefficients = POLAR_EXPRESS) -> float:
     return max(abs(lo), abs(hi))
 
 
+@functools.lru_cache(maxsize=32)
+def expected_top(coefficients: Coefficients, side: int) -> float:
+    """``min p([s, 1])``, ``s = 0.99/√side``: where ``‖X_K‖₂`` of a nonzero block lands in exact
+    arithmetic (``X₀ = G/N`` has ``σ_max ≥ ‖G‖_F/(N √side)``), about ``0.993 B``; a screen for the
+    certificate's cost (``certify_unit_norm``'s ``expected``), not a bound."""
+    lo, hi = 0.99 / math.sqrt(side), 1.0
+    for a, b, c in coefficients:
+        lo, hi = _quintic_range(a, b, c, lo, hi)
+    return lo
+
+
 def certified_bound(coefficients: Coefficients = POLAR_EXPRESS) -> float:
     """``b (1 + ROUNDING_MARGIN)`` with ``b = polynomial_bound(coefficients)``: the bound on ``‖X‖₂``
     that ``polar_directions`` asks ``certify_unit_norm`` to prove before dividing ``X`` by it."""
@@ -159,12 +176,12 @@ def _small_gram(x: Tensor, wide: bool) -> Tensor:
     return x @ x.mT if wide else x.mT @ x
 
 
-def _gram_chunks(m: int, n: int, most: int = MAX_GRAM_CHUNKS) -> int | None:
+def _gram_chunks(m: int, n: int, most: int = MAX_GRAM_CHUNKS, tolerance: float = GRAM_TOLERANCE) -> int | None:
     """Fewest column chunks ``C ≤ most`` for which the float32 Gram of an ``m × n`` block errs by at
-    most ``GRAM_TOLERANCE · tr`` (``(γ_k + γ_C) m ≤ ε``, ``k = ⌈n/C⌉``); ``None``: none."""
+    most ``tolerance · tr`` (``(γ_k + γ_C) m ≤ ε``, ``k = ⌈n/C⌉``); ``None``: none."""
     u32 = torch.finfo(torch.float32).eps / 2
     for chunks in range(1, most + 1):
-        if (-(-n // chunks) + chunks) * u32 * m <= GRAM_TOLERANCE:
+        if (-(-n // chunks) + chunks) * u32 * m <= tolerance:
             return chunks
     return None
 
@@ -189,7 +206,9 @@ def _bf16_products(enabled: bool) -> Iterator[None]:
         matmul.fp32_precision = saved
 
 
-def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _gram(
+    direction: Tensor, normalized: bool = False, tolerance: float = GRAM_TOLERANCE
+) -> tuple[Tensor, Tensor, Tensor]:
     """``Ŝ ≈ D Dᵀ`` (float32 or float64, as computed), ``tr Ŝ`` and ``e ≥ ‖Ŝ − D Dᵀ‖₂`` (float64),
     where ``|Ŝ − D Dᵀ| ≤ γ |D||D|ᵀ`` plus ``n`` underflows per entry, and ``‖|D||D|ᵀ‖₂ ≤
     tr(|D||D|ᵀ) = ‖D‖²_F ≤ tr Ŝ / (1 − γ)`` (the diagonal sums non-negative terms). float64 stacks,
@@ -200,12 +219,12 @@ def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, 
     exact products: the same ``γ``) and up to ``MAX_BF16_GRAM_CHUNKS`` chunks. Flushes of subnormal
     inputs, products or partial sums to zero (DAZ/FTZ) err by at most ``2⁻¹²⁶`` each: ``2mn`` of them
     per Gram, in ``e``. A stack that is not ``normalized`` (``max |D| ≤ 1``) is first scaled by a power of two
-    (exact), so that nothing overflows."""
+    (exact), so that nothing overflows. ``tolerance``: the ``ε`` the chunking must reach (``_gram_chunks``)."""
     rows, cols = direction.shape[-2:]
     m, n = min(rows, cols), max(rows, cols)  # Ŝ is m × m: D Dᵀ or Dᵀ D, the same largest eigenvalue
     bf16 = direction.dtype == torch.bfloat16 and direction.device.type == "cpu"
     most = MAX_BF16_GRAM_CHUNKS if bf16 else MAX_GRAM_CHUNKS
-    chunks = None if direction.dtype == torch.float64 else _gram_chunks(m, n, most)
+    chunks = None if direction.dtype == torch.float64 else _gram_chunks(m, n, most, tolerance)
     d = direction.to(torch.float64 if chunks is None else torch.float32)
     u = torch.finfo(d.dtype).eps / 2
     unscale = None
@@ -231,7 +250,11 @@ def _gram(direction: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor, 
 
 
 def certify_unit_norm(
-    direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None, bound: float = 1.0, normalized: bool = False
+    direction: Tensor,
+    gram: tuple[Tensor, Tensor, Tensor] | None = None,
+    bound: float = 1.0,
+    normalized: bool = False,
+    expected: float = 0.0,
 ) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: True where ``‖D‖₂² = λ_max(D Dᵀ) ≤ bound`` is proved.
 
@@ -244,7 +267,9 @@ def certify_unit_norm(
     ``Ŝ`` (``tr M ≈ m``) passes in float32; larger blocks are refactorised in float64 where float32
     did not certify them (on the CPU, where the host read is free; elsewhere they run in float64).
     ``normalized``: the Gram skips its power-of-two scaling (``_gram``), for entries of order one such
-    as the iterates of ``polar_iteration`` (as in ``polar_directions``)."""
+    as the iterates of ``polar_iteration`` (as in ``polar_directions``). ``expected``: a value
+    ``λ_max(D Dᵀ)`` is expected to reach; a float32 first try skips the blocks it shows hopeless
+    (``_cholesky_certifies``), which only saves time."""
     gram, trace, gram_error = _gram(direction, normalized) if gram is None else gram
     m = gram.shape[-1]
     if gram.dtype != torch.float32:
@@ -254,19 +279,26 @@ def certify_unit_norm(
         return _cholesky_certifies(gram, trace, gram_error, bound, torch.float32)
     if gram.device.type != "cpu":
         return _cholesky_certifies(gram, trace, gram_error, bound, torch.float64)
-    ok = _cholesky_certifies(gram, trace, gram_error, bound, torch.float32)
+    ok = _cholesky_certifies(gram, trace, gram_error, bound, torch.float32, screen=expected)
     redo = ~ok
     if bool(redo.any()):
         ok[redo] = _cholesky_certifies(gram[redo], trace[redo], gram_error[redo], bound, torch.float64)
     return ok
 
 
-def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: float, dtype: torch.dtype) -> Tensor:
+def _cholesky_certifies(
+    gram: Tensor, trace: Tensor, gram_error: Tensor, bound: float, dtype: torch.dtype, screen: float = 0.0
+) -> Tensor:
     """The test of ``certify_unit_norm``, with the factorisation in ``dtype``. On the CPU a side that
     is a multiple of 128 gets a zero row and column (``diag(Ŝ, 0)`` is the Gram of ``D`` with a zero
     row appended: the same ``‖D‖₂``, trace and error; LAPACK factorises such sides 2–3× slower:
     1024: 17 ms, 1025: 6 ms), and blocks whose ``t`` does not exceed ``max Ŝ_ii`` (``M`` has a
-    diagonal entry ≤ 0, so it cannot be positive definite) fail without a factorisation."""
+    diagonal entry ≤ 0, so it cannot be positive definite) fail without a factorisation. ``screen``
+    (in a first try that a wider ``dtype`` redoes): a value ``λ_max(Ŝ)`` is expected to reach; blocks
+    whose ``t`` does not exceed it are not factorised either (seen: every 1024 × 1025 block of the
+    GPT-shaped model in float32, where the reduction ``2γ_{m+1} tr M`` of a gradient of deficient
+    rank leaves ``t`` below ``λ_max``). Only factorisations that complete certify, so what is
+    skipped changes the cost, never what is proved."""
     cpu = gram.device.type == "cpu"
     if cpu and gram.shape[-1] % 128 == 0:
         gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
@@ -278,8 +310,22 @@ def _cholesky_certifies(gram: Tensor, trace: Tensor, gram_error: Tensor, bound: 
     t = bound - 2.0 * (gram_error + subtraction)
     trace_m = m * t - trace * (1 - 3 * _gamma(m)) + m * subtraction  # ≥ tr M as stored
     t = t - 2.0 * _gamma(m + 1, u) * trace_m.clamp(min=0.0) / (1 - _gamma(m + 1, u))
-    if cpu and not bool((t > diag_max).any()):  # a host read is free on the CPU
-        return torch.zeros_like(t, dtype=torch.bool)
+    if not cpu:
+        return _factorises(gram, t, dtype)
+    lower = diag_max
+    if screen > 0:
+        lower = lower.clamp(min=screen)
+    chance = t > lower  # a host read is free on the CPU
+    if bool(chance.all()):
+        return _factorises(gram, t, dtype)
+    ok = torch.zeros_like(t, dtype=torch.bool)
+    if bool(chance.any()):
+        ok[chance] = _factorises(gram[chance], t[chance], dtype)
+    return ok
+
+
+def _factorises(gram: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per block: whether the Cholesky factorisation of ``fl(t I − Ŝ)`` completes in ``dtype`` (and ``t > 0``)."""
     shifted = gram.neg()  # M = t I − Ŝ: −Ŝ_ij exact, fl(t − Ŝ_ii) on the diagonal
     shifted.diagonal(dim1=-2, dim2=-1).add_(t.to(dtype)[:, None])
     _, info = torch.linalg.cholesky_ex(shifted)
@@ -350,9 +396,8 @@ def polar_directions(
         norm = _frobenius_norms(stack)  # ≥ ‖G‖_F; inf/NaN exactly where a block is not finite
         finite = torch.isfinite(norm)
         x = polar_iteration(stack, torch.where(finite & (norm > 0), 1.0 / norm, 0.0), coefficients)
-        gram = _gram(x, normalized=True)
         bound = certified_bound(coefficients)
-        ok = certify_unit_norm(x, gram, bound**2)
+        gram, ok = _certified_gram(x, bound**2, expected_top(coefficients, min(stack.shape[-2:])) ** 2)
         side = min(stack.shape[-2:])
         if stack.device.type == "cpu" and bool(ok.all()):  # a host read is free on the CPU: skip Gershgorin
             scale = torch.full_like(norm, bound) * _division_margin(dtype, side)
@@ -366,6 +411,32 @@ def polar_directions(
         above = rounded.to(torch.float64) > inner
         rounded = torch.where(above, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
         return direction, rounded, ~ok & finite
+
+
+def _certified_gram(x: Tensor, bound: float, expected: float = 0.0) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """The Gram of the iterates (``_gram``) and where ``‖X‖₂² ≤ bound`` is proved with it
+    (``certify_unit_norm``, with its ``expected``). A CPU bfloat16 stack whose Gram needs fewer chunks (or no float64
+    product) within ``FIRST_TRY_GRAM_TOLERANCE`` than within ``GRAM_TOLERANCE`` tries that Gram
+    first; the blocks that fail get the ``GRAM_TOLERANCE`` one and a second test (one host read,
+    free on the CPU)."""
+    rows, cols = x.shape[-2:]
+    m, n = min(rows, cols), max(rows, cols)
+    strict = _gram_chunks(m, n, MAX_BF16_GRAM_CHUNKS)
+    cheaper = _gram_chunks(m, n, MAX_BF16_GRAM_CHUNKS, FIRST_TRY_GRAM_TOLERANCE)
+    first_try = x.dtype == torch.bfloat16 and x.device.type == "cpu" and cheaper is not None and cheaper < (strict or n)
+    if not first_try:
+        gram = _gram(x, normalized=True)
+        return gram, certify_unit_norm(x, gram, bound, expected=expected)
+    gram = _gram(x, normalized=True, tolerance=FIRST_TRY_GRAM_TOLERANCE)
+    ok = certify_unit_norm(x, gram, bound, expected=expected)
+    redo = ~ok
+    if not bool(redo.any()):
+        return gram, ok
+    redone = _gram(x[redo], normalized=True)  # within GRAM_TOLERANCE: more chunks, or float64
+    s, trace, error = (t.to(r.dtype) for t, r in zip(gram, redone, strict=True))
+    s[redo], trace[redo], error[redo] = redone
+    ok[redo] = certify_unit_norm(x[redo], redone, bound, expected=expected)
+    return (s, trace, error), ok
 
 
 def polar_iteration(stack: Tensor, factor: Tensor, coefficients: Coefficients = POLAR_EXPRESS) -> Tensor:

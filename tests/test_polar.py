@@ -102,7 +102,7 @@ def test_large_blocks_are_refactorised_in_float64_only_where_float32_did_not_cer
     by the float64 one it then gets; a ``D`` of norm ``1 + 10⁻⁵`` by neither."""
     dtypes = []
     original = P._cholesky_certifies
-    monkeypatch.setattr(P, "_cholesky_certifies", lambda *a: dtypes.append((a[-1], len(a[0]))) or original(*a))
+    monkeypatch.setattr(P, "_cholesky_certifies", lambda *a, **k: dtypes.append((a[4], len(a[0]))) or original(*a, **k))
     full = with_spectrum(torch.linspace(0.995, 0.97, 400, dtype=torch.float64), 400, 420, seed=1)
     low = with_spectrum(torch.linspace(0.995, 0.5, 7, dtype=torch.float64), 400, 420, seed=2)
     above = with_spectrum(torch.linspace(1 + 1e-5, 0.9, 400, dtype=torch.float64), 400, 420, seed=3)
@@ -110,6 +110,82 @@ def test_large_blocks_are_refactorised_in_float64_only_where_float32_did_not_cer
     assert [spectral_norm(b) <= 1.0 for b in d] == [True, True, False]
     assert P.certify_unit_norm(d, P._gram(d, normalized=True)).tolist() == [True, True, False]
     assert dtypes == [(torch.float32, 3), (torch.float64, 2)]
+
+
+def test_the_expected_top_screens_float32_factorisations_without_changing_a_verdict(monkeypatch):
+    """The first (float32) try skips the blocks whose ``t`` is below ``expected``; the float64 test
+    they then get decides, so the verdicts are those without the screen, on blocks that pass, fail,
+    and pass only in float64."""
+    full = with_spectrum(torch.linspace(0.995, 0.97, 400, dtype=torch.float64), 400, 420, seed=1)
+    low = with_spectrum(torch.linspace(0.995, 0.5, 7, dtype=torch.float64), 400, 420, seed=2)
+    above = with_spectrum(torch.linspace(1 + 1e-5, 0.9, 400, dtype=torch.float64), 400, 420, seed=3)
+    d = torch.stack([full, low, above]).float()
+    gram = P._gram(d, normalized=True)
+    factorised = []
+    original = P._factorises
+    monkeypatch.setattr(P, "_factorises", lambda g, t, dt: factorised.append((dt, len(g))) or original(g, t, dt))
+    assert P.certify_unit_norm(d, gram).tolist() == [True, True, False]
+    assert factorised == [(torch.float32, 3), (torch.float64, 2)]
+    factorised.clear()
+    # t of the float32 try: ≈ 0.999 for the full-rank block, ≈ 0.98 for the rank-7 one
+    assert P.certify_unit_norm(d, gram, expected=0.99).tolist() == [True, True, False]
+    assert factorised == [(torch.float32, 2), (torch.float64, 2)]  # the rank-7 block skipped float32
+    factorised.clear()
+    assert P.certify_unit_norm(d, gram, expected=2.0).tolist() == [True, True, False]
+    assert factorised == [(torch.float64, 3)]  # nothing left to try in float32
+
+
+def test_expected_top_is_where_a_nonzero_blocks_iterate_lands():
+    """``expected_top`` (a screen, not a bound) lies below ``B`` and at or below the computed
+    ``‖X₆‖₂`` of ill-conditioned, rank-one and Gaussian blocks, within the bfloat16 rounding."""
+    bound = P.polynomial_bound()
+    for side in (64, 257, 1024):
+        assert 0.99 * bound < P.expected_top(P.POLAR_EXPRESS, side) < bound
+    g = torch.Generator().manual_seed(0)
+    stacks = [
+        torch.randn(3, 64, 200, generator=g),
+        with_spectrum(torch.logspace(0, -6, 64, dtype=torch.float64), 64, 200, seed=7)[None].float(),
+        (torch.randn(64, 1, generator=g) @ torch.randn(1, 200, generator=g))[None],
+    ]
+    for stack in stacks:
+        x = P.polar_iteration(stack, 1 / torch.linalg.vector_norm(stack, dim=(-2, -1)))
+        top = torch.linalg.matrix_norm(x.double(), ord=2)
+        assert (top >= 0.995 * P.expected_top(P.POLAR_EXPRESS, 64)).all(), top
+
+
+@pytest.mark.parametrize(("m", "n", "first", "strict"), [(257, 1025, 2, 4), (500, 4096, 13, None)])
+def test_a_first_try_gram_that_does_not_certify_is_redone_within_the_strict_tolerance(monkeypatch, m, n, first, strict):
+    """Blocks whose Gram reaches ``FIRST_TRY_GRAM_TOLERANCE`` with fewer chunks than ``GRAM_TOLERANCE``
+    (``None``: a float64 product). With ``λ_max`` between the two tests' ``t``, the first try fails
+    and the redone Gram certifies the block; a block far below passes the first try; one above
+    ``bound`` fails both; the merged Gram (float64 where a float64 one was merged in) has an error
+    bound that covers every block's exact error."""
+    assert P._gram_chunks(m, n, P.MAX_BF16_GRAM_CHUNKS, P.FIRST_TRY_GRAM_TOLERANCE) == first
+    assert P._gram_chunks(m, n, P.MAX_BF16_GRAM_CHUNKS) == strict
+    bound = 1.0
+
+    def block(top: float, seed: int) -> torch.Tensor:
+        return with_spectrum(torch.linspace(top, 0.97, m, dtype=torch.float64), m, n, seed=seed).bfloat16()
+
+    def verdict(x: torch.Tensor, tolerance: float) -> bool:
+        return bool(P.certify_unit_norm(x[None], P._gram(x[None], normalized=True, tolerance=tolerance), bound)[0])
+
+    between = next(
+        x
+        for top in torch.linspace(0.995, 0.985, 21).tolist()
+        for x in [block(top, 11)]
+        if not verdict(x, P.FIRST_TRY_GRAM_TOLERANCE) and verdict(x, P.GRAM_TOLERANCE)
+    )
+    low, above = block(0.9, 12), block(1.001, 13)
+    grams = []
+    original = P._gram
+    monkeypatch.setattr(P, "_gram", lambda x, *a, **k: grams.append(len(x)) or original(x, *a, **k))
+    (s, trace, error), ok = P._certified_gram(torch.stack([low, between, above]), bound)
+    assert ok.tolist() == [True, True, False]
+    assert grams == [3, 2]  # the whole stack at the first try, then the two blocks it failed
+    assert s.dtype == (torch.float32 if strict else torch.float64) and trace.shape == error.shape == (3,)
+    exact = torch.stack([low, between, above]).double()
+    assert ((s - exact @ exact.mT).abs().amax((-2, -1)) <= error).all()
 
 
 @pytest.mark.parametrize("side", [128, 256])

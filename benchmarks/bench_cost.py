@@ -43,7 +43,7 @@ from benchmarks.bench_common import (
 from examples.models import tanh_mlp
 from lightning_dsgd import DSGD
 from lightning_dsgd import geometry as geometry_module
-from lightning_dsgd.polar import certified_bound, certify_unit_norm, polar_iteration
+from lightning_dsgd.polar import certify_iteration, polar_iteration
 from lightning_dsgd.precision import full_precision
 
 NORMS = ("spectral", "frobenius", "linf")
@@ -284,8 +284,8 @@ def _recording_polar_inputs(into: list[torch.Tensor]) -> Iterator[None]:
 def _gpt_parts(muon: torch.optim.Optimizer | None, stacks: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
     """``GPT_PARTS`` as calls: Muon's ``_zeropower_via_newtonschulz`` on every hidden matrix's
     gradient with its group's settings (what ``torch.optim.Muon`` runs on the momentum), and
-    ``polar_iteration`` / ``certify_unit_norm`` (bound ``certified_bound()²``, normalized: as
-    ``polar_directions`` certifies) on the recorded stacks and their iterates; none if either input is missing."""
+    ``polar_iteration`` / ``certify_iteration`` (the two halves of ``polar_directions``) on the
+    recorded stacks and their iterates; none if either input is missing."""
     if muon is None or not stacks:
         return {}
     from torch.optim._muon import _zeropower_via_newtonschulz  # what torch.optim.Muon calls
@@ -295,7 +295,6 @@ def _gpt_parts(muon: torch.optim.Optimizer | None, stacks: list[torch.Tensor]) -
     factors = [1.0 / torch.linalg.vector_norm(s, dim=(-2, -1)) for s in stacks]
     with full_precision([stacks[0].device.type]):
         iterates = [polar_iteration(s, f) for s, f in zip(stacks, factors, strict=True)]
-    bound = certified_bound() ** 2
 
     def newton_schulz() -> None:
         for grad, g in hidden:
@@ -309,7 +308,7 @@ def _gpt_parts(muon: torch.optim.Optimizer | None, stacks: list[torch.Tensor]) -
     def certificate() -> None:
         with full_precision([stacks[0].device.type]):
             for x in iterates:
-                certify_unit_norm(x, bound=bound, normalized=True)
+                certify_iteration(x)
 
     return dict(zip(GPT_PARTS, (newton_schulz, iteration, certificate), strict=True))
 

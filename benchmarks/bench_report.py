@@ -119,7 +119,7 @@ def gpt_section(config: GPTConfig, timings: dict[int, Timing], device: str, thre
             "alone on the hidden matrices' gradients (`torch.optim._muon._zeropower_via_newtonschulz`, Muon's "
             "settings); DSGD's *iteration* alone (`polar_iteration`: six bfloat16 Polar-Express stages on "
             "`G/‖G‖_F`, on the blocks its first step handed to `polar_directions`) and its *certificate* alone "
-            "(`certify_unit_norm` on those iterates: the Gram `X Xᵀ` with its rounding bound and a Cholesky "
+            "(`certify_iteration` on those iterates: the Gram `X Xᵀ` with its rounding bound and a Cholesky "
             "test of `t I − X Xᵀ`); *rest*: the matmul step minus both (norms, ⟨G, D⟩, the division, "
             "constants, scores, the update). Each ratio is that part ÷ Muon+AdamW's whole step: a DSGD step at "
             "or below Muon+AdamW's needs iteration + certificate + rest ≤ 1.00×.",

@@ -250,11 +250,7 @@ def _gram(
 
 
 def certify_unit_norm(
-    direction: Tensor,
-    gram: tuple[Tensor, Tensor, Tensor] | None = None,
-    bound: float = 1.0,
-    normalized: bool = False,
-    expected: float = 0.0,
+    direction: Tensor, gram: tuple[Tensor, Tensor, Tensor] | None = None, bound: float = 1.0, expected: float = 0.0
 ) -> Tensor:
     """Per matrix of a ``(batch, m, n)`` stack: True where ``‖D‖₂² = λ_max(D Dᵀ) ≤ bound`` is proved.
 
@@ -266,11 +262,10 @@ def certify_unit_norm(
     where ``Ŝ`` is float32. Where ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 365``) even a rank-deficient
     ``Ŝ`` (``tr M ≈ m``) passes in float32; larger blocks are refactorised in float64 where float32
     did not certify them (on the CPU, where the host read is free; elsewhere they run in float64).
-    ``normalized``: the Gram skips its power-of-two scaling (``_gram``), for entries of order one such
-    as the iterates of ``polar_iteration`` (as in ``polar_directions``). ``expected``: a value
+    ``expected``: a value
     ``λ_max(D Dᵀ)`` is expected to reach; a float32 first try skips the blocks it shows hopeless
     (``_cholesky_certifies``), which only saves time."""
-    gram, trace, gram_error = _gram(direction, normalized) if gram is None else gram
+    gram, trace, gram_error = _gram(direction) if gram is None else gram
     m = gram.shape[-1]
     if gram.dtype != torch.float32:
         return _cholesky_certifies(gram, trace, gram_error, bound, torch.float64)
@@ -397,7 +392,7 @@ def polar_directions(
         finite = torch.isfinite(norm)
         x = polar_iteration(stack, torch.where(finite & (norm > 0), 1.0 / norm, 0.0), coefficients)
         bound = certified_bound(coefficients)
-        gram, ok = _certified_gram(x, bound**2, expected_top(coefficients, min(stack.shape[-2:])) ** 2)
+        gram, ok = certify_iteration(x, coefficients)
         side = min(stack.shape[-2:])
         if stack.device.type == "cpu" and bool(ok.all()):  # a host read is free on the CPU: skip Gershgorin
             scale = torch.full_like(norm, bound) * _division_margin(dtype, side)
@@ -413,14 +408,17 @@ def polar_directions(
         return direction, rounded, ~ok & finite
 
 
-def _certified_gram(x: Tensor, bound: float, expected: float = 0.0) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-    """The Gram of the iterates (``_gram``) and where ``‖X‖₂² ≤ bound`` is proved with it
-    (``certify_unit_norm``, with its ``expected``). A CPU bfloat16 stack whose Gram needs fewer chunks (or no float64
-    product) within ``FIRST_TRY_GRAM_TOLERANCE`` than within ``GRAM_TOLERANCE`` tries that Gram
-    first; the blocks that fail get the ``GRAM_TOLERANCE`` one and a second test (one host read,
-    free on the CPU)."""
+def certify_iteration(
+    x: Tensor, coefficients: Coefficients = POLAR_EXPRESS
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """The Gram of ``polar_iteration``'s iterates (``_gram``) and where ``‖X‖₂ ≤ certified_bound``
+    is proved with it (``certify_unit_norm``, ``expected`` from ``expected_top``). A CPU bfloat16
+    stack whose Gram needs fewer chunks (or no float64 product) within ``FIRST_TRY_GRAM_TOLERANCE``
+    than within ``GRAM_TOLERANCE`` tries that Gram first; the blocks that fail get the
+    ``GRAM_TOLERANCE`` one and a second test (one host read, free on the CPU)."""
     rows, cols = x.shape[-2:]
     m, n = min(rows, cols), max(rows, cols)
+    bound, expected = certified_bound(coefficients) ** 2, expected_top(coefficients, m) ** 2
     strict = _gram_chunks(m, n, MAX_BF16_GRAM_CHUNKS)
     cheaper = _gram_chunks(m, n, MAX_BF16_GRAM_CHUNKS, FIRST_TRY_GRAM_TOLERANCE)
     first_try = x.dtype == torch.bfloat16 and x.device.type == "cpu" and cheaper is not None and cheaper < (strict or n)

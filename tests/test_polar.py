@@ -180,7 +180,8 @@ def test_a_first_try_gram_that_does_not_certify_is_redone_within_the_strict_tole
     grams = []
     original = P._gram
     monkeypatch.setattr(P, "_gram", lambda x, *a, **k: grams.append(len(x)) or original(x, *a, **k))
-    (s, trace, error), ok = P._certified_gram(torch.stack([low, between, above]), bound)
+    monkeypatch.setattr(P, "certified_bound", lambda coefficients: bound)
+    (s, trace, error), ok = P.certify_iteration(torch.stack([low, between, above]))
     assert ok.tolist() == [True, True, False]
     assert grams == [3, 2]  # the whole stack at the first try, then the two blocks it failed
     assert s.dtype == (torch.float32 if strict else torch.float64) and trace.shape == error.shape == (3,)

@@ -78,11 +78,12 @@ ROUNDING_MARGIN = 1.0 / 64
 #: Largest relative rounding bound ``ε`` (of ``tr D Dᵀ``) allowed for a float32 Gram; shapes where no
 #: chunking reaches it use a float64 product (``_gram_chunks``).
 GRAM_TOLERANCE = 4e-3
-#: Looser ``ε`` for a first try with bfloat16 products on the CPU where no chunking reaches
-#: ``GRAM_TOLERANCE`` (long sides of about 4096 next to a side of 1024): ``2ε ≤ 0.02`` still fits the
-#: room ``ROUNDING_MARGIN`` leaves when the iterate is within ``1.003 B``; the blocks whose Cholesky
-#: test fails with that Gram are redone with a float64 one (``polar_directions``). Each test uses the
-#: bound of the Gram it was given, so either way what passes is proved.
+#: Looser ``ε`` for a first try with bfloat16 products on the CPU, where it needs fewer chunks than
+#: ``GRAM_TOLERANCE`` or no float64 product (long sides of about 4096 next to a side of 1024):
+#: ``2ε ≤ 0.02`` still fits the room ``ROUNDING_MARGIN`` leaves when the iterate is within
+#: ``1.003 B``; the blocks whose Cholesky test fails with that Gram are redone with the
+#: ``GRAM_TOLERANCE`` one (``certify_iteration``). Each test uses the bound of the Gram it was
+#: given, so either way what passes is proved.
 FIRST_TRY_GRAM_TOLERANCE = 1e-2
 #: Most column chunks of a float32 Gram: beyond, thin products and ``C`` additions of ``m × m``
 #: partials cost more than one float64 product (measured on 1024 × 1025 blocks, 27 chunks).
@@ -262,9 +263,8 @@ def certify_unit_norm(
     where ``Ŝ`` is float32. Where ``γ_{m+1} m ≤ 2·GRAM_TOLERANCE`` (``m ≤ 365``) even a rank-deficient
     ``Ŝ`` (``tr M ≈ m``) passes in float32; larger blocks are refactorised in float64 where float32
     did not certify them (on the CPU, where the host read is free; elsewhere they run in float64).
-    ``expected``: a value
-    ``λ_max(D Dᵀ)`` is expected to reach; a float32 first try skips the blocks it shows hopeless
-    (``_cholesky_certifies``), which only saves time."""
+    ``expected``: a value ``λ_max(D Dᵀ)`` is expected to reach; a float32 first try skips the blocks
+    it shows hopeless (``_cholesky_certifies``), which only saves time."""
     gram, trace, gram_error = _gram(direction) if gram is None else gram
     m = gram.shape[-1]
     if gram.dtype != torch.float32:

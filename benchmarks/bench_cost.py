@@ -146,9 +146,6 @@ def measure(
 
         return run
 
-    def nothing() -> None:
-        pass
-
     for arm in arms:  # one untimed first step: one-time work (DSGD's first exact σ_max, Adam's state)
         backward(arm)
         optimizers[arm].step()
@@ -157,7 +154,7 @@ def measure(
         [optimizers[a].step for a in arms], [forward(a) for a in arms], device, warmup, repeats, cap_s, budget_s
     )
     before = {a: list(o.selection_counts) for a, o in optimizers.items() if isinstance(o, DSGD)}
-    wholes = interleaved([whole(a) for a in arms], [nothing for _ in arms], device, warmup, repeats, cap_s, budget_s)
+    wholes = interleaved([whole(a) for a in arms], [_nothing for _ in arms], device, warmup, repeats, cap_s, budget_s)
     timing = Timing()
     for arm, counts in before.items():
         after = optimizers[arm].selection_counts  # type: ignore[attr-defined]
